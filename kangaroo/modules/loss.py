@@ -1,0 +1,60 @@
+"""Next-token cross-entropy on labelled positions only, without full-vocabulary logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for next-token prediction: ``targets[:, i] = labels[:, i + 1]``.
+
+    ``labels``: ``(b, s)``. Returns ``(b, s)`` with the last column ignored. In a packed row
+    (``position_ids`` restarting at 0 for every sample) the last token of one sample must not
+    predict the first token of the next, so targets at sample starts are ignored too.
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        starts_next = position_ids[:, 1:] == 0
+        targets[:, :-1] = targets[:, :-1].masked_fill(starts_next, IGNORE_INDEX)
+    return targets
+
+
+def labelled_token_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module,
+    position_ids: torch.Tensor | None = None,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over labelled tokens and their count.
+
+    ``hidden``: ``(b, s, d)`` last hidden states; ``labels``: ``(b, s)`` with ``-100`` where no
+    loss applies; ``head``: the output projection ``d -> vocab``. Only rows whose target is
+    labelled reach the head, ``chunk_size`` rows at a time, each chunk under activation
+    checkpointing: peak logits memory is ``chunk_size x vocab`` instead of ``b x s x vocab``.
+    Returns ``(loss_sum, num_tokens)``; divide (after an all-reduce, if any) for the mean.
+    """
+    targets = shift_labels(labels, position_ids)
+    selected = targets != IGNORE_INDEX
+    rows = hidden[selected]
+    wanted = targets[selected]
+    count = selected.sum()
+    if rows.shape[0] == 0:
+        # Keeps the graph connected so every rank runs the same backward.
+        return hidden.sum() * 0.0, count
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_loss_sum, head, rows[chunk], wanted[chunk], use_reentrant=False)
+    return total, count
+
+
+def _chunk_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(rows).float()
+    return F.cross_entropy(logits, targets, reduction="sum")

@@ -1,0 +1,189 @@
+"""KangarooModel: vision tower -> temporal embedding -> patchify -> projector -> language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kangaroo.modules.loss import labelled_token_loss
+from kangaroo.modules.patchify import SpatialTemporalPatchify
+from kangaroo.modules.temporal_embedding import TemporalPositionEmbedding
+from kangaroo.modules.vision_tower import VisionTower
+
+PART_NAMES = ("vision_tower", "temporal_embedding", "patchify", "projector", "language_model")
+
+
+@dataclass
+class VisualTokens:
+    """Token ids of the visual layout ``<vi_start> F1 <eof> F2 <eof> ... Fn <eov> <vi_end>``.
+
+    ``placeholder`` fills each ``Fi`` once per visual token and is replaced by the projected
+    features; the others are ordinary (trainable) embeddings of the language model.
+    """
+
+    placeholder: int
+    vi_start: int
+    eof: int
+    eov: int
+    vi_end: int
+
+    def __post_init__(self) -> None:
+        ids = [self.placeholder, self.vi_start, self.eof, self.eov, self.vi_end]
+        if len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ValueError(f"visual token ids must be distinct and non-negative, got {self}")
+
+    def layout(self, slots: int, tokens_per_slot: int) -> list[int]:
+        """Token ids for ``slots`` temporal slots of ``tokens_per_slot`` visual tokens each."""
+        if slots < 1:
+            raise ValueError(f"a visual layout needs at least one slot, got {slots}")
+        ids = [self.vi_start]
+        for slot in range(slots):
+            ids += [self.placeholder] * tokens_per_slot
+            ids.append(self.eof if slot < slots - 1 else self.eov)
+        ids.append(self.vi_end)
+        return ids
+
+
+@dataclass
+class KangarooOutput:
+    loss: torch.Tensor | None
+    """Mean cross-entropy over labelled tokens (``None`` without labels)."""
+    loss_sum: torch.Tensor | None
+    """Summed cross-entropy, for weighting across ranks or micro-batches."""
+    num_label_tokens: torch.Tensor | None
+    logits: torch.Tensor | None = None
+    """``(b, s, vocab)``, only when asked for: never materialised during training."""
+
+
+class KangarooModel(nn.Module):
+    """Composes the five parts, each injected and usable alone.
+
+    Inputs of ``forward`` (``M`` media items, ``N`` frames in all, in the order their
+    placeholders appear in ``input_ids``, row by row):
+
+    - ``input_ids``, ``labels``, ``position_ids``: ``(b, s)``; packed rows restart
+      ``position_ids`` at 0 for every sample, and no token then attends across samples.
+    - ``pixel_values``: ``(N, 3, H, W)`` normalised frames; ``timestamps``: ``(N,)`` seconds;
+      ``frame_counts``: ``(M,)`` frames per media item (an image is one frame).
+    """
+
+    def __init__(
+        self,
+        vision_tower: VisionTower,
+        temporal_embedding: TemporalPositionEmbedding,
+        patchify: SpatialTemporalPatchify | None,
+        projector: nn.Module,
+        language_model: nn.Module,
+        visual_tokens: VisualTokens,
+        loss_chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.temporal_embedding = temporal_embedding
+        self.patchify = patchify
+        self.projector = projector
+        self.language_model = language_model
+        self.visual_tokens = visual_tokens
+        self.loss_chunk_size = loss_chunk_size
+        vocab = language_model.get_input_embeddings().num_embeddings
+        if max(vars(visual_tokens).values()) >= vocab:
+            raise ValueError(f"visual token ids {visual_tokens} do not fit the language model's vocabulary of {vocab}")
+
+    def parts(self) -> dict[str, nn.Module | None]:
+        return {name: getattr(self, name) for name in PART_NAMES}
+
+    # -- visual token arithmetic -------------------------------------------------------------
+
+    def visual_grid(self, frames: int) -> tuple[int, int, int]:
+        """``(slots, h, w)`` of the token grid the LLM sees for ``frames`` frames."""
+        if frames < 1:
+            raise ValueError(f"a media item needs at least one frame, got {frames}")
+        h, w = self.vision_tower.grid
+        if self.patchify is None:
+            return frames, h, w
+        return self.patchify.output_grid(frames, h, w)
+
+    def num_visual_tokens(self, frames: int) -> int:
+        slots, h, w = self.visual_grid(frames)
+        return slots * h * w
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per video frame at this resolution (128 at 448 with patchify)."""
+        kt = self.patchify.kernel[0] if self.patchify is not None else 1
+        return self.num_visual_tokens(kt) // kt
+
+    def placeholder_ids(self, frames: int) -> list[int]:
+        """The visual layout of one media item of ``frames`` frames, as token ids."""
+        slots, h, w = self.visual_grid(frames)
+        return self.visual_tokens.layout(slots, h * w)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def get_visual_features(
+        self, pixel_values: torch.Tensor, timestamps: torch.Tensor, frame_counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Returns ``(V, d_llm)`` projected visual tokens, media after media, slot-major."""
+        counts = [int(c) for c in frame_counts.tolist()]
+        if sum(counts) != pixel_values.shape[0]:
+            raise ValueError(f"frame_counts sum to {sum(counts)} but pixel_values holds {pixel_values.shape[0]} frames")
+        features = self.temporal_embedding(self.vision_tower(pixel_values), timestamps)
+        h, w = self.vision_tower.grid
+        tokens = []
+        for media in torch.split(features, counts):
+            grid = media.reshape(media.shape[0], h, w, -1)
+            if self.patchify is not None:
+                grid = self.patchify(grid)
+            tokens.append(grid.reshape(-1, grid.shape[-1]))
+        return self.projector(torch.cat(tokens))
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        timestamps: torch.Tensor | None = None,
+        frame_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings ``(b, s, d)`` with visual features scattered into the placeholders."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        slots = input_ids == self.visual_tokens.placeholder
+        num_slots = int(slots.sum())
+        if pixel_values is None:
+            if num_slots:
+                raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but no pixel_values were given")
+            return embeds
+        if timestamps is None or frame_counts is None:
+            raise ValueError("pixel_values need timestamps and frame_counts")
+        features = self.get_visual_features(pixel_values, timestamps, frame_counts)
+        if features.shape[0] != num_slots:
+            raise ValueError(
+                f"input_ids hold {num_slots} visual placeholder tokens but the media give {features.shape[0]} "
+                f"visual features (frame_counts={frame_counts.tolist()})"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        timestamps: torch.Tensor | None = None,
+        frame_counts: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> KangarooOutput:
+        embeds = self.embed_inputs(input_ids, pixel_values, timestamps, frame_counts)
+        decoder = self.language_model.base_model
+        hidden = decoder(
+            inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        head = self.language_model.get_output_embeddings()
+        logits = head(hidden) if return_logits else None
+        if labels is None:
+            return KangarooOutput(loss=None, loss_sum=None, num_label_tokens=None, logits=logits)
+        loss_sum, count = labelled_token_loss(hidden, labels, head, position_ids, self.loss_chunk_size)
+        loss = loss_sum / count.clamp(min=1)
+        return KangarooOutput(loss=loss, loss_sum=loss_sum, num_label_tokens=count, logits=logits)

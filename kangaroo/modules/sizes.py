@@ -1,0 +1,90 @@
+"""Named model sizes: literal numbers only; the building is done by ``build_kangaroo``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from kangaroo.modules.builder import KangarooConfig, build_kangaroo
+from kangaroo.modules.language_model import LanguageModelConfig
+from kangaroo.modules.model import KangarooModel, VisualTokens
+from kangaroo.modules.patchify import PatchifyConfig
+from kangaroo.modules.vision_tower import VisionTowerConfig
+
+LLAMA3_8B_INSTRUCT = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 128000,
+    "eos_token_id": 128009,
+    "tie_word_embeddings": False,
+}
+
+# Llama-3 reserves special tokens 128002-128255; <|reserved_special_token_5|> .. _9|> carry the
+# visual layout, so the vocabulary (and the released 128,256-row embedding) keeps its size.
+LLAMA3_VISUAL_TOKENS = VisualTokens(placeholder=128010, vi_start=128011, eof=128012, eov=128013, vi_end=128014)
+
+TINY_VOCAB = 1024
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": TINY_VOCAB,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 8192,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+TINY_VISUAL_TOKENS = VisualTokens(*range(TINY_VOCAB - 5, TINY_VOCAB))
+
+
+def kangaroo_8b_config(image_size: int = 448, patchify: bool = True) -> KangarooConfig:
+    """EVA02-CLIP-L/14 + Llama-3-8B-Instruct. Stages 1-2: ``image_size=224, patchify=False``;
+    stages 3-5: the defaults."""
+    return KangarooConfig(
+        vision_tower=VisionTowerConfig("EVA02-L-14", image_size=image_size, pretrained="merged2b_s4b_b131k"),
+        language_model=LanguageModelConfig(
+            architecture=dict(LLAMA3_8B_INSTRUCT), pretrained="meta-llama/Meta-Llama-3-8B-Instruct"
+        ),
+        visual_tokens=LLAMA3_VISUAL_TOKENS,
+        patchify=PatchifyConfig() if patchify else None,
+    )
+
+
+def kangaroo_tiny_config(image_size: int = 112, patchify: bool = True) -> KangarooConfig:
+    """A timm EVA02-tiny tower and a 4-layer Llama: the same code at CPU scale. Stages 1-2:
+    ``image_size=56, patchify=False``; stages 3-5: the defaults."""
+    return KangarooConfig(
+        vision_tower=VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=image_size),
+        language_model=LanguageModelConfig(architecture=dict(TINY_LLAMA)),
+        visual_tokens=TINY_VISUAL_TOKENS,
+        patchify=PatchifyConfig() if patchify else None,
+    )
+
+
+def kangaroo_8b(image_size: int = 448, patchify: bool = True, load_weights: bool = False) -> KangarooModel:
+    return build_kangaroo(kangaroo_8b_config(image_size, patchify), load_weights)
+
+
+def kangaroo_tiny(image_size: int = 112, patchify: bool = True, load_weights: bool = False) -> KangarooModel:
+    return build_kangaroo(kangaroo_tiny_config(image_size, patchify), load_weights)
+
+
+MODEL_SIZES: dict[str, Callable[..., KangarooConfig]] = {
+    "kangaroo-8b": kangaroo_8b_config,
+    "kangaroo-tiny": kangaroo_tiny_config,
+}
+
+
+def named_config(name: str, **overrides) -> KangarooConfig:
+    if name not in MODEL_SIZES:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_SIZES)}")
+    return MODEL_SIZES[name](**overrides)
