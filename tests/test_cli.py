@@ -1,0 +1,75 @@
+"""The real ``kangaroo`` entry point, in a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kangaroo.modules import kangaroo_tiny
+from kangaroo.summary import model_summary
+
+
+def kangaroo(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "kangaroo.cli", *args], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_summary_json_of_the_8b_model():
+    summary = json.loads(kangaroo("model", "summary", "--model", "kangaroo-8b", "--json").stdout)
+    assert set(summary["parts"]) == {"vision_tower", "temporal_embedding", "patchify", "projector", "language_model"}
+    assert summary["total"] == sum(p["params"] for p in summary["parts"].values())
+    assert summary["trainable"] == sum(p["trainable"] for p in summary["parts"].values())
+    assert summary["tokens_per_frame"] == 128
+    assert summary["parts"]["language_model"]["params"] == 8030261248
+
+
+def test_summary_of_the_stage_1_shape():
+    summary = json.loads(kangaroo("model", "summary", "--image-size", "224", "--no-patchify", "--json").stdout)
+    assert summary["tokens_per_frame"] == 256
+    assert summary["parts"]["patchify"] == {"params": 0, "trainable": 0}
+
+
+def test_summary_table_lists_every_part():
+    out = kangaroo("model", "summary", "--model", "kangaroo-tiny").stdout
+    for part in ("vision_tower", "temporal_embedding", "patchify", "projector", "language_model", "total"):
+        assert part in out
+    assert "visual tokens per frame: 8" in out
+
+
+def test_summary_from_a_yaml_config(tmp_path):
+    config = tmp_path / "model.yaml"
+    config.write_text(
+        "model:\n"
+        "  vision_tower: {name: 'timm:eva02_tiny_patch14_224', image_size: 112}\n"
+        "  language_model:\n"
+        "    architecture: {model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,\n"
+        "                   num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}\n"
+        "  visual_tokens: {placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}\n"
+        "  patchify: {kernel: [2, 2, 2]}\n"
+        "  projector: {kind: mlp}\n"
+    )
+    summary = json.loads(kangaroo("model", "summary", "--config", str(config), "--json").stdout)
+    assert summary["parts"]["projector"]["params"] == (192 * 64 + 64) + (64 * 64 + 64)
+    assert summary["tokens_per_frame"] == 8
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  vision_towr: {name: EVA02-L-14}\n")
+    result = kangaroo("model", "summary", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert "vision_towr" in result.stderr
+
+
+def test_summary_counts_frozen_parameters():
+    model = kangaroo_tiny()
+    for p in model.vision_tower.parameters():
+        p.requires_grad_(False)
+    summary = model_summary(model)
+    vision = summary["parts"]["vision_tower"]
+    assert vision["trainable"] == 0 and vision["params"] > 0
+    assert summary["trainable"] == summary["total"] - vision["params"]
