@@ -1,0 +1,165 @@
+"""One manifest sample to one training record: decode, sample, resize, tokenize, fit the budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from kangaroo.data.manifest import ManifestSample, Reject
+from kangaroo.data.tokenization import ChatEncoder
+from kangaroo.data.transforms import ResizeMode, fit_frames
+from kangaroo.data.video import FrameSampling, MediaError, read_video
+
+
+@dataclass
+class PrepareConfig:
+    """How a stage turns manifest samples into training records."""
+
+    tokenizer: str
+    """A Hugging Face tokenizer id or local directory (``save_pretrained`` layout)."""
+    sampling: FrameSampling = field(default_factory=FrameSampling)
+    resize: ResizeMode = "pad"
+    """``pad`` (keep everything, pad with the CLIP mean), ``crop`` (centre square) or ``stretch``."""
+    max_tokens: int = 2560
+    """The stage's sequence budget in tokens (512 / 2560 / 10K / 22K in the paper)."""
+    overflow: Literal["drop_frames", "skip"] = "drop_frames"
+    """A sample over ``max_tokens``: drop frames evenly until it fits, or skip it (counted).
+    Text is never truncated."""
+    image_max_time: float = 60.0
+    """Images get a timestamp drawn uniformly from ``[0, image_max_time)`` seconds, seeded by id."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 16:
+            raise ValueError(f"prepare.max_tokens must be at least 16, got {self.max_tokens}")
+        if self.overflow not in ("drop_frames", "skip"):
+            raise ValueError(f"prepare.overflow must be drop_frames or skip, got {self.overflow!r}")
+        if self.resize not in ("pad", "crop", "stretch"):
+            raise ValueError(f"prepare.resize must be pad, crop or stretch, got {self.resize!r}")
+
+
+@dataclass
+class Media:
+    frames: np.ndarray  # (n, H, W, 3) uint8
+    timestamps: np.ndarray  # (n,) seconds
+
+
+class SampleEncoder:
+    """Callable for LitData ``optimize``: a ``ManifestSample`` in, a record dict out, or ``None``
+    after appending the reason to ``rejects_dir/rejects-<pid>.jsonl``.
+
+    The tokenizer and the meta-device model that fixes the visual layout are built lazily, once
+    per worker process.
+    """
+
+    def __init__(self, prepare: PrepareConfig, model_config, rejects_dir: str) -> None:
+        self.prepare = prepare
+        self.model_config = model_config
+        self.rejects_dir = rejects_dir
+        self._state: tuple[Any, ChatEncoder] | None = None
+
+    def __call__(self, sample: ManifestSample) -> dict[str, Any] | None:
+        try:
+            return self.encode(sample)
+        except (MediaError, ValueError) as err:
+            self._reject(Reject(sample.id, str(err)))
+            return None
+
+    def encode(self, sample: ManifestSample) -> dict[str, Any]:
+        geometry, chat = self._built()
+        media = self._load(sample)
+        size = geometry.vision_tower.image_size
+        if media is None:
+            encoded = chat.encode(sample.conversations)
+            pixels, timestamps = torch.zeros(0, 3, size, size, dtype=torch.uint8), np.zeros(0, np.float32)
+        else:
+            keep, encoded = self._fit_budget(sample, media, geometry, chat)
+            pixels = fit_frames(media.frames[keep], size, self.prepare.resize)
+            timestamps = media.timestamps[keep]
+        return {
+            "id": sample.id,
+            "input_ids": np.asarray(encoded.input_ids, dtype=np.int32),
+            "labels": np.asarray(encoded.labels, dtype=np.int32),
+            "pixels": pixels,
+            "timestamps": timestamps.astype(np.float32),
+            "num_tokens": len(encoded.input_ids),
+        }
+
+    def _fit_budget(self, sample: ManifestSample, media: Media, geometry, chat: ChatEncoder):
+        """Indices of the frames kept and the encoding; drops frames evenly while over budget."""
+        budget, n = self.prepare.max_tokens, len(media.frames)
+        step = self.prepare.sampling.multiple_of if n > 1 else 1
+        count = n
+        while True:
+            keep = np.linspace(0, n - 1, count).round().astype(int) if count < n else np.arange(n)
+            encoded = chat.encode(sample.conversations, geometry.placeholder_ids(count))
+            tokens = len(encoded.input_ids)
+            if tokens <= budget:
+                return keep, encoded
+            if self.prepare.overflow == "skip":
+                raise ValueError(f"sample has {tokens} tokens, over the budget of {budget} (overflow=skip)")
+            if count - step < 1:
+                raise ValueError(f"sample has {tokens} tokens with its fewest frames ({count}), over the budget of {budget}")
+            count -= step
+
+    def _load(self, sample: ManifestSample) -> Media | None:
+        if sample.media_type is None:
+            return None
+        if sample.media_path.startswith("s3://"):
+            raise MediaError("reading media from s3:// is not supported yet; copy the media locally")
+        if sample.media_type == "video":
+            clip = read_video(sample.media_path, self.prepare.sampling)
+            return Media(clip.frames, clip.timestamps)
+        return Media(_read_image(sample.media_path)[None], np.asarray([self._image_time(sample.id)], np.float32))
+
+    def _image_time(self, sample_id: str) -> float:
+        return random.Random(f"{self.prepare.seed}:{sample_id}").uniform(0.0, self.prepare.image_max_time)
+
+    def _built(self):
+        if self._state is None:
+            from transformers import AutoTokenizer
+
+            from kangaroo.modules.builder import build_kangaroo
+
+            with torch.device("meta"):
+                geometry = build_kangaroo(self.model_config)
+            tokenizer = AutoTokenizer.from_pretrained(self.prepare.tokenizer)
+            self._state = (geometry, ChatEncoder(tokenizer, self.model_config.visual_tokens))
+        return self._state
+
+    def _reject(self, reject: Reject) -> None:
+        path = os.path.join(self.rejects_dir, f"rejects-{os.getpid()}.jsonl")
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(reject.to_json() + "\n")
+
+
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError as err:
+        raise MediaError(f"missing file: {path}") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise MediaError(f"unreadable image: {err}") from err
+
+
+def write_rejects(path: str, rejects: list[Reject]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for reject in rejects:
+            out.write(reject.to_json() + "\n")
+
+
+def read_rejects(directory: str) -> list[Reject]:
+    rejects = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), encoding="utf-8") as lines:
+            rejects += [Reject(**json.loads(line)) for line in lines if line.strip()]
+    return rejects

@@ -1,0 +1,96 @@
+"""``kangaroo data prepare``: a manifest to LitData chunks, once, so training never decodes video."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from kangaroo.data.encode import PrepareConfig, SampleEncoder, read_rejects, write_rejects
+from kangaroo.data.manifest import Reject, read_manifest
+
+REJECTS_FILE = "rejects.jsonl"
+
+
+class NothingUsable(Exception):
+    """Every sample of the manifest was rejected."""
+
+
+@dataclass
+class PrepareReport:
+    output: str
+    prepared: int
+    rejects: list[Reject]
+
+    def summary(self) -> str:
+        reasons = collections.Counter(_reason_kind(r.reason) for r in self.rejects)
+        lines = [f"prepared {self.prepared} samples into {self.output}; skipped {len(self.rejects)}"]
+        lines += [f"  {count:6d}  {reason}" for reason, count in reasons.most_common()]
+        if self.rejects:
+            lines.append(f"  details: {os.path.join(self.output, REJECTS_FILE)}")
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+def prepare_dataset(
+    manifest: str,
+    output: str,
+    prepare: PrepareConfig,
+    model_config,
+    workers: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    allowed_roots: list[str] | None = None,
+) -> PrepareReport:
+    """Validates ``manifest``, encodes every usable sample with LitData ``optimize`` into
+    ``output`` and lists the rest in ``output/rejects.jsonl``.
+
+    Raises ``NothingUsable`` when no sample survives, and ``ValueError`` with ``strict`` when
+    any sample is rejected or when ``output`` already holds data and ``overwrite`` is off.
+    """
+    from litdata import optimize
+
+    if os.path.isdir(output) and os.listdir(output):
+        if not overwrite:
+            raise ValueError(f"{output} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(output)
+    samples, rejects, seen = [], [], set()
+    for item in read_manifest(manifest, allowed_roots):
+        if not isinstance(item, Reject) and item.id in seen:
+            item = Reject(item.id, "duplicate id: an earlier line has the same id")
+        if isinstance(item, Reject):
+            rejects.append(item)
+        else:
+            seen.add(item.id)
+            samples.append(item)
+    if strict and rejects:
+        raise ValueError(f"--strict: {len(rejects)} manifest lines are invalid, first: {rejects[0].to_json()}")
+    if not samples:
+        raise NothingUsable(f"no usable sample in {manifest} ({len(rejects)} rejected)")
+    with tempfile.TemporaryDirectory(prefix="kangaroo-rejects-") as rejects_dir:
+        encoder = SampleEncoder(prepare, model_config, rejects_dir)
+        optimize(fn=encoder, inputs=samples, output_dir=output, num_workers=workers, chunk_bytes="64MB",
+                 start_method="fork", mode=None)
+        rejects += read_rejects(rejects_dir)
+    write_rejects(os.path.join(output, REJECTS_FILE), rejects)
+    report = PrepareReport(output, _count_samples(output), rejects)
+    if report.prepared == 0:
+        raise NothingUsable(f"no usable sample in {manifest}; reasons in {os.path.join(output, REJECTS_FILE)}")
+    if strict and report.rejects:
+        raise ValueError(f"--strict: {len(report.rejects)} samples were rejected; see {output}/{REJECTS_FILE}")
+    return report
+
+
+def _count_samples(output: str) -> int:
+    import json
+
+    index = os.path.join(output, "index.json")
+    if not os.path.exists(index):
+        return 0
+    with open(index, encoding="utf-8") as f:
+        return sum(chunk["chunk_size"] for chunk in json.load(f)["chunks"])
