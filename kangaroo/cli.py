@@ -22,7 +22,7 @@ def load_config_sections(path: str, sections: dict[str, type]) -> dict:
         cfg = parser.parse_path(path)
     except Exception as err:  # jsonargparse raises its own error types; re-raise with the file
         raise ValueError(f"{path}: {err}") from err
-    instantiated = parser.instantiate_classes(cfg)
+    instantiated = parser.instantiate(cfg)
     return {name: instantiated[name] for name in sections}
 
 

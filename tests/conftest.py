@@ -65,3 +65,55 @@ def tiny_model_no_patchify() -> KangarooModel:
     """Stage 1-2 shape: 56 px, no patchify."""
     torch.manual_seed(0)
     return kangaroo_tiny(image_size=56, patchify=False).eval()
+
+
+# -- data fixtures ---------------------------------------------------------------------------
+
+TINY_STAGE_YAML = """\
+model:
+  vision_tower: {{name: 'timm:eva02_tiny_patch14_224', image_size: 56}}
+  language_model:
+    architecture: {{model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,
+                   num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
+  visual_tokens: {{placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}}
+  patchify: {{kernel: [2, 2, 2]}}
+prepare:
+  tokenizer: {tokenizer}
+  sampling: {{strategy: uniform, num_frames: 4, multiple_of: 2}}
+  max_tokens: {max_tokens}
+  overflow: {overflow}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from kangaroo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    corpus = ["A red circle moves left. A blue square appears.", "一个红色的圆向左移动。",
+              "Describe the video. What happens in this video? Answer with the option's letter."] * 20
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tiny_tokenizer(corpus).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def stage_yaml(tmp_path, tiny_tokenizer_dir):
+    """Writes a stage-3 shaped tiny config (56 px, patchify) with a ``prepare`` section."""
+
+    def write(max_tokens: int = 400, overflow: str = "drop_frames") -> str:
+        path = tmp_path / "stage.yaml"
+        path.write_text(TINY_STAGE_YAML.format(tokenizer=tiny_tokenizer_dir, max_tokens=max_tokens, overflow=overflow))
+        return str(path)
+
+    return write
+
+
+def random_video(path, frames: int = 20, size: tuple[int, int] = (48, 64), seed: int = 0, **kwargs) -> str:
+    """Writes a real video file of random frames; kwargs go to ``write_video`` (fps, times, codec)."""
+    import numpy as np
+
+    from kangaroo.data.video import write_video
+
+    rng = np.random.default_rng(seed)
+    write_video(str(path), (rng.random((frames, *size, 3)) * 255).astype("uint8"), **kwargs)
+    return str(path)

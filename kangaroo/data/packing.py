@@ -117,3 +117,17 @@ def collate_rows(rows: list[list[Record]], pad_id: int = 0, pad_to: int | None =
         batch.update(pixel_values=normalize(torch.cat(pixels)), timestamps=torch.cat(timestamps),
                      frame_counts=torch.tensor(frame_counts))
     return batch
+
+
+def offline_best_fit_efficiency(lengths: list[int], budget: int) -> float:
+    """Efficiency of best-fit-decreasing over the whole list at once: the reference a streaming
+    packer with a bounded buffer is measured against (it sees every length in advance)."""
+    rows: list[int] = []
+    for length in sorted(lengths, reverse=True):
+        fitting = [i for i, used in enumerate(rows) if used + length <= budget]
+        if fitting:
+            best = max(fitting, key=lambda i: rows[i])
+            rows[best] += length
+        else:
+            rows.append(length)
+    return sum(lengths) / (len(rows) * budget)

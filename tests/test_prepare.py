@@ -1,0 +1,136 @@
+"""`kangaroo data prepare` end to end: real videos, real LitData chunks, every kind of bad input."""
+
+import json
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from litdata import StreamingDataset
+from PIL import Image
+
+from conftest import random_video
+from kangaroo.modules import IGNORE_INDEX
+
+
+def zero_frame_video(path):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        container.start_encoding()  # header only, no frame
+    return str(path)
+
+
+@pytest.fixture
+def media_dir(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    for i in range(4):
+        random_video(root / f"good{i}.mp4", frames=20, fps=10, seed=i)
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(root / "good.png")
+    (root / "broken.png").write_bytes(b"not an image")
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    zero_frame_video(root / "zero.mp4")
+    data = open(random_video(root / "full.mp4", frames=60, fps=10, size=(64, 64)), "rb").read()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    return root
+
+
+def manifest(tmp_path, media_dir):
+    good = [{"id": f"good{i}", "video": f"media/good{i}.mp4", "task": "caption", "caption": f"A red circle {i}."}
+            for i in range(4)]
+    good.append({"id": "image", "image": "media/good.png", "task": "mcq", "question": "Colour?",
+                 "options": ["red", "blue", "green", "grey"], "answer": "D"})
+    good.append({"id": "text", "conversations": [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello"}]})
+    bad = {
+        "missing": {"video": "media/nope.mp4"}, "empty": {"video": "media/empty.mp4"},
+        "corrupt": {"video": "media/corrupt.mp4"}, "zero": {"video": "media/zero.mp4"},
+        "truncated": {"video": "media/truncated.mp4"}, "broken_image": {"image": "media/broken.png"},
+        "outside": {"video": "/etc/hostname"},
+    }
+    lines = [json.dumps(r) for r in good]
+    lines += [json.dumps({"id": k, **v, "task": "caption", "caption": "x"}) for k, v in bad.items()]
+    lines += ["{this is not json", json.dumps({"id": "noassistant", "conversations": [{"role": "user", "content": "x"}]})]
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), {r["id"] for r in good}
+
+
+def kangaroo(*args):
+    return subprocess.run([sys.executable, "-m", "kangaroo.cli", *args], capture_output=True, text=True)
+
+
+def test_prepare_keeps_every_good_sample_and_lists_every_bad_one(tmp_path, media_dir, stage_yaml):
+    path, good_ids = manifest(tmp_path, media_dir)
+    out = tmp_path / "prepared"
+    result = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--config", stage_yaml(),
+                      "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"prepared {len(good_ids)} samples" in result.stdout and "skipped 9" in result.stdout
+    rejects = {r["id"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert rejects.keys() == {"missing", "empty", "corrupt", "zero", "truncated", "broken_image", "outside",
+                              "line 14", "noassistant"}
+    assert rejects["missing"].startswith("missing file")
+    assert rejects["zero"] in ("video has no frames", "file has no video stream")
+    assert rejects["broken_image"].startswith("unreadable image")
+    assert "outside the allowed roots" in rejects["outside"]
+    assert rejects["line 14"].startswith("malformed JSON")
+
+    records = {r["id"]: r for r in StreamingDataset(str(out))}
+    assert records.keys() == good_ids
+    video = records["good0"]
+    assert video["pixels"].shape == (4, 3, 56, 56) and video["timestamps"].tolist() == sorted(video["timestamps"])
+    assert video["input_ids"].tolist().count(1019) == 2 * 4  # 2 slots of 2x2 tokens after patchify
+    assert len(video["input_ids"]) == len(video["labels"]) == video["num_tokens"]
+    assert records["image"]["pixels"].shape[0] == 1 and records["text"]["pixels"].shape[0] == 0
+    assert 0 <= records["image"]["timestamps"][0] < 60
+    labels = video["labels"]
+    assert (labels[labels != IGNORE_INDEX] == video["input_ids"][labels != IGNORE_INDEX]).all()
+
+
+def test_strict_fails_and_existing_output_is_protected(tmp_path, media_dir, stage_yaml):
+    path, _ = manifest(tmp_path, media_dir)
+    out = tmp_path / "prepared"
+    strict = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--config", stage_yaml(), "--strict")
+    assert strict.returncode == 2 and "--strict" in strict.stderr
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("precious")
+    again = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--config", stage_yaml())
+    assert again.returncode == 2 and "--overwrite" in again.stderr and (out / "keep.txt").exists()
+
+
+def test_nothing_usable_exits_non_zero(tmp_path, stage_yaml):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"id": "a", "video": "nope.mp4", "task": "caption", "caption": "x"}) + "\n{bad\n")
+    result = kangaroo("data", "prepare", "--manifest", str(path), "--output", str(tmp_path / "o"),
+                      "--config", stage_yaml())
+    assert result.returncode == 1 and "no usable sample" in result.stderr
+
+
+@pytest.mark.parametrize("overflow", ["drop_frames", "skip"])
+def test_samples_over_the_budget(tmp_path, stage_yaml, overflow):
+    from kangaroo.cli import load_config_sections
+    from kangaroo.data.encode import PrepareConfig
+    from kangaroo.data.prepare import NothingUsable, prepare_dataset
+    from kangaroo.modules import KangarooConfig
+
+    random_video(tmp_path / "v.mp4", frames=40, fps=10)
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"id": "long", "video": "v.mp4", "task": "caption", "caption": "A red circle."}) + "\n")
+    sections = load_config_sections(stage_yaml(max_tokens=60, overflow=overflow),
+                                    {"model": KangarooConfig, "prepare": PrepareConfig})
+    sections["prepare"].sampling.num_frames = 16  # 8 slots x (4 + 1) tokens: over a 60-token budget
+    if overflow == "skip":
+        with pytest.raises(NothingUsable):
+            prepare_dataset(str(path), str(tmp_path / "o"), sections["prepare"], sections["model"])
+        reason = json.loads((tmp_path / "o" / "rejects.jsonl").read_text())["reason"]
+        assert "over the budget of 60" in reason
+        return
+    prepare_dataset(str(path), str(tmp_path / "o"), sections["prepare"], sections["model"])
+    (record,) = list(StreamingDataset(str(tmp_path / "o")))
+    assert record["num_tokens"] <= 60 and record["pixels"].shape[0] % 2 == 0 and record["pixels"].shape[0] < 16
+    gaps = np.diff(record["timestamps"])
+    assert gaps.max() < 2.5 * gaps.min()  # dropped evenly, not cut from the end
