@@ -90,7 +90,7 @@ def test_collated_rows_train_the_model(tiny_model):
 def _write_chunks(path, n=40):
     lengths = [random.Random(i).randrange(20, 120) for i in range(n)]
     optimize(fn=_make_record, inputs=list(enumerate(lengths)), output_dir=str(path), chunk_bytes="64KB",
-             num_workers=1, verbose=False)
+             num_workers=1, verbose=False, start_method="spawn")
 
 
 def _make_record(item):

@@ -74,8 +74,9 @@ def prepare_dataset(
         raise NothingUsable(f"no usable sample in {manifest} ({len(rejects)} rejected)")
     with tempfile.TemporaryDirectory(prefix="kangaroo-rejects-") as rejects_dir:
         encoder = SampleEncoder(prepare, model_config, rejects_dir)
+        # spawn, not fork: forking a process whose torch threads already ran can deadlock a worker.
         optimize(fn=encoder, inputs=samples, output_dir=output, num_workers=workers, chunk_bytes="64MB",
-                 start_method="fork", mode=None)
+                 start_method="spawn", mode=None)
         rejects += read_rejects(rejects_dir)
     write_rejects(os.path.join(output, REJECTS_FILE), rejects)
     report = PrepareReport(output, _count_samples(output), rejects)
