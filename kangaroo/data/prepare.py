@@ -55,6 +55,8 @@ def prepare_dataset(
     """
     from litdata import optimize
 
+    if output.startswith("s3://"):
+        raise ValueError(f"preparing into s3:// is not supported yet ({output}); prepare locally and upload the folder")
     if os.path.isdir(output) and os.listdir(output):
         if not overwrite:
             raise ValueError(f"{output} is not empty; pass --overwrite to replace it")
