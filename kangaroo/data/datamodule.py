@@ -21,10 +21,6 @@ class IndexedStreamingDataset(StreamingDataset):
         return record
 
 
-def _as_list(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return records
-
-
 class PackedBatches:
     """Iterates batches of ``rows_per_batch`` packed rows over a ``StreamingDataLoader``.
 
@@ -35,7 +31,7 @@ class PackedBatches:
     def __init__(self, dataset: IndexedStreamingDataset, budget: int, rows_per_batch: int = 1,
                  packing: bool = True, buffer_size: int = 64, num_workers: int = 0, pad_id: int = 0) -> None:
         self.dataset = dataset
-        self.loader = StreamingDataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=_as_list)
+        self.loader = StreamingDataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=list)
         self.packer = SequencePacker(budget, buffer_size, packing)
         self.rows_per_batch = rows_per_batch
         self.pad_id = pad_id
@@ -44,15 +40,9 @@ class PackedBatches:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.packer.buffer = [self.dataset[i] for i in self._restored_buffer]
         self._restored_buffer = []
+        records = (record for fetched in self.loader for record in fetched)
         rows: list[list[dict[str, Any]]] = []
-        for records in self.loader:
-            for record in records:
-                for row in self.packer.add(record):
-                    rows.append(row)
-                    if len(rows) == self.rows_per_batch:
-                        yield self._collate(rows)
-                        rows = []
-        for row in self.packer.flush():
+        for row in self.packer.pack(records):
             rows.append(row)
             if len(rows) == self.rows_per_batch:
                 yield self._collate(rows)
