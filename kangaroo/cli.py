@@ -6,55 +6,48 @@ import argparse
 import json
 import sys
 
-from kangaroo.modules.builder import KangarooConfig
 from kangaroo.modules.sizes import MODEL_SIZES, named_config
 
-
-def load_config_sections(path: str, sections: dict[str, type]) -> dict:
-    """Reads the YAML file at ``path`` into the given typed sections (``{"model": KangarooConfig}``);
-    a missing section or an unknown key is an error that names it and the file."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    for name, kind in sections.items():
-        parser.add_argument(f"--{name}", type=kind, required=True)
-    try:
-        cfg = parser.parse_path(path)
-    except Exception as err:  # jsonargparse raises its own error types; re-raise with the file
-        raise ValueError(f"{path}: {err}") from err
-    instantiated = parser.instantiate(cfg)
-    return {name: instantiated[name] for name in sections}
-
-
-def load_model_config(path: str) -> KangarooConfig:
-    """Reads a YAML file whose ``model`` key describes a ``KangarooConfig``."""
-    return load_config_sections(path, {"model": KangarooConfig})["model"]
+FIT_COMMANDS = ("fit", "validate")
 
 
 def _summary_command(args: argparse.Namespace) -> int:
-    from kangaroo.summary import format_summary, summarize_config
+    from kangaroo.summary import format_summary, model_summary, summarize_config
 
     if args.config:
-        config = load_model_config(args.config)
+        import torch
+
+        from kangaroo.config import load_stage_file
+
+        stage = load_stage_file(args.config, ("model",))["model"]
+        with torch.device("meta"):
+            stage.configure_model()
+        summary = model_summary(stage.model)
     else:
         overrides = {}
         if args.image_size is not None:
             overrides["image_size"] = args.image_size
         if args.no_patchify:
             overrides["patchify"] = False
-        config = named_config(args.model, **overrides)
-    summary = summarize_config(config)
+        summary = summarize_config(named_config(args.model, **overrides))
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
 
 def _prepare_command(args: argparse.Namespace) -> int:
-    from kangaroo.data.encode import PrepareConfig
     from kangaroo.data.prepare import NothingUsable, prepare_dataset
 
-    sections = load_config_sections(args.config, {"model": KangarooConfig, "prepare": PrepareConfig})
+    from kangaroo.config import load_stage_file
+
+    sections = load_stage_file(args.config)
+    stage, data = sections["model"], sections["data"]
+    if data.prepare is None:
+        raise ValueError(f"{args.config}: no `data.prepare:` section saying how to prepare this stage's data")
+    output = args.output or (data.hparams.train_dir if args.split == "train" else data.hparams.val_dir)
+    if output is None:
+        raise ValueError(f"{args.config}: no data.{args.split}_dir and no --output")
     try:
-        report = prepare_dataset(args.manifest, args.output, sections["prepare"], sections["model"],
+        report = prepare_dataset(args.manifest, output, data.prepare, stage.architecture,
                                  workers=args.workers, strict=args.strict, overwrite=args.overwrite,
                                  allowed_roots=args.allowed_root)
     except NothingUsable as err:
@@ -65,7 +58,10 @@ def _prepare_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kangaroo", description="Training recipes for Kangaroo video LMMs.")
+    parser = argparse.ArgumentParser(
+        prog="kangaroo", description="Training recipes for Kangaroo video LMMs.",
+        epilog="Stages: `kangaroo fit --config configs/kangaroo-tiny/1-image-pretrain.yaml` (LightningCLI; "
+               "`kangaroo fit --help` lists every option). `kangaroo validate` evaluates the same way.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     model = commands.add_parser("model", help="inspect model architectures").add_subparsers(
@@ -73,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary = model.add_parser("summary", help="parameters per part and visual tokens per frame (no weights loaded)")
     source = summary.add_mutually_exclusive_group()
-    source.add_argument("--config", help="YAML file with a `model:` section (a KangarooConfig)")
+    source.add_argument("--config", help="a stage file (configs/*/N-*.yaml): its model and trainable parts")
     source.add_argument("--model", default="kangaroo-8b", choices=sorted(MODEL_SIZES), help="a named size")
     summary.add_argument("--image-size", type=int, help="resolution for a named size (default: its stage 3-5 size)")
     summary.add_argument("--no-patchify", action="store_true", help="a named size without patchify (stages 1-2)")
@@ -83,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="decode, sample, resize and tokenize a manifest into LitData chunks")
     prepare.add_argument("--manifest", required=True, help="JSONL manifest (see docs/data.md)")
-    prepare.add_argument("--output", required=True, help="output folder for the chunks and rejects.jsonl")
-    prepare.add_argument("--config", required=True, help="YAML with `model:` and `prepare:` sections")
+    prepare.add_argument("--config", required=True, help="the stage file whose data this is (its data.prepare section)")
+    prepare.add_argument("--split", choices=("train", "val"), default="train",
+                         help="write to the stage's data.train_dir or data.val_dir (default train)")
+    prepare.add_argument("--output", help="output folder for the chunks and rejects.jsonl (default: from --split)")
     prepare.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     prepare.add_argument("--strict", action="store_true", help="fail on any rejected sample")
     prepare.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -95,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] in FIT_COMMANDS:
+        from kangaroo.fit import KangarooCLI
+
+        KangarooCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        return 0
+    args = build_parser().parse_args(words)
     try:
         return args.handler(args)
     except ValueError as err:

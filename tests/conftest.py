@@ -71,17 +71,22 @@ def tiny_model_no_patchify() -> KangarooModel:
 
 TINY_STAGE_YAML = """\
 model:
-  vision_tower: {{name: 'timm:eva02_tiny_patch14_224', image_size: 56}}
-  language_model:
-    architecture: {{model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,
-                   num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
-  visual_tokens: {{placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}}
-  patchify: {{kernel: [2, 2, 2]}}
-prepare:
-  tokenizer: {tokenizer}
-  sampling: {{strategy: uniform, num_frames: 4, multiple_of: 2}}
+  architecture:
+    vision_tower: {{name: 'timm:eva02_tiny_patch14_224', image_size: 56}}
+    language_model:
+      architecture: {{model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,
+                     num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
+    visual_tokens: {{placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}}
+    patchify: {{kernel: [2, 2, 2]}}
+  trainable: {{vision_tower: true, patchify: true, projector: true, language_model: false}}
+data:
+  train_dir: {train_dir}
   max_tokens: {max_tokens}
-  overflow: {overflow}
+  prepare:
+    tokenizer: {tokenizer}
+    sampling: {{strategy: uniform, num_frames: 4, multiple_of: 2}}
+    max_tokens: {max_tokens}
+    overflow: {overflow}
 """
 
 
@@ -98,11 +103,12 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture
 def stage_yaml(tmp_path, tiny_tokenizer_dir):
-    """Writes a stage-3 shaped tiny config (56 px, patchify) with a ``prepare`` section."""
+    """Writes a stage-3 shaped tiny stage file (56 px, patchify) with a ``data.prepare`` section."""
 
     def write(max_tokens: int = 400, overflow: str = "drop_frames") -> str:
         path = tmp_path / "stage.yaml"
-        path.write_text(TINY_STAGE_YAML.format(tokenizer=tiny_tokenizer_dir, max_tokens=max_tokens, overflow=overflow))
+        path.write_text(TINY_STAGE_YAML.format(tokenizer=tiny_tokenizer_dir, max_tokens=max_tokens, overflow=overflow,
+                                               train_dir=tmp_path / "prepared"))
         return str(path)
 
     return write

@@ -41,25 +41,30 @@ def test_summary_table_lists_every_part():
 
 
 def test_summary_from_a_yaml_config(tmp_path):
-    config = tmp_path / "model.yaml"
+    config = tmp_path / "stage.yaml"
     config.write_text(
         "model:\n"
-        "  vision_tower: {name: 'timm:eva02_tiny_patch14_224', image_size: 112}\n"
-        "  language_model:\n"
-        "    architecture: {model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,\n"
-        "                   num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}\n"
-        "  visual_tokens: {placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}\n"
-        "  patchify: {kernel: [2, 2, 2]}\n"
-        "  projector: {kind: mlp}\n"
+        "  architecture:\n"
+        "    vision_tower: {name: 'timm:eva02_tiny_patch14_224', image_size: 112}\n"
+        "    language_model:\n"
+        "      architecture: {model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,\n"
+        "                     num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}\n"
+        "    visual_tokens: {placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}\n"
+        "    patchify: {kernel: [2, 2, 2]}\n"
+        "    projector: {kind: mlp}\n"
+        "  trainable: {vision_tower: false, patchify: true, projector: true, language_model: false}\n"
     )
     summary = json.loads(kangaroo("model", "summary", "--config", str(config), "--json").stdout)
-    assert summary["parts"]["projector"]["params"] == (192 * 64 + 64) + (64 * 64 + 64)
+    projector = (192 * 64 + 64) + (64 * 64 + 64)
+    assert summary["parts"]["projector"] == {"params": projector, "trainable": projector}
+    assert summary["parts"]["vision_tower"]["trainable"] == 0 and summary["parts"]["language_model"]["trainable"] == 0
+    assert summary["trainable"] == projector + summary["parts"]["patchify"]["params"]
     assert summary["tokens_per_frame"] == 8
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("model:\n  vision_towr: {name: EVA02-L-14}\n")
+    config.write_text("model:\n  architecture:\n    vision_towr: {name: EVA02-L-14}\n")
     result = kangaroo("model", "summary", "--config", str(config), check=False)
     assert result.returncode == 2
     assert "vision_towr" in result.stderr

@@ -112,24 +112,22 @@ def test_nothing_usable_exits_non_zero(tmp_path, stage_yaml):
 
 @pytest.mark.parametrize("overflow", ["drop_frames", "skip"])
 def test_samples_over_the_budget(tmp_path, stage_yaml, overflow):
-    from kangaroo.cli import load_config_sections
-    from kangaroo.data.encode import PrepareConfig
+    from kangaroo.config import load_stage_file
     from kangaroo.data.prepare import NothingUsable, prepare_dataset
-    from kangaroo.modules import KangarooConfig
 
     random_video(tmp_path / "v.mp4", frames=40, fps=10)
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"id": "long", "video": "v.mp4", "task": "caption", "caption": "A red circle."}) + "\n")
-    sections = load_config_sections(stage_yaml(max_tokens=60, overflow=overflow),
-                                    {"model": KangarooConfig, "prepare": PrepareConfig})
-    sections["prepare"].sampling.num_frames = 16  # 8 slots x (4 + 1) tokens: over a 60-token budget
+    sections = load_stage_file(stage_yaml(max_tokens=60, overflow=overflow))
+    prepare, architecture = sections["data"].prepare, sections["model"].architecture
+    prepare.sampling.num_frames = 16  # 8 slots x (4 + 1) tokens: over a 60-token budget
     if overflow == "skip":
         with pytest.raises(NothingUsable):
-            prepare_dataset(str(path), str(tmp_path / "o"), sections["prepare"], sections["model"])
+            prepare_dataset(str(path), str(tmp_path / "o"), prepare, architecture)
         reason = json.loads((tmp_path / "o" / "rejects.jsonl").read_text())["reason"]
         assert "over the budget of 60" in reason
         return
-    prepare_dataset(str(path), str(tmp_path / "o"), sections["prepare"], sections["model"])
+    prepare_dataset(str(path), str(tmp_path / "o"), prepare, architecture)
     (record,) = list(StreamingDataset(str(tmp_path / "o")))
     assert record["num_tokens"] <= 60 and record["pixels"].shape[0] % 2 == 0 and record["pixels"].shape[0] < 16
     gaps = np.diff(record["timestamps"])

@@ -8,6 +8,7 @@ import lightning as L
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
+from kangaroo.data.encode import PrepareConfig
 from kangaroo.data.packing import SequencePacker, collate_rows
 
 
@@ -76,13 +77,22 @@ class KangarooDataModule(L.LightningDataModule):
         num_workers: loader worker processes.
         shuffle: shuffle the training stream (seeded by ``seed``).
         pad_id: token id of padding (its labels are ignored).
+        prepare: how ``kangaroo data prepare --config`` turns manifests into ``train_dir`` and
+            ``val_dir`` (frames, resolution, tokenizer, budget); kept here so that one stage
+            file describes both. Its ``max_tokens`` may not exceed ``max_tokens``.
     """
 
     def __init__(self, train_dir: str, val_dir: str | None = None, max_tokens: int = 2560, packing: bool = False,
                  rows_per_batch: int = 1, buffer_size: int = 64, num_workers: int = 0, shuffle: bool = True,
-                 seed: int = 0, pad_id: int = 0) -> None:
+                 seed: int = 0, pad_id: int = 0, prepare: PrepareConfig | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if prepare is not None and prepare.max_tokens > max_tokens:
+            raise ValueError(f"data.prepare.max_tokens ({prepare.max_tokens}) exceeds the row budget "
+                             f"data.max_tokens ({max_tokens}): prepared samples would not fit a row")
+        if max_tokens < 1 or rows_per_batch < 1 or buffer_size < 1:
+            raise ValueError("data.max_tokens, rows_per_batch and buffer_size must be positive")
+        self.save_hyperparameters(ignore=["prepare"])
+        self.prepare = prepare
         self._train: PackedBatches | None = None
         self._pending_state: dict[str, Any] | None = None
 

@@ -89,6 +89,8 @@ class SampleEncoder:
             "pixels": pixels,
             "timestamps": timestamps.astype(np.float32),
             "num_tokens": len(encoded.input_ids),
+            "task": str(sample.meta.get("task", "")),
+            "category": str(sample.meta.get("category", "")),
         }
 
     def _fit_budget(self, sample: ManifestSample, media: Media, geometry, chat: ChatEncoder):

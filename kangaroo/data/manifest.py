@@ -99,7 +99,9 @@ def _to_sample(record: dict[str, Any], sample_id: str, base: str, roots: list[st
         raise ValueError("a sample holds at most one media item, got both 'video' and 'image'")
     media_type = media[0] if media else None
     media_path = _resolve_media(record[media_type], base, roots) if media_type else None
-    meta = record.get("meta") or {}
+    meta = dict(record.get("meta") or {})
+    if record.get("task") and "task" not in meta:
+        meta["task"] = record["task"]
     conversations = record.get("conversations")
     if conversations is None:
         conversations = apply_task_template(record, media_type, meta.get("language", "en"), sample_id)

@@ -96,7 +96,7 @@ def collate_rows(rows: list[list[Record]], pad_id: int = 0, pad_to: int | None =
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
-    pixels, timestamps, frame_counts, ids = [], [], [], []
+    pixels, timestamps, frame_counts, ids, tasks, categories = [], [], [], [], [], []
     for b, row in enumerate(rows):
         start = 0
         for record in row:
@@ -105,6 +105,8 @@ def collate_rows(rows: list[list[Record]], pad_id: int = 0, pad_to: int | None =
             labels[b, start:end] = torch.as_tensor(record["labels"], dtype=torch.long)
             position_ids[b, start:end] = torch.arange(end - start)
             ids.append(record["id"])
+            tasks.append(record.get("task", ""))
+            categories.append(record.get("category", ""))
             if record["pixels"].shape[0]:
                 pixels.append(record["pixels"])
                 timestamps.append(torch.as_tensor(record["timestamps"], dtype=torch.float32))
@@ -112,6 +114,7 @@ def collate_rows(rows: list[list[Record]], pad_id: int = 0, pad_to: int | None =
             start = end
         position_ids[b, start:] = torch.arange(length - start)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sample_ids": ids,
+             "tasks": tasks, "categories": categories,
              "num_tokens": int(sum(r["num_tokens"] for row in rows for r in row))}
     if pixels:
         batch.update(pixel_values=normalize(torch.cat(pixels)), timestamps=torch.cat(timestamps),

@@ -25,7 +25,7 @@ class KangarooConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     temporal_theta: float = 10000.0
     """Base of the sinusoidal temporal position embedding (paper eq. 3)."""
-    loss_chunk_size: int = 4096
+    loss_chunk_size: int = 1024
     """Labelled tokens per chunk of the output head in the loss (bounds logits memory)."""
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ def labelled_token_loss(
     labels: torch.Tensor,
     head: nn.Module,
     position_ids: torch.Tensor | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over labelled tokens and their count.
 
@@ -58,3 +58,34 @@ def labelled_token_loss(
 def _chunk_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(rows).float()
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def first_answer_tokens(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy prediction of each sample's first answer token, and the token itself.
+
+    A sample is a run of ``position_ids`` starting at 0 (the whole row without them). For
+    every sample with a labelled token, the hidden state just before its first label goes
+    through ``head`` and the arg-max is the token greedy decoding would produce first: for a
+    multiple-choice answer (a letter) that is the answer. Samples come in row-major order,
+    padding runs (no labels) are left out. Returns ``(predicted, target)``, each ``(n,)``.
+    """
+    targets = shift_labels(labels, position_ids)
+    if position_ids is None:
+        position_ids = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    flat_targets = targets.reshape(-1)
+    sample = torch.cumsum((position_ids == 0).reshape(-1).long(), 0) - 1
+    labelled = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if labelled.numel() == 0:
+        empty = labels.new_zeros(0)
+        return empty, empty
+    # The first labelled position of each sample: labelled positions whose sample differs from
+    # the previous labelled position's.
+    owners = sample[labelled]
+    first = torch.ones_like(owners, dtype=torch.bool)
+    first[1:] = owners[1:] != owners[:-1]
+    positions = labelled[first]
+    rows = hidden.reshape(-1, hidden.shape[-1])[positions]
+    predicted = head(rows).argmax(-1)
+    return predicted, flat_targets[positions]

@@ -77,7 +77,7 @@ class KangarooModel(nn.Module):
         projector: nn.Module,
         language_model: nn.Module,
         visual_tokens: VisualTokens,
-        loss_chunk_size: int = 4096,
+        loss_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
         self.vision_tower = vision_tower
@@ -164,6 +164,26 @@ class KangarooModel(nn.Module):
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        timestamps: torch.Tensor | None = None,
+        frame_counts: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states ``(b, s, d)`` of the language model, before the output head."""
+        embeds = self.embed_inputs(input_ids, pixel_values, timestamps, frame_counts)
+        decoder = self.language_model.base_model
+        return decoder(
+            inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+
+    @property
+    def output_head(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -175,12 +195,8 @@ class KangarooModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
     ) -> KangarooOutput:
-        embeds = self.embed_inputs(input_ids, pixel_values, timestamps, frame_counts)
-        decoder = self.language_model.base_model
-        hidden = decoder(
-            inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        head = self.language_model.get_output_embeddings()
+        hidden = self.hidden_states(input_ids, position_ids, pixel_values, timestamps, frame_counts, attention_mask)
+        head = self.output_head
         logits = head(hidden) if return_logits else None
         if labels is None:
             return KangarooOutput(loss=None, loss_sum=None, num_label_tokens=None, logits=logits)

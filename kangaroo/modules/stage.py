@@ -1,0 +1,188 @@
+"""One curriculum stage as a LightningModule: build, freeze, initialise, optimise, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from kangaroo.modules.builder import KangarooConfig, build_kangaroo
+from kangaroo.modules.freezing import apply_trainable, check_trainable_spec, format_table
+from kangaroo.modules.loss import first_answer_tokens, labelled_token_loss
+from kangaroo.modules.model import PART_NAMES, KangarooModel
+from kangaroo.modules.optim import OptimizerConfig, parameter_groups, warmup_cosine
+from kangaroo.modules.weights import WEIGHTS_NAME, load_weights, save_weights
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "timestamps", "frame_counts")
+
+
+class KangarooStage(L.LightningModule):
+    """A curriculum stage of the Kangaroo model.
+
+    Args:
+        architecture: the model (parts, sizes, pretrained sources).
+        trainable: part -> bool for every part with parameters, e.g.
+            ``{vision_tower: true, projector: true, language_model: false}``.
+        trainable_patterns: glob on parameter names -> bool, applied after ``trainable`` in
+            order, for finer control (``language_model.model.embed_tokens.*: true``).
+        init_from: weights of the previous stage (a safetensors file, a folder holding
+            ``model.safetensors`` or a weights-only checkpoint); loaded strictly.
+        new_parts: parts this stage introduces, allowed to be absent from ``init_from``
+            (``[patchify]`` in stage 3; they keep their own initialisation).
+        load_pretrained: read the pretrained vision tower and LLM named in ``architecture``
+            (stage 1); ignored when ``init_from`` is set.
+        optimizer: AdamW, layer-wise LR decay and the warm-up/cosine schedule.
+        accuracy_groups: manifest categories whose multiple-choice accuracy is logged apart
+            (``val/accuracy/<group>``), next to the overall ``val/accuracy``.
+        export_weights: at the end of ``fit``, write the model's weights to
+            ``<trainer.default_root_dir>/model.safetensors`` for the next stage.
+    """
+
+    def __init__(
+        self,
+        architecture: KangarooConfig,
+        trainable: dict[str, bool],
+        trainable_patterns: dict[str, bool] | None = None,
+        init_from: str | None = None,
+        new_parts: list[str] | None = None,
+        load_pretrained: bool = False,
+        optimizer: OptimizerConfig | None = None,
+        accuracy_groups: list[str] | None = None,
+        export_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        check_trainable_spec(trainable, trainable_patterns)
+        unknown = sorted(set(new_parts or ()) - set(PART_NAMES))
+        if unknown:
+            raise ValueError(f"new_parts: unknown part(s) {unknown}; parts are {list(PART_NAMES)}")
+        self.architecture = architecture
+        self.trainable = dict(trainable)
+        self.trainable_patterns = dict(trainable_patterns or {})
+        self.init_from = init_from
+        self.new_parts = list(new_parts or [])
+        self.load_pretrained = load_pretrained
+        self.optim = optimizer or OptimizerConfig()
+        self.accuracy_groups = list(accuracy_groups or [])
+        self.export_weights = export_weights
+        self.model: KangarooModel | None = None
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
+        self.group_accuracy = torch.nn.ModuleDict({g: MeanMetric() for g in self.accuracy_groups})
+        self._step_started = 0.0
+        self.trainable_rows: list[dict] = []
+
+    # -- building ----------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Builds the model once (Lightning may call this again, e.g. before a test run),
+        loads ``init_from`` and applies the trainable spec."""
+        if self.model is not None:
+            return
+        on_meta = torch.empty(0).device.type == "meta"  # a shape-only build (model summary)
+        load_pretrained = self.load_pretrained and self.init_from is None and not on_meta
+        model = build_kangaroo(self.architecture, load_weights=load_pretrained)
+        if self.init_from is not None and not on_meta:
+            loaded = load_weights(model, self.init_from, self.new_parts)
+            log.info("initialised from %s (new parts kept as built: %s)", self.init_from, loaded["new"] or "none")
+        self.trainable_rows = apply_trainable(model, self.trainable, self.trainable_patterns)
+        self.model = model.train()  # from_pretrained hands back eval mode
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"trainable parts:\n{format_table(self.trainable_rows)}")
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _forward(self, batch: dict[str, Any]):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        hidden = self.model.hidden_states(**inputs)
+        loss_sum, count = labelled_token_loss(hidden, batch["labels"], self.model.output_head,
+                                              batch["position_ids"], self.model.loss_chunk_size)
+        return hidden, loss_sum, count
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        _, loss_sum, count = self._forward(batch)
+        loss = loss_sum / count.clamp(min=1)
+        rows = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        self.log("train/label_tokens", count.float(), batch_size=rows)
+        if "packing_efficiency" in batch:
+            self.log("train/packing_efficiency", float(batch["packing_efficiency"]), batch_size=rows)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        rows = batch["input_ids"].shape[0]
+        if elapsed > 0 and "num_tokens" in batch:
+            self.log("train/tokens_per_s", batch["num_tokens"] / elapsed, prog_bar=True, batch_size=rows)
+        for index, group in enumerate(self.optimizers().optimizer.param_groups):
+            self.log(f"lr/{group.get('name', index)}", group["lr"], batch_size=rows)
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hidden, loss_sum, count = self._forward(batch)
+        if count > 0:
+            self.val_loss.update(loss_sum / count, weight=count)
+        predicted, target = first_answer_tokens(hidden, batch["labels"], self.model.output_head, batch["position_ids"])
+        tasks = batch.get("tasks") or [""] * len(predicted)
+        groups = batch.get("categories") or [""] * len(predicted)
+        if len(tasks) != len(predicted):
+            raise RuntimeError(f"{len(tasks)} samples in the batch but {len(predicted)} answered")
+        correct = (predicted == target).float()
+        mcq = torch.tensor([t == "mcq" for t in tasks], device=correct.device)
+        if mcq.any():
+            self.val_accuracy.update(correct[mcq])
+        for name, metric in self.group_accuracy.items():
+            chosen = mcq & torch.tensor([g == name for g in groups], device=correct.device)
+            if chosen.any():
+                metric.update(correct[chosen])
+
+    def on_validation_epoch_end(self) -> None:
+        # MeanMetric syncs across processes in compute(); an empty metric gives nan, so a
+        # held-out set without questions shows up as nan instead of a made-up number.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*called before the ``update``")
+            self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+            self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
+            for name, metric in self.group_accuracy.items():
+                self.log(f"val/accuracy/{name}", metric.compute())
+        for metric in (self.val_loss, self.val_accuracy, *self.group_accuracy.values()):
+            metric.reset()
+
+    # -- optimisation ------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = parameter_groups(self.model, self.optim)
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
+        total = self.trainer.max_steps
+        if total is None or total < 1:
+            raise ValueError("trainer.max_steps must be set: the cosine schedule needs the stage's length "
+                             "(the streams have no epoch length)")
+        warmup, min_ratio = self.optim.warmup_steps, self.optim.min_lr / self.optim.lr
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- handing over to the next stage ------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        if self.export_weights and self.trainer.is_global_zero:
+            path = save_weights(self.model, os.path.join(self.trainer.default_root_dir, WEIGHTS_NAME))
+            rank_zero_info(f"stage weights written to {path}")
+
+
+def rank_zero_info(message: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_info as info
+
+    info(message)

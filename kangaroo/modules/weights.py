@@ -1,0 +1,121 @@
+"""Model weights between stages: a safetensors file out, a strict, explained load in."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_weights(model: nn.Module, path: str) -> str:
+    """Writes every parameter and persistent buffer of ``model`` to a safetensors file, through
+    a temporary name and a rename, so that a cut-off write never looks finished."""
+    from safetensors.torch import save_model
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    partial = path + ".partial"
+    save_model(model, partial)  # drops tied duplicates; load_weights restores them by alias
+    os.replace(partial, path)
+    return path
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file, a folder holding ``model.safetensors``, or a Lightning/torch
+    checkpoint (``weights_only=True``; its ``state_dict``, with the module's ``model.`` prefix
+    removed)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise ValueError(f"init_from: {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in several types
+        raise ValueError(f"init_from: cannot read {path} as a weights-only checkpoint: {err}") from err
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from: {path} holds no state_dict")
+    if all(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str, new_parts: list[str] | tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Loads ``path`` into ``model`` strictly.
+
+    Keys missing from the file are allowed only under ``new_parts`` (a part introduced in this
+    stage, such as ``patchify`` in stage 3: it keeps its own initialisation). The ViT's absolute
+    position table is resampled when the resolution changed (stage 2 at 224 -> stage 3 at 448).
+    Any other missing, unexpected or mis-shaped key is an error that lists them. Returns
+    ``{"new": [...], "resized": [...]}``.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    aliases = _aliases(model)
+    missing = [k for k in own if k not in state and not any(a in state for a in aliases.get(k, ()))]
+    unexpected = [k for k in state if k not in own]
+    allowed = tuple(f"{part}." for part in new_parts)
+    new = [k for k in missing if k.startswith(allowed)]
+    missing = [k for k in missing if not k.startswith(allowed)]
+    resized, mismatched = [], []
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            if key.endswith("pos_embed") and value.ndim == 3:
+                state[key] = _resample_position_table(model, key, value, own[key].shape)
+                resized.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
+            else:
+                mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}")
+    problems = []
+    if missing:
+        problems.append(f"missing from the file: {_listing(missing)} (allowed new parts: {list(new_parts)})")
+    if unexpected:
+        problems.append(f"not in the model: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_listing(mismatched)}")
+    if problems:
+        raise ValueError(f"init_from {path} does not match the model; " + "; ".join(problems))
+    for key, names in aliases.items():
+        if key not in state:
+            present = [a for a in names if a in state]
+            if present:
+                state[key] = state[present[0]]
+    model.load_state_dict(state, strict=False)
+    for key in resized:
+        log.info("init_from: resampled %s", key)
+    return {"new": new, "resized": resized}
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Keys sharing storage (tied embeddings): each maps to the others."""
+    by_storage = defaultdict(list)
+    for key, value in model.state_dict(keep_vars=True).items():
+        if value.device.type != "meta":
+            by_storage[value.data_ptr()].append(key)
+    return {k: [o for o in keys if o != k] for keys in by_storage.values() if len(keys) > 1 for k in keys}
+
+
+def _resample_position_table(model: nn.Module, key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    from timm.layers import resample_abs_pos_embed
+
+    module = model.get_submodule(key.rsplit(".", 1)[0])
+    prefix = getattr(module, "num_prefix_tokens", 1)
+    grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        raise ValueError(f"init_from: cannot resample {key}: no patch grid on {type(module).__name__}")
+    return resample_abs_pos_embed(value, new_size=list(grid), num_prefix_tokens=prefix).to(value.dtype)
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} key(s): {shown}" + (", ..." if len(keys) > limit else "")

@@ -1,0 +1,331 @@
+"""The stage LightningModule: trainable spec, optimizer groups, schedule, init_from, and every
+tiny stage config fitted for real on prepared data, each from the previous stage's weights."""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import random_video
+from kangaroo.modules import kangaroo_tiny
+from kangaroo.modules.freezing import apply_trainable
+from kangaroo.modules.loss import first_answer_tokens
+from kangaroo.modules.optim import OptimizerConfig, parameter_groups, warmup_cosine
+from kangaroo.modules.weights import load_weights, save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = sorted((ROOT / "configs" / "kangaroo-tiny").glob("*.yaml"))
+BIG = sorted((ROOT / "configs" / "kangaroo-8b").glob("*.yaml"))
+ALL_TRAINABLE = {"vision_tower": True, "patchify": True, "projector": True, "language_model": True}
+
+
+# -- trainable spec ------------------------------------------------------------------------------
+
+def test_trainable_spec_freezes_parts_and_patterns():
+    model = kangaroo_tiny()
+    rows = apply_trainable(model, {"vision_tower": False, "patchify": True, "projector": True, "language_model": False},
+                           {"language_model.model.embed_tokens.*": True})
+    table = {r["part"]: r for r in rows}
+    assert table["vision_tower"]["trainable"] == 0 < table["vision_tower"]["params"]
+    assert table["projector"]["trainable"] == table["projector"]["params"]
+    assert table["language_model"]["trainable"] == model.language_model.get_input_embeddings().weight.numel()
+
+
+@pytest.mark.parametrize("spec, patterns, message", [
+    ({"vision_tower": True, "projecter": True}, None, "unknown part(s) ['projecter']"),
+    ({**ALL_TRAINABLE, "patchify": True}, {"language_model.nope.*": False}, "'language_model.nope.*' matches no parameter"),
+    ({"vision_tower": True, "projector": True}, None, "does not say whether ['patchify', 'language_model']"),
+])
+def test_trainable_spec_errors_name_the_entry(spec, patterns, message):
+    with pytest.raises(ValueError) as err:
+        apply_trainable(kangaroo_tiny(), spec, patterns)
+    assert message in str(err.value)
+
+
+def test_absent_part_in_the_spec_is_an_error():
+    with pytest.raises(ValueError, match="part 'patchify' has no parameters in this model"):
+        apply_trainable(kangaroo_tiny(image_size=56, patchify=False), ALL_TRAINABLE)
+
+
+# -- optimizer ----------------------------------------------------------------------------------
+
+def test_parameter_groups_cover_every_trainable_parameter_once_with_the_paper_rules():
+    model = kangaroo_tiny()
+    apply_trainable(model, {**ALL_TRAINABLE, "vision_tower": True})
+    config = OptimizerConfig(lr=1e-3, layer_decay=0.9)
+    groups = parameter_groups(model, config)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    for name, param in named.items():
+        group = by_param[id(param)]
+        no_decay = (param.ndim <= 1 or "embed_tokens" in name or name.endswith(("pos_embed", "cls_token")))
+        assert (group["weight_decay"] == 0.0) == no_decay, name
+    trunk = "vision_tower.trunk."
+    scale = lambda n: by_param[id(named[trunk + n])]["lr_scale"]  # noqa: E731
+    blocks = len(model.vision_tower.trunk.blocks)
+    for i in range(blocks - 1):
+        assert scale(f"blocks.{i}.mlp.fc1_g.weight" if f"{trunk}blocks.{i}.mlp.fc1_g.weight" in named
+                     else f"blocks.{i}.attn.proj.weight") == pytest.approx(
+            0.9 * scale(f"blocks.{i + 1}.attn.proj.weight"))
+    assert scale("patch_embed.proj.weight") == pytest.approx(0.9 ** (blocks + 1))
+    assert by_param[id(named["projector.weight"])]["lr"] == pytest.approx(1e-3)
+
+
+def test_frozen_vision_tower_has_no_groups():
+    model = kangaroo_tiny()
+    apply_trainable(model, {**ALL_TRAINABLE, "vision_tower": False})
+    groups = parameter_groups(model, OptimizerConfig())
+    assert not [g for g in groups if g["name"].startswith("vision_tower")]
+
+
+def test_warmup_then_cosine_to_the_minimum():
+    lrs = [warmup_cosine(s, warmup_steps=10, total_steps=110, min_ratio=0.01) for s in range(111)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.505) and lrs[110] == pytest.approx(0.01)
+
+
+def test_bad_optimizer_settings_are_refused():
+    with pytest.raises(ValueError, match="min_lr"):
+        OptimizerConfig(lr=1e-6, min_lr=1e-5)
+
+
+# -- init_from ----------------------------------------------------------------------------------
+
+def test_init_from_a_stage_without_patchify_resamples_positions_and_keeps_new_parts(tmp_path):
+    torch.manual_seed(0)
+    before = kangaroo_tiny(image_size=56, patchify=False)
+    path = save_weights(before, str(tmp_path / "model.safetensors"))
+    after = kangaroo_tiny(image_size=112)
+    patchify = after.patchify.conv.weight.detach().clone()
+    with pytest.raises(ValueError) as err:
+        load_weights(after, path)
+    assert "missing from the file: 2 key(s): patchify.conv.weight, patchify.conv.bias" in str(err.value)
+    loaded = load_weights(after, path, new_parts=["patchify"])
+    assert sorted(loaded["new"]) == ["patchify.conv.bias", "patchify.conv.weight"]
+    assert loaded["resized"] == ["vision_tower.trunk.pos_embed (1, 17, 192) -> (1, 65, 192)"]
+    assert torch.equal(after.patchify.conv.weight, patchify)  # kept its uniform initialisation
+    assert torch.equal(after.projector.weight, before.projector.weight)
+    assert torch.equal(after.language_model.lm_head.weight, before.language_model.lm_head.weight)
+    assert torch.equal(after.vision_tower.trunk.pos_embed[:, 0], before.vision_tower.trunk.pos_embed[:, 0])
+
+
+def test_init_from_a_different_model_lists_what_does_not_match(tmp_path):
+    from kangaroo.modules import build_kangaroo, kangaroo_tiny_config
+
+    config = kangaroo_tiny_config()
+    config.language_model.architecture["hidden_size"] = 64
+    config.language_model.architecture["intermediate_size"] = 128
+    path = save_weights(build_kangaroo(config), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError) as err:
+        load_weights(kangaroo_tiny(), path)
+    assert "shape mismatch" in str(err.value) and "language_model.model.embed_tokens.weight" in str(err.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_weights(kangaroo_tiny(), str(tmp_path / "nope.safetensors"))
+
+
+def test_init_from_reads_a_lightning_checkpoint_weights_only(tmp_path):
+    model = kangaroo_tiny()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 1},
+               tmp_path / "last.ckpt")
+    fresh = kangaroo_tiny()
+    load_weights(fresh, str(tmp_path / "last.ckpt"))
+    assert torch.equal(fresh.projector.weight, model.projector.weight)
+    torch.save({"state_dict": {}, "opaque": argparse.Namespace(a=1)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_weights(fresh, str(tmp_path / "pickled.ckpt"))
+
+
+# -- greedy answers -----------------------------------------------------------------------------
+
+def test_first_answer_tokens_in_a_packed_row_match_each_sample_alone(tiny_model):
+    from conftest import collate, make_sample
+
+    samples = [make_sample(tiny_model, frames=2, text_len=3, seed=s) for s in range(3)]
+    with torch.no_grad():
+        batch = collate(samples)
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values", "timestamps", "frame_counts")}
+        hidden = tiny_model.hidden_states(**inputs)
+        packed, targets = first_answer_tokens(hidden, batch["labels"], tiny_model.output_head, batch["position_ids"])
+        alone = []
+        for sample in samples:
+            one = collate([sample])
+            h = tiny_model.hidden_states(**{k: one[k] for k in inputs})
+            alone.append(tiny_model.output_head(h[0, len(sample.input_ids) - 4]).argmax())
+    assert targets.tolist() == [s.labels[-3] for s in samples]
+    assert packed.tolist() == [int(a) for a in alone]
+
+
+# -- configs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", TINY + BIG, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_stage_config_parses_and_instantiates(path):
+    from kangaroo.fit import KangarooCLI
+
+    args = ["--config", str(path)]
+    if "8b" in path.parent.name:
+        args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
+    cli = KangarooCLI(args=args, run=False)
+    assert path.read_text().startswith(f"# kangaroo fit --config configs/{path.parent.name}/{path.name}")
+    device = torch.device("meta") if "8b" in path.parent.name else torch.device("cpu")
+    cli.model.load_pretrained = False
+    cli.model.init_from = None
+    with device:
+        cli.model.configure_model()
+    assert cli.model.model.num_visual_tokens(16 if cli.model.model.patchify else 8) > 0
+    assert cli.datamodule.prepare.max_tokens == cli.datamodule.hparams.max_tokens
+
+
+EXPECTED_TRAINABLE = {
+    "1-image-pretrain": {"vision_tower", "projector"}, "2-video-pretrain": {"vision_tower", "projector"},
+    "3-pretrain-refinement": {"vision_tower", "patchify", "projector"},
+    "4-instruction-tuning": {"vision_tower", "patchify", "projector", "language_model"},
+    "5-long-video-tuning": {"patchify", "projector", "language_model"},
+}
+
+
+@pytest.mark.parametrize("path", BIG, ids=lambda p: p.name)
+def test_8b_summary_shows_the_trainable_parts_of_each_stage(path):
+    from kangaroo.cli import main
+
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["model", "summary", "--config", str(path), "--json"]) == 0
+    parts = json.loads(out.getvalue())["parts"]
+    trained = {name for name, counts in parts.items() if counts["trainable"]}
+    assert trained == EXPECTED_TRAINABLE[path.stem]
+    for name in trained:
+        assert parts[name]["trainable"] == parts[name]["params"]
+
+
+def test_unknown_yaml_key_fails_before_training(tmp_path, capsys):
+    from kangaroo.fit import KangarooCLI
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY[0].read_text().replace("  packing: false", "  packing: false\n  shufle: true"))
+    with pytest.raises(SystemExit):
+        KangarooCLI(args=["--config", str(bad)], run=False)
+    assert "shufle" in capsys.readouterr().err
+
+
+# -- fitting every tiny stage, chained --------------------------------------------------------------
+
+CAPTIONS = ["A red circle moves left.", "A blue square appears.", "A green circle moves right.",
+            "A red square disappears.", "A blue circle appears.", "A green square moves left."]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_tokenizer_dir):
+    """Prepares a small dataset for each tiny stage with that stage's own ``data.prepare``."""
+    from kangaroo.config import load_stage_file
+    from kangaroo.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("stage-data")
+    (root / "media").mkdir()
+    lines = []
+    for i, caption in enumerate(CAPTIONS):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(root / "media" / f"i{i}.png")
+        random_video(root / "media" / f"v{i}.mp4", frames=30 + 10 * i, fps=10, seed=i)
+        lines.append({"id": f"i{i}", "image": f"media/i{i}.png", "task": "caption", "caption": caption})
+        lines.append({"id": f"v{i}", "video": f"media/v{i}.mp4", "task": "caption", "caption": caption})
+        lines.append({"id": f"q{i}", "video": f"media/v{i}.mp4", "task": "mcq", "question": "Which shape?",
+                      "options": ["circle", "square", "triangle", "star"], "answer": "AB"[i % 2],
+                      "meta": {"category": "long" if i > 3 else "short"}})
+    for name, kinds in (("images", "i"), ("videos", "vq")):
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(x) for x in lines if x["id"][0] in kinds) + "\n")
+    dirs = {}
+    for path in TINY:
+        data = load_stage_file(str(path), ("model", "data"))
+        data["data"].prepare.tokenizer = tiny_tokenizer_dir
+        dirs[path.stem] = str(root / path.stem)
+        prepare_dataset(str(root / ("images.jsonl" if path.stem.startswith("1") else "videos.jsonl")), dirs[path.stem],
+                        data["data"].prepare, data["model"].architecture)
+    llm = root / "llm"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kangaroo.modules.sizes import TINY_LLAMA
+
+    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"})).save_pretrained(llm)
+    return dirs, str(llm), tiny_tokenizer_dir
+
+
+def losses(log_dir: Path) -> list[float]:
+    (metrics,) = log_dir.rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_every_tiny_stage_fits_from_the_previous_one_and_its_loss_falls(prepared, tmp_path):
+    from safetensors.torch import load_file
+
+    from kangaroo.fit import KangarooCLI
+
+    dirs, llm, tokenizer = prepared
+    previous = None
+    for path in TINY:
+        run = tmp_path / path.stem
+        args = ["--config", str(path), "--trainer.max_steps=12", "--trainer.val_check_interval=12",
+                "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={run}",
+                f"--trainer.logger.init_args.save_dir={run}", "--trainer.enable_progress_bar=false",
+                f"--data.train_dir={dirs[path.stem]}", f"--data.val_dir={dirs[path.stem]}",
+                f"--data.prepare.tokenizer={tokenizer}", "--model.optimizer.lr=2e-3", "--model.optimizer.warmup_steps=0"]
+        if previous is None:
+            args.append(f"--model.architecture.language_model.pretrained={llm}")
+        else:
+            args.append(f"--model.init_from={previous}")
+        cli = KangarooCLI(args=args, run=False)
+        cli.model.configure_model()
+        if previous is not None:  # started from the previous stage's weights
+            before = load_file(previous)
+            own = cli.model.model.state_dict()
+            assert torch.equal(own["projector.weight"], before["projector.weight"])
+            assert torch.equal(own["language_model.lm_head.weight"], before["language_model.lm_head.weight"])
+        frozen = {n: p.detach().clone() for n, p in cli.model.model.named_parameters() if not p.requires_grad}
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        curve = losses(run)
+        assert len(curve) == 12
+        assert np.mean(curve[-3:]) < np.mean(curve[:3]), (path.stem, curve)
+        for name, value in frozen.items():  # frozen parts did not move
+            assert torch.equal(dict(cli.model.model.named_parameters())[name], value), name
+        assert not np.isnan(cli.trainer.callback_metrics["val/loss"].item())
+        accuracy = cli.trainer.callback_metrics["val/accuracy"].item()
+        if path.stem.startswith("1"):
+            assert np.isnan(accuracy)  # image captions only: no question to score, and no made-up number
+        else:
+            assert 0.0 <= accuracy <= 1.0
+            assert 0.0 <= cli.trainer.callback_metrics["val/accuracy/long"].item() <= 1.0
+        previous = str(run / "model.safetensors")
+        assert Path(previous).exists()
+
+
+def test_print_config_runs_again_unchanged_and_fits(prepared, tmp_path):
+    import subprocess
+    import sys
+
+    dirs, llm, tokenizer = prepared
+    stage = TINY[1]
+    overrides = [f"--data.train_dir={dirs[stage.stem]}", f"--data.val_dir={dirs[stage.stem]}",
+                 f"--data.prepare.tokenizer={tokenizer}", f"--trainer.default_root_dir={tmp_path}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.init_from=null"]
+
+    def kangaroo(*args):
+        result = subprocess.run([sys.executable, "-m", "kangaroo.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(kangaroo("fit", "--config", str(stage), *overrides, "--print_config"))
+    assert kangaroo("fit", "--config", str(printed), "--print_config") == printed.read_text()
+    kangaroo("fit", "--config", str(printed), "--trainer.max_steps=2", "--trainer.val_check_interval=2")
+    assert (tmp_path / "model.safetensors").exists()
+    assert list(tmp_path.rglob("config.yaml"))  # LightningCLI saved the config of the run
