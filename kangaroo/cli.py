@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kangaroo.modules.sizes import MODEL_SIZES, named_config
@@ -57,6 +58,40 @@ def _prepare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_command(args: argparse.Namespace) -> int:
+    from kangaroo.data.synth import WorldConfig, synthesize
+
+    info = synthesize(args.output, WorldConfig(seed=args.seed), overwrite=args.overwrite)
+    for name, count in info["manifests"].items():
+        print(f"{name:<40}{count:>7}")
+    return 0
+
+
+def _recipe_workdir(recipe, args: argparse.Namespace) -> str:
+    return args.workdir or recipe.workdir or os.path.join("runs", recipe.name)
+
+
+def _recipe_run_command(args: argparse.Namespace) -> int:
+    from kangaroo.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    try:
+        summary = run_recipe(recipe, _recipe_workdir(recipe, args), only=args.only, until=args.until,
+                             restart_from=args.restart_from, prepare_workers=args.prepare_workers)
+    except RuntimeError as err:
+        print(f"kangaroo: error: {err}", file=sys.stderr)
+        return 1
+    return 0 if summary else 1
+
+
+def _recipe_show_command(args: argparse.Namespace) -> int:
+    from kangaroo.recipe import load_recipe, show_recipe
+
+    recipe = load_recipe(args.recipe)
+    print(show_recipe(recipe, os.path.abspath(_recipe_workdir(recipe, args))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kangaroo", description="Training recipes for Kangaroo video LMMs.",
@@ -89,6 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--allowed-root", action="append", help="a folder media must live under "
                          "(repeatable; default: the manifest's folder)")
     prepare.set_defaults(handler=_prepare_command)
+    synth = data.add_parser("synth", help="write the tiny synthetic world: videos, manifests for all five stages, "
+                                          "held-out questions, tokenizer and text-trained tiny LLM")
+    synth.add_argument("--output", default="data/kangaroo-tiny", help="folder (default data/kangaroo-tiny)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace a world made with other settings")
+    synth.set_defaults(handler=_synth_command)
+
+    recipe = commands.add_parser("recipe", help="run or inspect a chain of stages").add_subparsers(
+        dest="recipe_command", required=True)
+    run = recipe.add_parser("run", help="run the stages in order; re-running skips done stages and resumes")
+    run.add_argument("recipe", help="a recipe file (recipes/*.yaml)")
+    run.add_argument("--workdir", help="where stages, state and summary go (default: the recipe's workdir)")
+    part = run.add_mutually_exclusive_group()
+    part.add_argument("--only", metavar="STAGE", help="run this stage alone (its init_from must be done)")
+    part.add_argument("--until", metavar="STAGE", help="run up to and including this stage")
+    run.add_argument("--restart-from", metavar="STAGE", help="redo this stage and every later one")
+    run.add_argument("--prepare-workers", type=int, default=1, help="processes for data preparation")
+    run.set_defaults(handler=_recipe_run_command)
+    show = recipe.add_parser("show", help="print every stage fully resolved (configs merged)")
+    show.add_argument("recipe")
+    show.add_argument("--workdir")
+    show.set_defaults(handler=_recipe_show_command)
     return parser
 
 

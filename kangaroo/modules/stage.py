@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from kangaroo.modules.weights import WEIGHTS_NAME, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
+METRICS_NAME = "stage-metrics.json"
 MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "timestamps", "frame_counts")
 
 
@@ -78,6 +80,7 @@ class KangarooStage(L.LightningModule):
         self.group_accuracy = torch.nn.ModuleDict({g: MeanMetric() for g in self.accuracy_groups})
         self._step_started = 0.0
         self.trainable_rows: list[dict] = []
+        self.loss_history: list[tuple[int, float]] = []
 
     # -- building ----------------------------------------------------------------------------
 
@@ -123,6 +126,9 @@ class KangarooStage(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
         rows = batch["input_ids"].shape[0]
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.loss_history.append((self.global_step, float(loss)))
         if elapsed > 0 and "num_tokens" in batch:
             self.log("train/tokens_per_s", batch["num_tokens"] / elapsed, prog_bar=True, batch_size=rows)
         for index, group in enumerate(self.optimizers().optimizer.param_groups):
@@ -176,10 +182,26 @@ class KangarooStage(L.LightningModule):
 
     # -- handing over to the next stage ------------------------------------------------------
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["loss_history"] = [list(item) for item in self.loss_history]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loss_history = [tuple(item) for item in checkpoint.get("loss_history", [])]
+
     def on_fit_end(self) -> None:
-        if self.export_weights and self.trainer.is_global_zero:
-            path = save_weights(self.model, os.path.join(self.trainer.default_root_dir, WEIGHTS_NAME))
+        if not self.trainer.is_global_zero:
+            return
+        root = self.trainer.default_root_dir
+        if self.export_weights:
+            path = save_weights(self.model, os.path.join(root, WEIGHTS_NAME))
             rank_zero_info(f"stage weights written to {path}")
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        summary = {"steps": self.global_step,
+                   "final_loss": self.loss_history[-1][1] if self.loss_history else None,
+                   "eval_accuracy": metrics.get("val/accuracy"), "eval": metrics,
+                   "loss_history": self.loss_history}
+        with open(os.path.join(root, METRICS_NAME), "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=1)
 
 
 def rank_zero_info(message: str) -> None:

@@ -1,0 +1,404 @@
+"""The tiny world: coloured shapes that appear, move and disappear, rendered as real video files,
+with manifests for the five curriculum stages and held-out question sets.
+
+Everything is drawn from one seed, so the same ``--seed`` gives the same files. Held-out media
+are rendered from a different seed stream than the training media, so no held-out clip is a
+training clip. The answers need the pixels: a question's wording never gives its answer away,
+and the options are always listed in the same order, so the text alone is no better than chance.
+
+Layout of ``DIR``::
+
+    media/{train,val}/...           mp4 clips and png images
+    <stage>-{train,val}.jsonl       one manifest per curriculum stage and split
+    tokenizer/                      a byte-level BPE trained on the world's text
+    llm/                            the tiny language model, pre-trained on the world's text
+    world.json                      seed, sizes and counts: what was generated
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from kangaroo.data.manifest import CAPTION_PROMPTS, IMAGE_CAPTION_PROMPTS, MCQ_SUFFIX, OPTION_LETTERS
+from kangaroo.data.video import write_video
+
+log = logging.getLogger(__name__)
+
+STAGES = ("1-image-pretrain", "2-video-pretrain", "3-pretrain-refinement", "4-instruction-tuning",
+          "5-long-video-tuning")
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (235, 220, 40)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+ZH = {"circle": "圆", "square": "正方形", "triangle": "三角形", "diamond": "菱形", "red": "红色", "green": "绿色",
+      "blue": "蓝色", "yellow": "黄色", "left": "左", "right": "右", "up": "上", "down": "下"}
+ORDINALS = {"en": ("first", "second", "third", "last"), "zh": ("第一个", "第二个", "第三个", "最后一个")}
+
+
+@dataclass
+class WorldConfig:
+    """Sizes of the tiny world (defaults: the tiny recipe)."""
+
+    seed: int = 0
+    size: int = 64
+    """Frame side in pixels (the stages resize to their own resolution)."""
+    fps: int = 4
+    short_seconds: float = 4.0
+    long_events: int = 4
+    long_event_seconds: float = 5.0
+    images: int = 600
+    short_videos: int = 400
+    dense_videos: int = 300
+    instruction_videos: int = 500
+    long_videos: int = 300
+    val_short: int = 60
+    val_long: int = 60
+    zh_fraction: float = 0.25
+    llm_steps: int = 150
+
+
+# -- drawing ----------------------------------------------------------------------------------
+
+def draw(canvas: np.ndarray, shape: str, colour: str, cx: float, cy: float, radius: float) -> None:
+    """Draws a filled shape centred at ``(cx, cy)`` in place."""
+    h, w = canvas.shape[:2]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        mask = dx**2 + dy**2 <= radius**2
+    elif shape == "square":
+        mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
+    elif shape == "diamond":
+        mask = np.abs(dx) + np.abs(dy) <= radius * 1.1
+    elif shape == "triangle":
+        mask = (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    canvas[mask] = COLOURS[colour]
+
+
+def background(size: int, rng: np.random.Generator) -> np.ndarray:
+    level = rng.integers(10, 50)
+    canvas = np.full((size, size, 3), level, np.uint8)
+    canvas += rng.integers(0, 8, (size, size, 3), dtype=np.uint8)  # faint noise, not a flat colour
+    return canvas
+
+
+# -- the world --------------------------------------------------------------------------------
+
+class World:
+    """Renders media into ``root/media/<split>`` and returns manifest records."""
+
+    def __init__(self, root: str, config: WorldConfig) -> None:
+        self.root = root
+        self.config = config
+
+    def _rng(self, split: str, kind: str, index: int) -> tuple[random.Random, np.random.Generator]:
+        key = f"{self.config.seed}:{split}:{kind}:{index}"
+        return random.Random(key), np.random.default_rng(_stable(key))
+
+    def _media(self, split: str, name: str) -> tuple[str, str]:
+        rel = os.path.join("media", split, name)
+        full = os.path.join(self.root, "media", split, name)
+        return rel, full
+
+    def _language(self, rng: random.Random) -> str:
+        return "zh" if rng.random() < self.config.zh_fraction else "en"
+
+    def image(self, split: str, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        rng, nrng = self._rng(split, "image", index)
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        size = self.config.size
+        canvas = background(size, nrng)
+        draw(canvas, shape, colour, rng.uniform(18, size - 18), rng.uniform(18, size - 18), rng.uniform(10, 16))
+        rel, full = self._media(split, f"image-{index:05d}.png")
+        Image.fromarray(canvas).save(full)
+        lang = self._language(rng)
+        caption = f"A {colour} {shape}." if lang == "en" else f"一个{ZH[colour]}的{ZH[shape]}。"
+        return {"id": f"{split}-image-{index}", "image": rel, "task": "caption", "caption": caption,
+                "meta": {"language": lang, "category": "image"}}
+
+    def short_clip(self, split: str, kind: str, index: int, events: int = 1) -> tuple[str, list[dict], random.Random]:
+        """A clip of ``events`` shapes shown one after another, each moving in one direction."""
+        rng, nrng = self._rng(split, kind, index)
+        cfg = self.config
+        per_event = int(cfg.short_seconds * cfg.fps)
+        frames, facts = [], []
+        base = background(cfg.size, nrng)
+        for _ in range(events):
+            shape, colour, direction = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(DIRECTIONS))
+            facts.append({"shape": shape, "colour": colour, "direction": direction})
+            frames += self._moving(base, shape, colour, direction, per_event, rng)
+        rel, full = self._media(split, f"{kind}-{index:05d}.mp4")
+        write_video(full, np.stack(frames), fps=cfg.fps)
+        return rel, facts, rng
+
+    def _moving(self, base: np.ndarray, shape: str, colour: str, direction: str, count: int,
+                rng: random.Random) -> list[np.ndarray]:
+        size = self.config.size
+        radius = rng.uniform(9, 13)
+        vx, vy = DIRECTIONS[direction]
+        travel = size * 0.45
+        cx0 = size / 2 - vx * travel / 2 + rng.uniform(-4, 4)
+        cy0 = size / 2 - vy * travel / 2 + rng.uniform(-4, 4)
+        out = []
+        for t in range(count):
+            frame = base.copy()
+            progress = t / max(1, count - 1)
+            draw(frame, shape, colour, cx0 + vx * travel * progress, cy0 + vy * travel * progress, radius)
+            out.append(frame)
+        return out
+
+    def long_clip(self, split: str, index: int) -> tuple[str, list[dict], random.Random]:
+        """``long_events`` distinct shapes appear one after another, each for a few seconds,
+        with an empty gap between them: questions ask about their order."""
+        rng, nrng = self._rng(split, "long", index)
+        cfg = self.config
+        base = background(cfg.size, nrng)
+        shapes = rng.sample(SHAPES, cfg.long_events)
+        per_event = int(cfg.long_event_seconds * cfg.fps)
+        frames, facts = [], []
+        for shape in shapes:
+            colour, direction = rng.choice(list(COLOURS)), rng.choice(list(DIRECTIONS))
+            facts.append({"shape": shape, "colour": colour, "direction": direction})
+            frames += self._moving(base, shape, colour, direction, per_event - cfg.fps, rng)
+            frames += [base.copy() for _ in range(cfg.fps)]  # one empty second between events
+        rel, full = self._media(split, f"long-{index:05d}.mp4")
+        write_video(full, np.stack(frames), fps=cfg.fps)
+        return rel, facts, rng
+
+
+def _stable(key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+# -- captions and questions ------------------------------------------------------------------
+
+def caption_of(facts: list[dict], lang: str) -> str:
+    if lang == "zh":
+        parts = [f"一个{ZH[f['colour']]}的{ZH[f['shape']]}向{ZH[f['direction']]}移动" for f in facts]
+        return "，然后".join(parts) + "。"
+    parts = [f"a {f['colour']} {f['shape']} moves {f['direction']}" for f in facts]
+    text = ", then ".join(parts) + "."
+    return text[0].upper() + text[1:]
+
+
+def short_question(facts: dict, kind: str, lang: str) -> tuple[str, list[str], str]:
+    """A question about a one-shape clip: ``(question, options, answer letter)``; options keep
+    one fixed order, so the letter depends on the clip alone."""
+    if kind == "colour":
+        options = list(COLOURS)
+        question = {"en": "What colour is the shape?", "zh": "这个形状是什么颜色？"}[lang]
+        answer = facts["colour"]
+    elif kind == "shape":
+        options = list(SHAPES)
+        question = {"en": "Which shape is shown?", "zh": "视频里是什么形状？"}[lang]
+        answer = facts["shape"]
+    else:
+        options = list(DIRECTIONS)
+        question = {"en": "Which way does the shape move?", "zh": "这个形状向哪里移动？"}[lang]
+        answer = facts["direction"]
+    shown = options if lang == "en" else [ZH[o] for o in options]
+    return question, shown, OPTION_LETTERS[options.index(answer)]
+
+
+def long_question(facts: list[dict], position: int, lang: str) -> tuple[str, list[str], str]:
+    ordinal = ORDINALS[lang][min(position, 3)] if position < len(facts) - 1 else ORDINALS[lang][3]
+    question = {"en": f"Which shape appears {ordinal}?", "zh": f"{ordinal}出现的是什么形状？"}[lang]
+    options = list(SHAPES)
+    shown = options if lang == "en" else [ZH[o] for o in options]
+    return question, shown, OPTION_LETTERS[options.index(facts[position]["shape"])]
+
+
+def mcq(sample_id: str, media: str, question: str, options: list[str], answer: str, lang: str,
+        category: str) -> dict[str, Any]:
+    return {"id": sample_id, "video": media, "task": "mcq", "question": question, "options": options,
+            "answer": answer, "meta": {"language": lang, "category": category}}
+
+
+def open_answer(facts: dict, kind: str, lang: str) -> tuple[str, str]:
+    if kind == "shape":
+        return ({"en": "What shape appears in the video?", "zh": "视频里出现了什么形状？"}[lang],
+                {"en": f"A {facts['shape']}.", "zh": f"一个{ZH[facts['shape']]}。"}[lang])
+    return ({"en": "What colour is the shape, and where does it go?", "zh": "这个形状是什么颜色，往哪里移动？"}[lang],
+            {"en": f"It is {facts['colour']} and it moves {facts['direction']}.",
+             "zh": f"它是{ZH[facts['colour']]}的，向{ZH[facts['direction']]}移动。"}[lang])
+
+
+# -- the manifests of each stage -------------------------------------------------------------
+
+def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, dict[str, list[dict]]]:
+    cfg = world.config
+    out: dict[str, dict[str, list[dict]]] = {stage: {"train": [], "val": []} for stage in STAGES}
+
+    def short_mcqs(split: str, index: int, media: str, facts: dict, rng: random.Random, kinds) -> list[dict]:
+        records = []
+        for kind in kinds:
+            lang = world._language(rng)
+            question, options, answer = short_question(facts, kind, lang)
+            records.append(mcq(f"{split}-short-{index}-{kind}", media, question, options, answer, lang, "short"))
+        return records
+
+    def long_mcqs(split: str, index: int, media: str, facts: list[dict], rng: random.Random, count: int) -> list[dict]:
+        records = []
+        for position in rng.sample(range(len(facts)), count):
+            lang = world._language(rng)
+            question, options, answer = long_question(facts, position, lang)
+            records.append(mcq(f"{split}-long-{index}-{position}", media, question, options, answer, lang, "long"))
+        return records
+
+    for i in range(cfg.images):
+        out["1-image-pretrain"]["train"].append(world.image("train", i))
+        progress(1)
+    for i in range(cfg.short_videos):
+        media, facts, rng = world.short_clip("train", "clip", i)
+        lang = world._language(rng)
+        out["2-video-pretrain"]["train"].append({"id": f"train-clip-{i}", "video": media, "task": "caption",
+                                                 "caption": caption_of(facts, lang),
+                                                 "meta": {"language": lang, "category": "short"}})
+        progress(1)
+    for i in range(cfg.dense_videos):
+        media, facts, rng = world.short_clip("train", "dense", i, events=2)
+        lang = world._language(rng)
+        out["3-pretrain-refinement"]["train"].append({"id": f"train-dense-{i}", "video": media, "task": "caption",
+                                                      "caption": caption_of(facts, lang),
+                                                      "meta": {"language": lang, "category": "short"}})
+        progress(1)
+    instruction = out["4-instruction-tuning"]["train"]
+    for i in range(cfg.instruction_videos):
+        media, facts, rng = world.short_clip("train", "inst", i)
+        fact = facts[0]
+        instruction += short_mcqs("train", i, media, fact, rng, ("colour", "shape", "direction"))
+        lang = world._language(rng)
+        first_q, first_a = open_answer(fact, "shape", lang)
+        second_q, second_a = open_answer(fact, "motion", lang)
+        if rng.random() < 0.5:  # a multi-round chat
+            conversations = [{"role": "user", "content": "<video>\n" + first_q}, {"role": "assistant", "content": first_a},
+                             {"role": "user", "content": second_q}, {"role": "assistant", "content": second_a}]
+        else:  # open QA
+            conversations = [{"role": "user", "content": second_q}, {"role": "assistant", "content": second_a}]
+        instruction.append({"id": f"train-inst-{i}-chat", "video": media, "conversations": conversations,
+                            "meta": {"language": lang, "category": "short", "task": "open_qa"}})
+        progress(1)
+    long_train = out["5-long-video-tuning"]["train"]
+    for i in range(cfg.long_videos):
+        media, facts, rng = world.long_clip("train", i)
+        long_train += long_mcqs("train", i, media, facts, rng, 2)
+        progress(1)
+    # Short questions keep stage 5 balanced across lengths, as in the paper.
+    long_train += [r for r in instruction if r.get("task") == "mcq"][: len(long_train) // 2]
+
+    # Held-out: rendered apart (split "val" seeds), multiple-choice only.
+    val_short, val_long = [], []
+    for i in range(cfg.val_short):
+        media, facts, rng = world.short_clip("val", "clip", i)
+        val_short += short_mcqs("val", i, media, facts[0], rng, (("colour", "shape", "direction")[i % 3],))
+        progress(1)
+    for i in range(cfg.val_long):
+        media, facts, rng = world.long_clip("val", i)
+        val_long += long_mcqs("val", i, media, facts, rng, 1)
+        progress(1)
+    images_val = [world.image("val", i) for i in range(max(8, cfg.val_short // 4))]
+    out["1-image-pretrain"]["val"] = images_val
+    for stage in STAGES[1:]:
+        out[stage]["val"] = val_short + val_long
+    return out
+
+
+def corpus_of(records: list[dict]) -> list[str]:
+    """Every text the world can show the model, templates included (for the tokenizer and LLM)."""
+    from kangaroo.data.manifest import apply_task_template
+
+    texts = [p for prompts in (CAPTION_PROMPTS, IMAGE_CAPTION_PROMPTS) for lang in prompts.values() for p in lang]
+    texts += list(MCQ_SUFFIX.values())
+    for record in records:
+        conversations = record.get("conversations") or apply_task_template(
+            record, "image" if "image" in record else "video", record["meta"]["language"], record["id"])
+        texts += [turn["content"] for turn in conversations]
+    return texts
+
+
+def manifest_path(output: str, stage: str, split: str) -> str:
+    return os.path.join(output, f"{stage}-{split}.jsonl")
+
+
+def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Writes the whole tiny world into ``output`` (see the module docstring). Refuses a folder
+    that already holds a different world unless ``overwrite``."""
+    from tqdm.auto import tqdm
+
+    config = config or WorldConfig()
+    marker = os.path.join(output, "world.json")
+    if os.path.exists(marker):
+        existing = json.load(open(marker, encoding="utf-8"))
+        if existing.get("config") == asdict(config):
+            return existing
+        if not overwrite:
+            raise ValueError(f"{output} holds a world made with other settings; pass --overwrite to replace it")
+    for split in ("train", "val"):
+        os.makedirs(os.path.join(output, "media", split), exist_ok=True)
+    world = World(output, config)
+    total = (config.images + config.short_videos + config.dense_videos + config.instruction_videos
+             + config.long_videos + config.val_short + config.val_long)
+    with tqdm(total=total, desc="rendering the tiny world", unit="media") as bar:
+        records = stage_records(world, bar.update)
+    counts = {}
+    for stage, splits in records.items():
+        for split, lines in splits.items():
+            with open(manifest_path(output, stage, split), "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            counts[f"{stage}/{split}"] = len(lines)
+    texts = corpus_of([r for splits in records.values() for r in splits["train"]])
+    tokenizer = _write_tokenizer(output, texts)
+    _pretrain_llm(output, tokenizer, texts, config)
+    info = {"config": asdict(config), "manifests": counts}
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2)
+    return info
+
+
+def _write_tokenizer(output: str, texts: list[str]):
+    from kangaroo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(texts)
+    tokenizer.save_pretrained(os.path.join(output, "tokenizer"))
+    return tokenizer
+
+
+def _pretrain_llm(output: str, tokenizer, texts: list[str], config: WorldConfig) -> None:
+    """The tiny recipe's stand-in for Llama-3-8B-Instruct: the tiny Llama trained for a few
+    steps on the world's text (no pixels), so that stage 1 starts from a language model that
+    knows the words, as the 8B recipe does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kangaroo.modules.sizes import TINY_LLAMA
+
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    rows = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    stream = [token for row in rows for token in row]
+    length, batch = 64, 16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = torch.tensor(stream)
+    model.train()
+    for _ in range(config.llm_steps):
+        starts = torch.randint(0, len(data) - length - 1, (batch,), generator=generator)
+        ids = torch.stack([data[s:s + length] for s in starts.tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    log.info("tiny LLM pre-trained on the world's text: final loss %.3f", loss.item())
+    model.save_pretrained(os.path.join(output, "llm"))

@@ -1,0 +1,155 @@
+"""The recipe runner: bad recipes refused before training, and the tiny recipe chained for real,
+killed during stage 3 and finished by a second run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kangaroo.recipe import RecipeError, load_recipe, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "kangaroo-tiny"
+
+
+def write_recipe(path: Path, stages: list[dict], name: str = "test-recipe", **extra) -> str:
+    path.write_text(yaml.safe_dump({"name": name, "stages": stages, **extra}, sort_keys=False))
+    return str(path)
+
+
+def stage(number: int, init_from: str | None = None, **extra) -> dict:
+    name = sorted(p.stem for p in TINY.glob("*.yaml"))[number - 1]
+    entry = {"name": name, "config": str(TINY / f"{name}.yaml")}
+    if init_from:
+        entry["init_from"] = init_from
+    return {**entry, **extra}
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "config": "missing.yaml"}], "names config"),
+    ([stage(1), stage(2, init_from="nope")], "unknown stage 'nope'"),
+    ([stage(1, init_from="2-video-pretrain"), stage(2)], "a later stage"),
+    ([stage(1, init_from="2-video-pretrain"), stage(2, init_from="1-image-pretrain")], "a cycle"),
+    ([stage(1, init_from="1-image-pretrain")], "initialises from itself"),
+    ([stage(1), stage(1)], "duplicate stage name"),
+])
+def test_bad_recipes_are_refused_before_training(tmp_path, stages, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tmp_path / "r.yaml", stages))
+
+
+def test_missing_checkpoint_and_foreign_workdir_are_refused_before_training(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", [stage(1), stage(2, init_from="1-image-pretrain")]))
+    with pytest.raises(RecipeError, match="does not exist; run that stage first"):
+        run_recipe(recipe, str(tmp_path / "work"), only="2-video-pretrain")
+    other = load_recipe(write_recipe(tmp_path / "other.yaml", [stage(1)], name="other"))
+    with pytest.raises(RecipeError, match="belongs to recipe 'test-recipe'"):
+        run_recipe(other, str(tmp_path / "work"))
+    assert not list((tmp_path / "work").rglob("*.ckpt"))
+
+
+def test_paths_resolve_against_the_recipe_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = write_recipe(tmp_path / "sub" / "r.yaml", [{**stage(1), "config": os.path.relpath(TINY / "1-image-pretrain.yaml", tmp_path / "sub"),
+                                                       "overrides": {"data.prepare.tokenizer": "${world}/tok"}}],
+                        world="../world")
+    recipe = load_recipe(path)
+    assert recipe.world == str(tmp_path / "world")
+    result = subprocess.run([sys.executable, "-m", "kangaroo.cli", "recipe", "show", path, "--workdir", str(tmp_path / "w")],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["1-image-pretrain"]["data"]["prepare"]["tokenizer"] == f"{tmp_path}/world/tok"
+    assert shown["1-image-pretrain"]["trainer"]["default_root_dir"] == f"{tmp_path}/w/1-image-pretrain"
+
+
+# -- the real chain --------------------------------------------------------------------------
+
+SMALL_WORLD = dict(images=24, short_videos=12, dense_videos=12, instruction_videos=10, long_videos=8,
+                   val_short=6, val_long=6, llm_steps=10)
+
+
+def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3) -> str:
+    fast = {"trainer.val_check_interval": 2, "trainer.max_steps": 2, "data.prepare.tokenizer": "${world}/tokenizer",
+            "trainer.enable_progress_bar": False,
+            "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"every_n_train_steps": 1, "save_last": True}}]}
+    names = sorted(p.stem for p in TINY.glob("*.yaml"))
+    stages = []
+    for number, name in enumerate(names, 1):
+        overrides = dict(fast)
+        if number == 1:
+            overrides["model.architecture.language_model.pretrained"] = "${world}/llm"
+        if number == 3:
+            overrides.update({"trainer.max_steps": stage3_steps, "trainer.val_check_interval": stage3_steps})
+        stages.append(stage(number, init_from=names[number - 2] if number > 1 else None, overrides=overrides,
+                            prepare={"train": f"${{world}}/{name}-train.jsonl", "val": f"${{world}}/{name}-val.jsonl"}))
+    return write_recipe(tmp_path / "chain.yaml", stages, name="chain", world=world)
+
+
+def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
+    from safetensors.torch import load_file
+
+    from kangaroo.data.synth import WorldConfig, synthesize
+
+    synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
+    recipe_path = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=40)
+    work = tmp_path / "work"
+    command = [sys.executable, "-m", "kangaroo.cli", "recipe", "run", recipe_path, "--workdir", str(work)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    stage3 = work / "3-pretrain-refinement"
+    while time.time() < deadline and not list(stage3.rglob("last*.ckpt")):
+        assert first.poll() is None, "the runner ended before stage 3 wrote a checkpoint"
+        time.sleep(0.5)
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGKILL)  # the runner and its stage process, as a preemption would
+    first.wait()
+    state = json.loads((work / "recipe-state.json").read_text())
+    assert [state["stages"][n]["status"] for n in sorted(state["stages"])] == ["done", "done", "running", "pending", "pending"]
+    done_before = {n: state["stages"][n]["metrics"] for n in ("1-image-pretrain", "2-video-pretrain")}
+    weights_before = {n: (work / n / "model.safetensors").stat().st_mtime_ns for n in done_before}
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[3-pretrain-refinement] resuming from" in second.stdout
+    assert "[1-image-pretrain]" not in second.stdout and "[2-video-pretrain]" not in second.stdout
+    state = json.loads((work / "recipe-state.json").read_text())
+    assert all(entry["status"] == "done" for entry in state["stages"].values())
+    for name in done_before:  # not redone
+        assert state["stages"][name]["metrics"] == done_before[name]
+        assert (work / name / "model.safetensors").stat().st_mtime_ns == weights_before[name]
+    assert state["stages"]["3-pretrain-refinement"]["metrics"]["steps"] == 40
+
+    # Each stage started from the previous one's weights: the parts a stage freezes come out
+    # exactly as the previous stage left them.
+    weights = {n: load_file(work / n / "model.safetensors") for n in state["stages"]}
+    llm = lambda w: {k: v for k, v in w.items() if k.startswith("language_model.")}  # noqa: E731
+    for before, after in (("1-image-pretrain", "2-video-pretrain"), ("2-video-pretrain", "3-pretrain-refinement")):
+        assert all(torch.equal(v, llm(weights[after])[k]) for k, v in llm(weights[before]).items())
+    vision = lambda w: {k: v for k, v in w.items() if k.startswith("vision_tower.")}  # noqa: E731
+    assert all(torch.equal(v, weights["5-long-video-tuning"][k]) for k, v in vision(weights["4-instruction-tuning"]).items())
+    # Stage 4 trains everything: it starts from stage 3, so it ends near it, not near a fresh model.
+    key = "projector.weight"
+    moved = (weights["4-instruction-tuning"][key] - weights["3-pretrain-refinement"][key]).abs().max()
+    assert moved < 0.1 < (weights["3-pretrain-refinement"][key]).abs().max() + 0.1
+
+    summary = json.loads((work / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == sorted(state["stages"])
+    assert all(s["steps"] and s["final_loss"] is not None and s["seconds"] is not None for s in summary["stages"])
+    assert summary["final_eval_accuracy"] == summary["stages"][-1]["eval_accuracy"]
+    assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
+    assert (work / "summary.png").stat().st_size > 10_000
+
+    # A done stage whose config changed is neither redone nor kept silently.
+    text = Path(recipe_path).read_text().replace("trainer.max_steps: 40", "trainer.max_steps: 41")
+    Path(recipe_path).write_text(text)
+    changed = subprocess.run(command, capture_output=True, text=True)
+    assert changed.returncode == 2 and "config changed" in changed.stderr and "--restart-from" in changed.stderr
