@@ -287,6 +287,7 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
                restart_from: str | None = None, prepare_workers: int = 1) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     state = read_state(workdir, recipe)
+    write_state(workdir, state)  # claims the workdir for this recipe
     stages = select_stages(recipe, only, until, restart_from)
     todo = plan(recipe, workdir, state, stages, restart_from)
     write_state(workdir, state)

@@ -100,7 +100,7 @@ def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
     from kangaroo.data.synth import WorldConfig, synthesize
 
     synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
-    recipe_path = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=40)
+    recipe_path = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=12)
     work = tmp_path / "work"
     command = [sys.executable, "-m", "kangaroo.cli", "recipe", "run", recipe_path, "--workdir", str(work)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -126,7 +126,7 @@ def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
     for name in done_before:  # not redone
         assert state["stages"][name]["metrics"] == done_before[name]
         assert (work / name / "model.safetensors").stat().st_mtime_ns == weights_before[name]
-    assert state["stages"]["3-pretrain-refinement"]["metrics"]["steps"] == 40
+    assert state["stages"]["3-pretrain-refinement"]["metrics"]["steps"] == 12
 
     # Each stage started from the previous one's weights: the parts a stage freezes come out
     # exactly as the previous stage left them.
@@ -149,7 +149,7 @@ def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
     assert (work / "summary.png").stat().st_size > 10_000
 
     # A done stage whose config changed is neither redone nor kept silently.
-    text = Path(recipe_path).read_text().replace("trainer.max_steps: 40", "trainer.max_steps: 41")
+    text = Path(recipe_path).read_text().replace("trainer.max_steps: 12", "trainer.max_steps: 13")
     Path(recipe_path).write_text(text)
     changed = subprocess.run(command, capture_output=True, text=True)
     assert changed.returncode == 2 and "config changed" in changed.stderr and "--restart-from" in changed.stderr

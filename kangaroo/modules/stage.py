@@ -195,13 +195,18 @@ class KangarooStage(L.LightningModule):
         if self.export_weights:
             path = save_weights(self.model, os.path.join(root, WEIGHTS_NAME))
             rank_zero_info(f"stage weights written to {path}")
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {k: _finite_or_none(float(v)) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         summary = {"steps": self.global_step,
                    "final_loss": self.loss_history[-1][1] if self.loss_history else None,
                    "eval_accuracy": metrics.get("val/accuracy"), "eval": metrics,
                    "loss_history": self.loss_history}
         with open(os.path.join(root, METRICS_NAME), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=1)
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no nan: a metric without data (no questions held out) is written as null."""
+    return None if value != value else value
 
 
 def rank_zero_info(message: str) -> None:
