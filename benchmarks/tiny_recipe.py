@@ -50,7 +50,6 @@ def blank_frame_accuracy(workdir: str, stage: str) -> dict[str, float]:
     module.new_parts = []
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(module)
     module.configure_model()
     results = trainer.validate(module, dataloaders=BlankFrames(data.val_dataloader()), verbose=False)
     return {k: float(v) for k, v in results[0].items()}
