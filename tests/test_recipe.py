@@ -153,3 +153,23 @@ def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
     Path(recipe_path).write_text(text)
     changed = subprocess.run(command, capture_output=True, text=True)
     assert changed.returncode == 2 and "config changed" in changed.stderr and "--restart-from" in changed.stderr
+
+
+def test_unknown_recipe_keys_are_named(tmp_path):
+    with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) \['stagez'\]"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", [stage(1)], stagez=[]))
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['overides'\]"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", [stage(1, overides={})]))
+
+
+def test_synth_refuses_a_folder_holding_another_world(tmp_path):
+    from kangaroo.data.synth import WorldConfig, synthesize
+
+    small = WorldConfig(**SMALL_WORLD)
+    first = synthesize(str(tmp_path / "world"), small)
+    assert synthesize(str(tmp_path / "world"), small) == first  # same settings: reused, not redone
+    with pytest.raises(ValueError, match="other settings; pass --overwrite"):
+        synthesize(str(tmp_path / "world"), WorldConfig(**{**SMALL_WORLD, "seed": 1}))
+    lines = (tmp_path / "world" / "5-long-video-tuning-val.jsonl").read_text().splitlines()
+    assert len(lines) == SMALL_WORLD["val_short"] + SMALL_WORLD["val_long"]
+    assert all(json.loads(line)["video"].startswith("media/val/") for line in lines)  # held-out renders

@@ -108,7 +108,7 @@ class World:
         full = os.path.join(self.root, "media", split, name)
         return rel, full
 
-    def _language(self, rng: random.Random) -> str:
+    def language(self, rng: random.Random) -> str:
         return "zh" if rng.random() < self.config.zh_fraction else "en"
 
     def image(self, split: str, index: int) -> dict[str, Any]:
@@ -121,7 +121,7 @@ class World:
         draw(canvas, shape, colour, rng.uniform(18, size - 18), rng.uniform(18, size - 18), rng.uniform(10, 16))
         rel, full = self._media(split, f"image-{index:05d}.png")
         Image.fromarray(canvas).save(full)
-        lang = self._language(rng)
+        lang = self.language(rng)
         caption = f"A {colour} {shape}." if lang == "en" else f"一个{ZH[colour]}的{ZH[shape]}。"
         return {"id": f"{split}-image-{index}", "image": rel, "task": "caption", "caption": caption,
                 "meta": {"language": lang, "category": "image"}}
@@ -244,7 +244,7 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
     def short_mcqs(split: str, index: int, media: str, facts: dict, rng: random.Random, kinds) -> list[dict]:
         records = []
         for kind in kinds:
-            lang = world._language(rng)
+            lang = world.language(rng)
             question, options, answer = short_question(facts, kind, lang)
             records.append(mcq(f"{split}-short-{index}-{kind}", media, question, options, answer, lang, "short"))
         return records
@@ -252,7 +252,7 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
     def long_mcqs(split: str, index: int, media: str, facts: list[dict], rng: random.Random, count: int) -> list[dict]:
         records = []
         for position in rng.sample(range(len(facts)), count):
-            lang = world._language(rng)
+            lang = world.language(rng)
             question, options, answer = long_question(facts, position, lang)
             records.append(mcq(f"{split}-long-{index}-{position}", media, question, options, answer, lang, "long"))
         return records
@@ -262,14 +262,14 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
         progress(1)
     for i in range(cfg.short_videos):
         media, facts, rng = world.short_clip("train", "clip", i)
-        lang = world._language(rng)
+        lang = world.language(rng)
         out["2-video-pretrain"]["train"].append({"id": f"train-clip-{i}", "video": media, "task": "caption",
                                                  "caption": caption_of(facts, lang),
                                                  "meta": {"language": lang, "category": "short"}})
         progress(1)
     for i in range(cfg.dense_videos):
         media, facts, rng = world.short_clip("train", "dense", i, events=2)
-        lang = world._language(rng)
+        lang = world.language(rng)
         out["3-pretrain-refinement"]["train"].append({"id": f"train-dense-{i}", "video": media, "task": "caption",
                                                       "caption": caption_of(facts, lang),
                                                       "meta": {"language": lang, "category": "short"}})
@@ -279,7 +279,7 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
         media, facts, rng = world.short_clip("train", "inst", i)
         fact = facts[0]
         instruction += short_mcqs("train", i, media, fact, rng, ("colour", "shape", "direction"))
-        lang = world._language(rng)
+        lang = world.language(rng)
         first_q, first_a = open_answer(fact, "shape", lang)
         second_q, second_a = open_answer(fact, "motion", lang)
         if rng.random() < 0.5:  # a multi-round chat

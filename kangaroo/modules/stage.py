@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
@@ -207,9 +208,3 @@ class KangarooStage(L.LightningModule):
 def _finite_or_none(value: float) -> float | None:
     """JSON has no nan: a metric without data (no questions held out) is written as null."""
     return None if value != value else value
-
-
-def rank_zero_info(message: str) -> None:
-    from lightning.pytorch.utilities import rank_zero_info as info
-
-    info(message)
