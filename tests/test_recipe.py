@@ -73,7 +73,7 @@ def test_paths_resolve_against_the_recipe_file(tmp_path):
 # -- the real chain --------------------------------------------------------------------------
 
 SMALL_WORLD = dict(images=24, short_videos=12, dense_videos=12, instruction_videos=10, long_videos=8,
-                   val_short=6, val_long=6, llm_steps=10)
+                   val_short=6, val_long=6, llm_steps=10, vision_steps=5)
 
 
 def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3) -> str:
@@ -87,6 +87,7 @@ def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3) -> str:
         overrides = dict(fast)
         if number == 1:
             overrides["model.architecture.language_model.pretrained"] = "${world}/llm"
+            overrides["model.architecture.vision_tower.pretrained"] = "${world}/vision.safetensors"
         if number == 3:
             overrides.update({"trainer.max_steps": stage3_steps, "trainer.val_check_interval": stage3_steps})
         stages.append(stage(number, init_from=names[number - 2] if number > 1 else None, overrides=overrides,

@@ -256,7 +256,13 @@ def prepared(tmp_path_factory, tiny_tokenizer_dir):
     from kangaroo.modules.sizes import TINY_LLAMA
 
     LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"})).save_pretrained(llm)
-    return dirs, str(llm), tiny_tokenizer_dir
+    import timm
+    from safetensors.torch import save_file
+
+    vision = root / "vision.safetensors"  # a pre-trained tower for stage 1, in timm's key names
+    tower = timm.create_model("eva02_tiny_patch14_224", img_size=56, num_classes=0, depth=4)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, vision)
+    return dirs, str(llm), str(vision), tiny_tokenizer_dir
 
 
 def losses(log_dir: Path) -> list[float]:
@@ -270,7 +276,7 @@ def test_every_tiny_stage_fits_from_the_previous_one_and_its_loss_falls(prepared
 
     from kangaroo.fit import KangarooCLI
 
-    dirs, llm, tokenizer = prepared
+    dirs, llm, vision, tokenizer = prepared
     previous = None
     for path in TINY:
         run = tmp_path / path.stem
@@ -280,11 +286,17 @@ def test_every_tiny_stage_fits_from_the_previous_one_and_its_loss_falls(prepared
                 f"--data.train_dir={dirs[path.stem]}", f"--data.val_dir={dirs[path.stem]}",
                 f"--data.prepare.tokenizer={tokenizer}", "--model.optimizer.lr=2e-3", "--model.optimizer.warmup_steps=0"]
         if previous is None:
-            args.append(f"--model.architecture.language_model.pretrained={llm}")
+            args += [f"--model.architecture.language_model.pretrained={llm}",
+                     f"--model.architecture.vision_tower.pretrained={vision}"]
         else:
             args.append(f"--model.init_from={previous}")
         cli = KangarooCLI(args=args, run=False)
         cli.model.configure_model()
+        if previous is None:  # stage 1 starts from the pre-trained tower
+            tower = load_file(vision)
+            own = cli.model.model.vision_tower.trunk.state_dict()
+            assert set(own) == set(tower)
+            assert all(torch.equal(own[k], tower[k]) for k in tower)
         if previous is not None:  # started from the previous stage's weights
             before = load_file(previous)
             own = cli.model.model.state_dict()
@@ -312,7 +324,7 @@ def test_print_config_runs_again_unchanged_and_fits(prepared, tmp_path):
     import subprocess
     import sys
 
-    dirs, llm, tokenizer = prepared
+    dirs, llm, vision, tokenizer = prepared
     stage = TINY[1]
     overrides = [f"--data.train_dir={dirs[stage.stem]}", f"--data.val_dir={dirs[stage.stem]}",
                  f"--data.prepare.tokenizer={tokenizer}", f"--trainer.default_root_dir={tmp_path}",

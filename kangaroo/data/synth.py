@@ -11,7 +11,8 @@ Layout of ``DIR``::
     media/{train,val}/...           mp4 clips and png images
     <stage>-{train,val}.jsonl       one manifest per curriculum stage and split
     tokenizer/                      a byte-level BPE trained on the world's text
-    llm/                            the tiny language model, pre-trained on the world's text
+    llm/                            the tiny language model, pre-trained on the world's chats
+    vision.safetensors              the tiny ViT, pre-trained on the world's frames
     world.json                      seed, sizes and counts: what was generated
 """
 
@@ -33,10 +34,10 @@ log = logging.getLogger(__name__)
 
 STAGES = ("1-image-pretrain", "2-video-pretrain", "3-pretrain-refinement", "4-instruction-tuning",
           "5-long-video-tuning")
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("ring", "square", "triangle", "bar")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (235, 220, 40)}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-ZH = {"circle": "圆", "square": "正方形", "triangle": "三角形", "diamond": "菱形", "red": "红色", "green": "绿色",
+ZH = {"ring": "圆环", "square": "正方形", "triangle": "三角形", "bar": "横条", "red": "红色", "green": "绿色",
       "blue": "蓝色", "yellow": "黄色", "left": "左", "right": "右", "up": "上", "down": "下"}
 ORDINALS = {"en": ("first", "second", "third", "last"), "zh": ("第一个", "第二个", "第三个", "最后一个")}
 
@@ -60,7 +61,14 @@ class WorldConfig:
     val_short: int = 60
     val_long: int = 60
     zh_fraction: float = 0.25
-    llm_steps: int = 150
+    llm_steps: int = 300
+    """Steps of the tiny LLM's pre-training on the world's chats told in words (no pixels)."""
+    vision_model: str = "eva02_tiny_patch14_224"
+    """The timm ViT pre-trained on the world's frames (the stage configs' ``timm:`` tower)."""
+    vision_depth: int = 4
+    vision_image_size: int = 56
+    vision_steps: int = 300
+    """Steps of the tiny ViT's pre-training on rendered frames (colour, shape, position)."""
 
 
 # -- drawing ----------------------------------------------------------------------------------
@@ -70,12 +78,12 @@ def draw(canvas: np.ndarray, shape: str, colour: str, cx: float, cy: float, radi
     h, w = canvas.shape[:2]
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     dx, dy = x - cx, y - cy
-    if shape == "circle":
-        mask = dx**2 + dy**2 <= radius**2
+    if shape == "ring":
+        mask = (dx**2 + dy**2 <= radius**2) & (dx**2 + dy**2 >= (radius * 0.55) ** 2)
     elif shape == "square":
         mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
-    elif shape == "diamond":
-        mask = np.abs(dx) + np.abs(dy) <= radius * 1.1
+    elif shape == "bar":
+        mask = (np.abs(dx) <= radius * 1.1) & (np.abs(dy) <= radius * 0.4)
     elif shape == "triangle":
         mask = (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
     else:
@@ -98,6 +106,9 @@ class World:
     def __init__(self, root: str, config: WorldConfig) -> None:
         self.root = root
         self.config = config
+        self.facts: dict[str, list[dict]] = {}
+        """What each rendered media shows, by its manifest path: the tiny LLM's text pre-training
+        reads these in words (``described``); the manifests never carry them."""
 
     def _rng(self, split: str, kind: str, index: int) -> tuple[random.Random, np.random.Generator]:
         key = f"{self.config.seed}:{split}:{kind}:{index}"
@@ -120,9 +131,10 @@ class World:
         canvas = background(size, nrng)
         draw(canvas, shape, colour, rng.uniform(18, size - 18), rng.uniform(18, size - 18), rng.uniform(10, 16))
         rel, full = self._media(split, f"image-{index:05d}.png")
+        self.facts[rel] = [{"shape": shape, "colour": colour}]
         Image.fromarray(canvas).save(full)
         lang = self.language(rng)
-        caption = f"A {colour} {shape}." if lang == "en" else f"一个{ZH[colour]}的{ZH[shape]}。"
+        caption = caption_of(self.facts[rel], lang)
         return {"id": f"{split}-image-{index}", "image": rel, "task": "caption", "caption": caption,
                 "meta": {"language": lang, "category": "image"}}
 
@@ -139,6 +151,7 @@ class World:
             frames += self._moving(base, shape, colour, direction, per_event, rng)
         rel, full = self._media(split, f"{kind}-{index:05d}.mp4")
         write_video(full, np.stack(frames), fps=cfg.fps)
+        self.facts[rel] = facts
         return rel, facts, rng
 
     def _moving(self, base: np.ndarray, shape: str, colour: str, direction: str, count: int,
@@ -173,6 +186,7 @@ class World:
             frames += [base.copy() for _ in range(cfg.fps)]  # one empty second between events
         rel, full = self._media(split, f"long-{index:05d}.mp4")
         write_video(full, np.stack(frames), fps=cfg.fps)
+        self.facts[rel] = facts
         return rel, facts, rng
 
 
@@ -185,6 +199,9 @@ def _stable(key: str) -> int:
 # -- captions and questions ------------------------------------------------------------------
 
 def caption_of(facts: list[dict], lang: str) -> str:
+    if "direction" not in facts[0]:  # a still image
+        fact = facts[0]
+        return f"A {fact['colour']} {fact['shape']}." if lang == "en" else f"一个{ZH[fact['colour']]}的{ZH[fact['shape']]}。"
     if lang == "zh":
         parts = [f"一个{ZH[f['colour']]}的{ZH[f['shape']]}向{ZH[f['direction']]}移动" for f in facts]
         return "，然后".join(parts) + "。"
@@ -315,16 +332,44 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
     return out
 
 
-def corpus_of(records: list[dict]) -> list[str]:
-    """Every text the world can show the model, templates included (for the tokenizer and LLM)."""
+def chats_of(records: list[dict]) -> list[list[dict]]:
+    """The conversation of every record, task templates applied (media markers kept)."""
     from kangaroo.data.manifest import apply_task_template
 
+    return [record.get("conversations") or apply_task_template(
+        record, "image" if "image" in record else "video", record["meta"]["language"], record["id"])
+        for record in records]
+
+
+def described_chats(records: list[dict], facts: dict[str, list[dict]]) -> list[list[dict]]:
+    """Each record's conversation with its media replaced by a sentence saying what the media
+    shows: text the LLM can learn to read and answer from, the way an instruct LLM has learnt
+    to answer from what its prompt says, before it ever sees a pixel."""
+    from kangaroo.data.manifest import MEDIA_MARKERS
+
+    out = []
+    for record, chat in zip(records, chats_of(records)):
+        shown = facts.get(record.get("video") or record.get("image"))
+        if shown is None:
+            continue
+        text = caption_of(shown, record["meta"]["language"])
+        chat = [dict(turn) for turn in chat]
+        first_user = next(turn for turn in chat if turn["role"] == "user")
+        marked = next((m for turn in chat for m in MEDIA_MARKERS if m in turn["content"]), None)
+        if marked:
+            for turn in chat:
+                turn["content"] = turn["content"].replace(marked, text)
+        else:
+            first_user["content"] = text + "\n" + first_user["content"]
+        out.append(chat)
+    return out
+
+
+def corpus_of(records: list[dict]) -> list[str]:
+    """Every text the world can show the model, templates included (for the tokenizer)."""
     texts = [p for prompts in (CAPTION_PROMPTS, IMAGE_CAPTION_PROMPTS) for lang in prompts.values() for p in lang]
     texts += list(MCQ_SUFFIX.values())
-    for record in records:
-        conversations = record.get("conversations") or apply_task_template(
-            record, "image" if "image" in record else "video", record["meta"]["language"], record["id"])
-        texts += [turn["content"] for turn in conversations]
+    texts += [turn["content"] for chat in chats_of(records) for turn in chat]
     return texts
 
 
@@ -358,10 +403,11 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
             with open(manifest_path(output, stage, split), "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
             counts[f"{stage}/{split}"] = len(lines)
-    texts = corpus_of([r for splits in records.values() for r in splits["train"]])
-    tokenizer = _write_tokenizer(output, texts)
-    _pretrain_llm(output, tokenizer, texts, config)
-    info = {"config": asdict(config), "manifests": counts}
+    train_records = [r for splits in records.values() for r in splits["train"]]
+    tokenizer = _write_tokenizer(output, corpus_of(train_records))
+    _pretrain_llm(output, tokenizer, described_chats(train_records, world.facts), config)
+    vision = _pretrain_vision(output, config)
+    info = {"config": asdict(config), "manifests": counts, "vision_pretraining": vision}
     with open(marker, "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2)
     return info
@@ -375,30 +421,115 @@ def _write_tokenizer(output: str, texts: list[str]):
     return tokenizer
 
 
-def _pretrain_llm(output: str, tokenizer, texts: list[str], config: WorldConfig) -> None:
-    """The tiny recipe's stand-in for Llama-3-8B-Instruct: the tiny Llama trained for a few
-    steps on the world's text (no pixels), so that stage 1 starts from a language model that
-    knows the words, as the 8B recipe does."""
+def _pretrain_llm(output: str, tokenizer, chats: list[list[dict]], config: WorldConfig) -> None:
+    """The tiny recipe's stand-in for Llama-3-8B-Instruct: the tiny Llama trained on the world's
+    conversations rendered through the chat template, each media told in words
+    (``described_chats``). Stage 1 then starts, as the 8B recipe does, from a language model
+    that knows the words, the chat format and how to answer from its prompt, but has never seen
+    a pixel."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kangaroo.modules.sizes import TINY_LLAMA
+    from kangaroo.data.tokenization import ChatEncoder
+    from kangaroo.modules.sizes import TINY_LLAMA, TINY_VISUAL_TOKENS
 
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
-    rows = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
-    stream = [token for row in rows for token in row]
-    length, batch = 64, 16
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    encoder = ChatEncoder(tokenizer, TINY_VISUAL_TOKENS)
+    encoded = [encoder.encode(chat) for chat in chats]
+    # Instruction-style: the loss is on the assistant turns, which answer from the prompt.
+    ids = torch.tensor([token for e in encoded for token in e.input_ids])
+    labels = torch.tensor([token for e in encoded for token in e.labels])
+    length, batch = 128, 16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=config.llm_steps,
+                                                   pct_start=0.1)
     generator = torch.Generator().manual_seed(config.seed)
-    data = torch.tensor(stream)
     model.train()
-    for _ in range(config.llm_steps):
-        starts = torch.randint(0, len(data) - length - 1, (batch,), generator=generator)
-        ids = torch.stack([data[s:s + length] for s in starts.tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
+    for _ in tqdm(range(config.llm_steps), desc="pre-training the tiny LLM", unit="step"):
+        starts = torch.randint(0, len(ids) - length - 1, (batch,), generator=generator).tolist()
+        loss = model(input_ids=torch.stack([ids[s:s + length] for s in starts]),
+                     labels=torch.stack([labels[s:s + length] for s in starts])).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    log.info("tiny LLM pre-trained on the world's text: final loss %.3f", loss.item())
+        schedule.step()
+    log.info("tiny LLM pre-trained on the world's chats: final loss %.3f", loss.item())
     model.save_pretrained(os.path.join(output, "llm"))
+
+
+def random_frames(count: int, size: int, rng: np.random.Generator,
+                  radius: tuple[float, float] = (9, 14)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` frames drawn like the world's: one shape (or, one time in ten, none) at a random
+    place. Returns frames ``(n, size, size, 3)``, classes ``(n, 2)`` (colour, shape; 4 = none)
+    and centres ``(n, 2)`` in [0, 1]."""
+    frames = np.empty((count, size, size, 3), np.uint8)
+    classes = np.full((count, 2), 4, np.int64)
+    centres = np.full((count, 2), 0.5, np.float32)
+    colours = list(COLOURS)
+    for i in range(count):
+        frames[i] = background(size, rng)
+        if rng.random() < 0.1:
+            continue
+        colour, shape = rng.integers(4), rng.integers(4)
+        r = rng.uniform(*radius)
+        cx, cy = rng.uniform(1.15 * r, size - 1.15 * r, 2)  # whole: a shape cut by the border is ambiguous
+        draw(frames[i], SHAPES[shape], colours[colour], cx, cy, r)
+        classes[i] = colour, shape
+        centres[i] = cx / size, cy / size
+    return frames, classes, centres
+
+
+def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
+    """The tiny recipe's stand-in for the pre-trained EVA02-CLIP tower: the tiny ViT trained to
+    tell each frame's colour, shape and position from every patch token (heads dropped after).
+    Written as ``vision.safetensors`` in timm's own key names, which the stage configs load
+    through ``vision_tower.pretrained``."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from kangaroo.data.transforms import fit_frames, normalize
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(_stable(f"{config.seed}:vision"))
+    trunk = timm.create_model(config.vision_model, img_size=config.vision_image_size, num_classes=0,
+                              depth=config.vision_depth)
+    heads = torch.nn.Linear(trunk.embed_dim, 5 + 5 + 2)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=config.vision_steps,
+                                                   pct_start=0.1)
+    trunk.train()
+    for _ in tqdm(range(config.vision_steps), desc="pre-training the tiny ViT", unit="step"):
+        frames, classes, centres = random_frames(64, config.size, rng)
+        pixels = normalize(fit_frames(frames, config.vision_image_size))
+        # Every patch token answers for the whole frame, so that each visual token the LLM
+        # later reads carries the frame's colour, shape and place on its own.
+        out = heads(trunk.forward_features(pixels)[:, trunk.num_prefix_tokens:])
+        tokens = out.shape[1]
+        shown = torch.from_numpy(classes[:, 1] < 4)
+        colour, shape = (torch.from_numpy(classes[:, k]).repeat_interleave(tokens) for k in (0, 1))
+        loss = (F.cross_entropy(out[..., :5].reshape(-1, 5), colour)
+                + F.cross_entropy(out[..., 5:10].reshape(-1, 5), shape)
+                + 10 * F.mse_loss(out[shown, :, 10:], torch.from_numpy(centres)[shown, None].expand(-1, tokens, -1)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+    trunk.eval()
+    with torch.no_grad():  # how well the frozen features tell the world apart, on fresh frames
+        frames, classes, centres = random_frames(256, config.size, rng)
+        out = heads(trunk.forward_features(normalize(fit_frames(frames, config.vision_image_size)))[
+            :, trunk.num_prefix_tokens:]).numpy()  # per token
+        shown = classes[:, 1] < 4
+        report = {"colour_accuracy": float((out[..., :5].argmax(-1) == classes[:, :1]).mean()),
+                  "shape_accuracy": float((out[..., 5:10].argmax(-1) == classes[:, 1:2]).mean()),
+                  "centre_error_px": float(np.abs(out[shown, :, 10:] - centres[shown, None]).mean() * config.size)}
+    log.info("tiny ViT pre-trained on the world's frames: %s", report)
+    save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, os.path.join(output, "vision.safetensors"))
+    return report

@@ -23,7 +23,7 @@ def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB,
                          visual_tokens: VisualTokens = TINY_VISUAL_TOKENS):
     """Trains on ``corpus`` and returns a ``PreTrainedTokenizerFast`` with a Llama-3 style chat
     template. The visual tokens must be the last ids of the vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     by_id = sorted((token_id, VISUAL_TOKEN_NAMES[name]) for name, token_id in vars(visual_tokens).items())
@@ -31,7 +31,12 @@ def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB,
     if [token_id for token_id, _ in by_id] != list(range(first_visual, vocab_size)):
         raise ValueError(f"visual token ids {by_id} must be the last ids below vocab_size={vocab_size}")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # CJK characters stand alone before the byte-level split, so that BPE learns characters and
+    # words, not whole unspaced sentences (which would make each Chinese caption one token).
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("[\u3400-\u9fff\uf900-\ufaff]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=first_visual, special_tokens=TEXT_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -1,0 +1,88 @@
+"""The tiny world's parts: frames, described chats, the tokenizer's handling of Chinese, and the
+pre-trained tower loading into the stage configs' vision tower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kangaroo.data.synth import (COLOURS, SHAPES, World, WorldConfig, _pretrain_vision, caption_of,
+                                 described_chats, random_frames, stage_records)
+
+SMALL = WorldConfig(images=4, short_videos=2, dense_videos=2, instruction_videos=3, long_videos=2, val_short=3,
+                    val_long=3, vision_steps=3)
+
+
+def test_random_frames_show_one_whole_shape_or_none():
+    frames, classes, centres = random_frames(64, 64, np.random.default_rng(0))
+    assert frames.shape == (64, 64, 64, 3) and frames.dtype == np.uint8
+    colours = np.array(list(COLOURS.values()))
+    for frame, (colour, shape) in zip(frames, classes):
+        painted = (frame[..., None, :] == colours).all(-1).any(-1)
+        if shape == 4:
+            assert colour == 4 and not painted.any()
+            continue
+        assert painted.sum() > 50, "the shape is drawn"
+        assert (frame[painted] == colours[colour]).all(), "in its own colour"
+        border = np.concatenate([painted[0], painted[-1], painted[:, 0], painted[:, -1]])
+        assert not border.any(), "never cut by the border"
+    assert ((centres >= 0) & (centres <= 1)).all()
+    assert set(classes[:, 1]) == set(range(5)), "all shapes and the empty frame occur"
+
+
+def test_described_chats_tell_the_media_in_words_and_manifests_never_do(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "media" / split).mkdir(parents=True)
+    world = World(str(tmp_path), SMALL)
+    records = stage_records(world, lambda n: None)
+    train = [r for splits in records.values() for r in splits["train"]]
+    chats = described_chats(train, world.facts)
+    assert len(chats) == len(train)
+    for record, chat in zip(train, chats):
+        said = caption_of(world.facts[record.get("video") or record.get("image")], record["meta"]["language"])
+        user = next(turn["content"] for turn in chat if turn["role"] == "user")
+        assert said in user and "<video>" not in user and "<image>" not in user
+    for record in train:  # what the media shows stays out of the manifests
+        assert set(record) <= {"id", "image", "video", "task", "caption", "question", "options", "answer",
+                               "conversations", "meta"}
+    # A long clip's facts are its shapes in order; its questions name none of them.
+    long_record = next(r for r in records["5-long-video-tuning"]["val"] if r["meta"]["category"] == "long")
+    shapes = [f["shape"] for f in world.facts[long_record["video"]]]
+    assert len(set(shapes)) == SMALL.long_events and set(shapes) <= set(SHAPES)
+    assert not any(shape in long_record["question"] for shape in SHAPES)
+
+
+def test_tiny_tokenizer_learns_chinese_characters_not_whole_sentences():
+    from kangaroo.data.tiny_tokenizer import build_tiny_tokenizer
+
+    corpus = ["一个黄色的圆环。", "一个红色的横条向左移动。", "A red ring moves left."] * 40
+    tokenizer = build_tiny_tokenizer(corpus)
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("一个黄色的圆环。", add_special_tokens=False)]
+    assert pieces == ["一", "个", "黄", "色", "的", "圆", "环", "。"]
+    english = [tokenizer.decode([i]) for i in tokenizer.encode("A red ring moves left.", add_special_tokens=False)]
+    assert "".join(english) == "A red ring moves left." and len(english) < 10
+
+
+@pytest.mark.parametrize("image_size", [56, 112])
+def test_pretrained_tiny_tower_loads_into_the_stage_tower(tmp_path, image_size):
+    from safetensors.torch import load_file
+
+    from kangaroo.modules.vision_tower import VisionTowerConfig, build_vision_tower
+
+    report = _pretrain_vision(str(tmp_path), SMALL)
+    assert set(report) == {"colour_accuracy", "shape_accuracy", "centre_error_px"}
+    assert all(0 <= report[k] <= 1 for k in ("colour_accuracy", "shape_accuracy"))
+    saved = load_file(tmp_path / "vision.safetensors")
+    config = VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=image_size, timm_kwargs={"depth": 4},
+                               pretrained=str(tmp_path / "vision.safetensors"))
+    tower = build_vision_tower(config, load_weights=True)
+    own = tower.trunk.state_dict()
+    assert set(own) == set(saved)
+    for name, value in saved.items():
+        if name == "pos_embed":  # resampled to the stage's grid
+            grid = image_size // 14
+            assert own[name].shape == (1, 1 + grid * grid, value.shape[-1])
+            assert torch.equal(own[name], value) == (image_size == SMALL.vision_image_size)
+        else:
+            assert torch.equal(own[name], value), name
