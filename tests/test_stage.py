@@ -260,7 +260,7 @@ def prepared(tmp_path_factory, tiny_tokenizer_dir):
     from safetensors.torch import save_file
 
     vision = root / "vision.safetensors"  # a pre-trained tower for stage 1, in timm's key names
-    tower = timm.create_model("eva02_tiny_patch14_224", img_size=56, num_classes=0, depth=4)
+    tower = timm.create_model("eva02_tiny_patch14_224", img_size=56, num_classes=0, depth=4, global_pool="token")
     save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, vision)
     return dirs, str(llm), str(vision), tiny_tokenizer_dir
 

@@ -71,10 +71,11 @@ def test_pretrained_tiny_tower_loads_into_the_stage_tower(tmp_path, image_size):
     from kangaroo.modules.vision_tower import VisionTowerConfig, build_vision_tower
 
     report = _pretrain_vision(str(tmp_path), SMALL)
-    assert set(report) == {"colour_accuracy", "shape_accuracy", "centre_error_px"}
-    assert all(0 <= report[k] <= 1 for k in ("colour_accuracy", "shape_accuracy"))
+    (measured,) = report.values()  # one resolution: single tokens' accuracy on fresh frames
+    assert set(measured) == {"colour_accuracy", "shape_accuracy", "centre_error_px"}
+    assert all(0 <= measured[k] <= 1 for k in ("colour_accuracy", "shape_accuracy"))
     saved = load_file(tmp_path / "vision.safetensors")
-    config = VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=image_size, timm_kwargs={"depth": 4},
+    config = VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=image_size, timm_kwargs={"depth": 4, "global_pool": "token"},
                                pretrained=str(tmp_path / "vision.safetensors"))
     tower = build_vision_tower(config, load_weights=True)
     own = tower.trunk.state_dict()
@@ -83,6 +84,21 @@ def test_pretrained_tiny_tower_loads_into_the_stage_tower(tmp_path, image_size):
         if name == "pos_embed":  # resampled to the stage's grid
             grid = image_size // 14
             assert own[name].shape == (1, 1 + grid * grid, value.shape[-1])
-            assert torch.equal(own[name], value) == (image_size == SMALL.vision_image_size)
+            assert torch.equal(own[name], value) == (image_size == SMALL.vision_image_sizes[0])
         else:
             assert torch.equal(own[name], value), name
+
+
+def test_pretrained_tower_tokens_come_out_standardised(tmp_path):
+    from kangaroo.data.transforms import fit_frames, normalize
+    from kangaroo.modules.vision_tower import VisionTowerConfig, build_vision_tower
+
+    _pretrain_vision(str(tmp_path), SMALL)
+    config = VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=56, timm_kwargs={"depth": 4, "global_pool": "token"},
+                               pretrained=str(tmp_path / "vision.safetensors"))
+    tower = build_vision_tower(config, load_weights=True).eval()
+    frames, _, _ = random_frames(128, 64, np.random.default_rng(7))
+    with torch.no_grad():
+        tokens = tower(normalize(fit_frames(frames, 56))).reshape(-1, tower.width)
+    assert tokens.mean(0).abs().mean() < 0.2
+    assert 0.7 < tokens.std(0).mean() < 1.3

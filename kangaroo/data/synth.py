@@ -66,7 +66,11 @@ class WorldConfig:
     vision_model: str = "eva02_tiny_patch14_224"
     """The timm ViT pre-trained on the world's frames (the stage configs' ``timm:`` tower)."""
     vision_depth: int = 4
-    vision_image_size: int = 56
+    """Blocks of the tiny ViT; the stage configs build it with ``timm_kwargs: {depth: 4,
+    global_pool: token}``."""
+    vision_image_sizes: tuple[int, ...] = (56,)
+    """Resolutions of the ViT's pre-training, taken in turn (the stage configs resample the tower);
+    the first is the one written."""
     vision_steps: int = 300
     """Steps of the tiny ViT's pre-training on rendered frames (colour, shape, position)."""
 
@@ -481,6 +485,19 @@ def random_frames(count: int, size: int, rng: np.random.Generator,
     return frames, classes, centres
 
 
+def _standardise_output(trunk, batches) -> None:
+    """Folds a per-channel standardisation of the patch tokens into the final LayerNorm, so that
+    every channel (shape as much as colour) reaches the projector at the same scale and no
+    shared offset dominates the tokens' norm."""
+    import torch
+
+    tokens = torch.cat([trunk.forward_features(pixels)[:, trunk.num_prefix_tokens:].reshape(-1, trunk.embed_dim)
+                        for pixels in batches])
+    mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-4)
+    trunk.norm.weight.div_(std)
+    trunk.norm.bias.sub_(mean).div_(std)
+
+
 def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
     """The tiny recipe's stand-in for the pre-trained EVA02-CLIP tower: the tiny ViT trained to
     tell each frame's colour, shape and position from every patch token (heads dropped after).
@@ -496,20 +513,28 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(_stable(f"{config.seed}:vision"))
-    trunk = timm.create_model(config.vision_model, img_size=config.vision_image_size, num_classes=0,
-                              depth=config.vision_depth)
+    sizes = list(config.vision_image_sizes)
+    # dynamic_img_size: the position table is resampled per batch, as a stage does at load.
+    # global_pool="token": a final LayerNorm on every token, as EVA02-CLIP's trunk has.
+    trunk = timm.create_model(config.vision_model, img_size=sizes[0], num_classes=0, depth=config.vision_depth,
+                              global_pool="token", dynamic_img_size=True)
     heads = torch.nn.Linear(trunk.embed_dim, 5 + 5 + 2)
     params = list(trunk.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=config.vision_steps,
                                                    pct_start=0.1)
+
+    def per_token(frames: np.ndarray, size: int) -> torch.Tensor:
+        return heads(trunk.forward_features(normalize(fit_frames(frames, size)))[:, trunk.num_prefix_tokens:])
+
     trunk.train()
-    for _ in tqdm(range(config.vision_steps), desc="pre-training the tiny ViT", unit="step"):
-        frames, classes, centres = random_frames(64, config.size, rng)
-        pixels = normalize(fit_frames(frames, config.vision_image_size))
+    for step in tqdm(range(config.vision_steps), desc="pre-training the tiny ViT", unit="step"):
+        size = sizes[step % len(sizes)]
+        # About the same number of patch tokens per step at every resolution.
+        frames, classes, centres = random_frames(max(8, 64 * sizes[0] ** 2 // size ** 2), config.size, rng)
         # Every patch token answers for the whole frame, so that each visual token the LLM
         # later reads carries the frame's colour, shape and place on its own.
-        out = heads(trunk.forward_features(pixels)[:, trunk.num_prefix_tokens:])
+        out = per_token(frames, size)
         tokens = out.shape[1]
         shown = torch.from_numpy(classes[:, 1] < 4)
         colour, shape = (torch.from_numpy(classes[:, k]).repeat_interleave(tokens) for k in (0, 1))
@@ -522,14 +547,17 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
         optimizer.zero_grad()
         schedule.step()
     trunk.eval()
-    with torch.no_grad():  # how well the frozen features tell the world apart, on fresh frames
+    report = {}
+    with torch.no_grad():  # how well single tokens tell the world apart, on fresh frames
         frames, classes, centres = random_frames(256, config.size, rng)
-        out = heads(trunk.forward_features(normalize(fit_frames(frames, config.vision_image_size)))[
-            :, trunk.num_prefix_tokens:]).numpy()  # per token
         shown = classes[:, 1] < 4
-        report = {"colour_accuracy": float((out[..., :5].argmax(-1) == classes[:, :1]).mean()),
-                  "shape_accuracy": float((out[..., 5:10].argmax(-1) == classes[:, 1:2]).mean()),
-                  "centre_error_px": float(np.abs(out[shown, :, 10:] - centres[shown, None]).mean() * config.size)}
+        for size in sizes:
+            out = per_token(frames, size).numpy()
+            report[f"{size}px"] = {
+                "colour_accuracy": float((out[..., :5].argmax(-1) == classes[:, :1]).mean()),
+                "shape_accuracy": float((out[..., 5:10].argmax(-1) == classes[:, 1:2]).mean()),
+                "centre_error_px": float(np.abs(out[shown, :, 10:] - centres[shown, None]).mean() * config.size)}
+        _standardise_output(trunk, [normalize(fit_frames(frames, size)) for size in sizes])
     log.info("tiny ViT pre-trained on the world's frames: %s", report)
     save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, os.path.join(output, "vision.safetensors"))
     return report
