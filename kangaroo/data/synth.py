@@ -390,7 +390,7 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
     marker = os.path.join(output, "world.json")
     if os.path.exists(marker):
         existing = json.load(open(marker, encoding="utf-8"))
-        if existing.get("config") == asdict(config):
+        if existing.get("config") == json.loads(json.dumps(asdict(config))):  # tuples read back as lists
             return existing
         if not overwrite:
             raise ValueError(f"{output} holds a world made with other settings; pass --overwrite to replace it")
@@ -411,7 +411,7 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
     tokenizer = _write_tokenizer(output, corpus_of(train_records))
     _pretrain_llm(output, tokenizer, described_chats(train_records, world.facts), config)
     vision = _pretrain_vision(output, config)
-    info = {"config": asdict(config), "manifests": counts, "vision_pretraining": vision}
+    info = {"config": json.loads(json.dumps(asdict(config))), "manifests": counts, "vision_pretraining": vision}
     with open(marker, "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2)
     return info
@@ -447,8 +447,7 @@ def _pretrain_llm(output: str, tokenizer, chats: list[list[dict]], config: World
     labels = torch.tensor([token for e in encoded for token in e.labels])
     length, batch = 128, 16
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=config.llm_steps,
-                                                   pct_start=0.1)
+    schedule = _warmup_cosine(optimizer, config.llm_steps)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     for _ in tqdm(range(config.llm_steps), desc="pre-training the tiny LLM", unit="step"):
@@ -461,6 +460,18 @@ def _pretrain_llm(output: str, tokenizer, chats: list[list[dict]], config: World
         schedule.step()
     log.info("tiny LLM pre-trained on the world's chats: final loss %.3f", loss.item())
     model.save_pretrained(os.path.join(output, "llm"))
+
+
+def _warmup_cosine(optimizer, steps: int):
+    """The stages' schedule (a tenth of the steps warming up, cosine to 1% after)."""
+    from functools import partial
+
+    import torch
+
+    from kangaroo.modules.optim import warmup_cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup_steps=steps // 10, total_steps=steps, min_ratio=0.01))
 
 
 def random_frames(count: int, size: int, rng: np.random.Generator,
@@ -521,8 +532,7 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
     heads = torch.nn.Linear(trunk.embed_dim, 5 + 5 + 2)
     params = list(trunk.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=config.vision_steps,
-                                                   pct_start=0.1)
+    schedule = _warmup_cosine(optimizer, config.vision_steps)
 
     def per_token(frames: np.ndarray, size: int) -> torch.Tensor:
         return heads(trunk.forward_features(normalize(fit_frames(frames, size)))[:, trunk.num_prefix_tokens:])
