@@ -68,9 +68,8 @@ class WorldConfig:
     vision_depth: int = 4
     """Blocks of the tiny ViT; the stage configs build it with ``timm_kwargs: {depth: 4,
     global_pool: token}``."""
-    vision_image_sizes: tuple[int, ...] = (56,)
-    """Resolutions of the ViT's pre-training, taken in turn (the stage configs resample the tower);
-    the first is the one written."""
+    vision_image_size: int = 56
+    """Resolution of the ViT's pre-training (stage 1's; later stages resample the tower)."""
     vision_steps: int = 300
     """Steps of the tiny ViT's pre-training on rendered frames (colour, shape, position)."""
 
@@ -358,12 +357,12 @@ def described_chats(records: list[dict], facts: dict[str, list[dict]]) -> list[l
             continue
         text = caption_of(shown, record["meta"]["language"])
         chat = [dict(turn) for turn in chat]
-        first_user = next(turn for turn in chat if turn["role"] == "user")
         marked = next((m for turn in chat for m in MEDIA_MARKERS if m in turn["content"]), None)
         if marked:
             for turn in chat:
                 turn["content"] = turn["content"].replace(marked, text)
         else:
+            first_user = next(turn for turn in chat if turn["role"] == "user")
             first_user["content"] = text + "\n" + first_user["content"]
         out.append(chat)
     return out
@@ -474,8 +473,7 @@ def _warmup_cosine(optimizer, steps: int):
         optimizer, partial(warmup_cosine, warmup_steps=steps // 10, total_steps=steps, min_ratio=0.01))
 
 
-def random_frames(count: int, size: int, rng: np.random.Generator,
-                  radius: tuple[float, float] = (9, 14)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_frames(count: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``count`` frames drawn like the world's: one shape (or, one time in ten, none) at a random
     place. Returns frames ``(n, size, size, 3)``, classes ``(n, 2)`` (colour, shape; 4 = none)
     and centres ``(n, 2)`` in [0, 1]."""
@@ -488,7 +486,7 @@ def random_frames(count: int, size: int, rng: np.random.Generator,
         if rng.random() < 0.1:
             continue
         colour, shape = rng.integers(4), rng.integers(4)
-        r = rng.uniform(*radius)
+        r = rng.uniform(9, 14)  # the clips' sizes
         cx, cy = rng.uniform(1.15 * r, size - 1.15 * r, 2)  # whole: a shape cut by the border is ambiguous
         draw(frames[i], SHAPES[shape], colours[colour], cx, cy, r)
         classes[i] = colour, shape
@@ -496,14 +494,11 @@ def random_frames(count: int, size: int, rng: np.random.Generator,
     return frames, classes, centres
 
 
-def _standardise_output(trunk, batches) -> None:
+def _standardise_output(trunk, pixels) -> None:
     """Folds a per-channel standardisation of the patch tokens into the final LayerNorm, so that
     every channel (shape as much as colour) reaches the projector at the same scale and no
     shared offset dominates the tokens' norm."""
-    import torch
-
-    tokens = torch.cat([trunk.forward_features(pixels)[:, trunk.num_prefix_tokens:].reshape(-1, trunk.embed_dim)
-                        for pixels in batches])
+    tokens = trunk.forward_features(pixels)[:, trunk.num_prefix_tokens:].reshape(-1, trunk.embed_dim)
     mean, std = tokens.mean(0), tokens.std(0).clamp_min(1e-4)
     trunk.norm.weight.div_(std)
     trunk.norm.bias.sub_(mean).div_(std)
@@ -524,27 +519,24 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(_stable(f"{config.seed}:vision"))
-    sizes = list(config.vision_image_sizes)
-    # dynamic_img_size: the position table is resampled per batch, as a stage does at load.
+    size = config.vision_image_size
     # global_pool="token": a final LayerNorm on every token, as EVA02-CLIP's trunk has.
-    trunk = timm.create_model(config.vision_model, img_size=sizes[0], num_classes=0, depth=config.vision_depth,
-                              global_pool="token", dynamic_img_size=True)
+    trunk = timm.create_model(config.vision_model, img_size=size, num_classes=0, depth=config.vision_depth,
+                              global_pool="token")
     heads = torch.nn.Linear(trunk.embed_dim, 5 + 5 + 2)
     params = list(trunk.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     schedule = _warmup_cosine(optimizer, config.vision_steps)
 
-    def per_token(frames: np.ndarray, size: int) -> torch.Tensor:
+    def per_token(frames: np.ndarray) -> torch.Tensor:
         return heads(trunk.forward_features(normalize(fit_frames(frames, size)))[:, trunk.num_prefix_tokens:])
 
     trunk.train()
-    for step in tqdm(range(config.vision_steps), desc="pre-training the tiny ViT", unit="step"):
-        size = sizes[step % len(sizes)]
-        # About the same number of patch tokens per step at every resolution.
-        frames, classes, centres = random_frames(max(8, 64 * sizes[0] ** 2 // size ** 2), config.size, rng)
+    for _ in tqdm(range(config.vision_steps), desc="pre-training the tiny ViT", unit="step"):
+        frames, classes, centres = random_frames(64, config.size, rng)
         # Every patch token answers for the whole frame, so that each visual token the LLM
         # later reads carries the frame's colour, shape and place on its own.
-        out = per_token(frames, size)
+        out = per_token(frames)
         tokens = out.shape[1]
         shown = torch.from_numpy(classes[:, 1] < 4)
         colour, shape = (torch.from_numpy(classes[:, k]).repeat_interleave(tokens) for k in (0, 1))
@@ -557,17 +549,14 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
         optimizer.zero_grad()
         schedule.step()
     trunk.eval()
-    report = {}
     with torch.no_grad():  # how well single tokens tell the world apart, on fresh frames
         frames, classes, centres = random_frames(256, config.size, rng)
         shown = classes[:, 1] < 4
-        for size in sizes:
-            out = per_token(frames, size).numpy()
-            report[f"{size}px"] = {
-                "colour_accuracy": float((out[..., :5].argmax(-1) == classes[:, :1]).mean()),
-                "shape_accuracy": float((out[..., 5:10].argmax(-1) == classes[:, 1:2]).mean()),
-                "centre_error_px": float(np.abs(out[shown, :, 10:] - centres[shown, None]).mean() * config.size)}
-        _standardise_output(trunk, [normalize(fit_frames(frames, size)) for size in sizes])
+        out = per_token(frames).numpy()
+        report = {"colour_accuracy": float((out[..., :5].argmax(-1) == classes[:, :1]).mean()),
+                  "shape_accuracy": float((out[..., 5:10].argmax(-1) == classes[:, 1:2]).mean()),
+                  "centre_error_px": float(np.abs(out[shown, :, 10:] - centres[shown, None]).mean() * config.size)}
+        _standardise_output(trunk, normalize(fit_frames(frames, size)))
     log.info("tiny ViT pre-trained on the world's frames: %s", report)
     save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, os.path.join(output, "vision.safetensors"))
     return report
