@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from kangaroo.data.synth import (COLOURS, SHAPES, World, WorldConfig, _pretrain_vision, caption_of,
-                                 described_chats, random_frames, stage_records)
+from kangaroo.data.synth import (COLOURS, SHAPES, ZH, World, WorldConfig, _pretrain_llm, _pretrain_vision,
+                                 _write_tokenizer, corpus_of, described_chats, description_of, long_question,
+                                 random_frames, stage_records)
 
 SMALL = WorldConfig(images=4, short_videos=2, dense_videos=2, instruction_videos=3, long_videos=2, val_short=3,
                     val_long=3, vision_steps=3)
@@ -40,7 +41,7 @@ def test_described_chats_tell_the_media_in_words_and_manifests_never_do(tmp_path
     chats = described_chats(train, world.facts)
     assert len(chats) == len(train)
     for record, chat in zip(train, chats):
-        said = caption_of(world.facts[record.get("video") or record.get("image")], record["meta"]["language"])
+        said = description_of(world.facts[record.get("video") or record.get("image")], record["meta"]["language"])
         user = next(turn["content"] for turn in chat if turn["role"] == "user")
         assert said in user and "<video>" not in user and "<image>" not in user
     for record in train:  # what the media shows stays out of the manifests
@@ -51,6 +52,38 @@ def test_described_chats_tell_the_media_in_words_and_manifests_never_do(tmp_path
     shapes = [f["shape"] for f in world.facts[long_record["video"]]]
     assert len(set(shapes)) == SMALL.long_events and set(shapes) <= set(SHAPES)
     assert not any(shape in long_record["question"] for shape in SHAPES)
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_a_long_clip_is_told_with_the_ordinals_its_questions_ask_with(lang):
+    facts = [{"shape": s, "colour": "red", "direction": "up"} for s in SHAPES]
+    told = description_of(facts, lang)
+    for position, fact in enumerate(facts):
+        question, options, letter = long_question(facts, position, lang)
+        ordinal = question.split()[-1].rstrip("?") if lang == "en" else question.split("出现")[0]
+        sentence = next(part for part in told.replace("。", ".").split(".") if ordinal.lower() in part.lower())
+        name = fact["shape"] if lang == "en" else ZH[fact["shape"]]
+        assert name in sentence, (ordinal, sentence)
+        assert options["ABCD".index(letter)] == name
+
+
+def test_tiny_llm_pretraining_reports_held_out_accuracy_per_group(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    for split in ("train", "val"):
+        (tmp_path / "media" / split).mkdir(parents=True)
+    world = World(str(tmp_path), SMALL)
+    records = stage_records(world, lambda n: None)
+    train = [r for splits in records.values() for r in splits["train"]]
+    tokenizer = _write_tokenizer(str(tmp_path), corpus_of(train))
+    held_out = records["5-long-video-tuning"]["val"]
+    config = WorldConfig(llm_steps=3, llm_batch=4)
+    report = _pretrain_llm(str(tmp_path), tokenizer, described_chats(train, world.facts), config,
+                           list(zip(described_chats(held_out, world.facts), [r["meta"]["category"] for r in held_out])))
+    assert set(report["accuracy"]) == {"short", "long"}
+    assert all(0 <= v <= 1 for v in report["accuracy"].values()) and report["final_loss"] > 0
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "llm")
+    assert model.config.vocab_size == 1024
 
 
 def test_tiny_tokenizer_learns_chinese_characters_not_whole_sentences():

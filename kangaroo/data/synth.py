@@ -61,8 +61,10 @@ class WorldConfig:
     val_short: int = 60
     val_long: int = 60
     zh_fraction: float = 0.25
-    llm_steps: int = 300
+    llm_steps: int = 400
     """Steps of the tiny LLM's pre-training on the world's chats told in words (no pixels)."""
+    llm_batch: int = 32
+    """Conversations per step of the tiny LLM's pre-training."""
     vision_model: str = "eva02_tiny_patch14_224"
     """The timm ViT pre-trained on the world's frames (the stage configs' ``timm:`` tower)."""
     vision_depth: int = 4
@@ -213,6 +215,19 @@ def caption_of(facts: list[dict], lang: str) -> str:
     return text[0].upper() + text[1:]
 
 
+def description_of(facts: list[dict], lang: str) -> str:
+    """What a media shows, told in words for the tiny LLM's text pre-training: the caption, and
+    for long clips each event with its ordinal, the words the long questions ask with."""
+    if len(facts) <= 2:
+        return caption_of(facts, lang)
+    ordinals = [_ordinal(i, len(facts), lang) or ("然后" if lang == "zh" else "then") for i in range(len(facts))]
+    if lang == "zh":
+        return "".join(f"{o}是{ZH[f['colour']]}的{ZH[f['shape']]}，向{ZH[f['direction']]}移动。"
+                       for o, f in zip(ordinals, facts))
+    return " ".join(f"{o.capitalize()}, a {f['colour']} {f['shape']} moves {f['direction']}."
+                    for o, f in zip(ordinals, facts))
+
+
 def short_question(facts: dict, kind: str, lang: str) -> tuple[str, list[str], str]:
     """A question about a one-shape clip: ``(question, options, answer letter)``; options keep
     one fixed order, so the letter depends on the clip alone."""
@@ -232,8 +247,15 @@ def short_question(facts: dict, kind: str, lang: str) -> tuple[str, list[str], s
     return question, shown, OPTION_LETTERS[options.index(answer)]
 
 
+def _ordinal(position: int, count: int, lang: str) -> str | None:
+    """The word for an event's place among ``count`` (first, second, third, last), if it has one."""
+    if position == count - 1:
+        return ORDINALS[lang][3]
+    return ORDINALS[lang][position] if position < 3 else None
+
+
 def long_question(facts: list[dict], position: int, lang: str) -> tuple[str, list[str], str]:
-    ordinal = ORDINALS[lang][min(position, 3)] if position < len(facts) - 1 else ORDINALS[lang][3]
+    ordinal = _ordinal(position, len(facts), lang)
     question = {"en": f"Which shape appears {ordinal}?", "zh": f"{ordinal}出现的是什么形状？"}[lang]
     options = list(SHAPES)
     shown = options if lang == "en" else [ZH[o] for o in options]
@@ -271,7 +293,8 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
 
     def long_mcqs(split: str, index: int, media: str, facts: list[dict], rng: random.Random, count: int) -> list[dict]:
         records = []
-        for position in rng.sample(range(len(facts)), count):
+        askable = [p for p in range(len(facts)) if _ordinal(p, len(facts), "en")]
+        for position in rng.sample(askable, count):
             lang = world.language(rng)
             question, options, answer = long_question(facts, position, lang)
             records.append(mcq(f"{split}-long-{index}-{position}", media, question, options, answer, lang, "long"))
@@ -355,7 +378,7 @@ def described_chats(records: list[dict], facts: dict[str, list[dict]]) -> list[l
         shown = facts.get(record.get("video") or record.get("image"))
         if shown is None:
             continue
-        text = caption_of(shown, record["meta"]["language"])
+        text = description_of(shown, record["meta"]["language"])
         chat = [dict(turn) for turn in chat]
         marked = next((m for turn in chat for m in MEDIA_MARKERS if m in turn["content"]), None)
         if marked:
@@ -408,9 +431,12 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
             counts[f"{stage}/{split}"] = len(lines)
     train_records = [r for splits in records.values() for r in splits["train"]]
     tokenizer = _write_tokenizer(output, corpus_of(train_records))
-    _pretrain_llm(output, tokenizer, described_chats(train_records, world.facts), config)
+    held_out = records[STAGES[-1]]["val"]
+    language = _pretrain_llm(output, tokenizer, described_chats(train_records, world.facts), config,
+                             list(zip(described_chats(held_out, world.facts), [r["meta"]["category"] for r in held_out])))
     vision = _pretrain_vision(output, config)
-    info = {"config": json.loads(json.dumps(asdict(config))), "manifests": counts, "vision_pretraining": vision}
+    info = {"config": json.loads(json.dumps(asdict(config))), "manifests": counts,
+            "llm_pretraining": language, "vision_pretraining": vision}
     with open(marker, "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2)
     return info
@@ -424,12 +450,14 @@ def _write_tokenizer(output: str, texts: list[str]):
     return tokenizer
 
 
-def _pretrain_llm(output: str, tokenizer, chats: list[list[dict]], config: WorldConfig) -> None:
+def _pretrain_llm(output: str, tokenizer, chats: list[list[dict]], config: WorldConfig,
+                  held_out: list[tuple[list[dict], str]] = ()) -> dict[str, Any]:
     """The tiny recipe's stand-in for Llama-3-8B-Instruct: the tiny Llama trained on the world's
     conversations rendered through the chat template, each media told in words
     (``described_chats``). Stage 1 then starts, as the 8B recipe does, from a language model
     that knows the words, the chat format and how to answer from its prompt, but has never seen
-    a pixel."""
+    a pixel. Returns its first-answer-token accuracy on ``held_out`` (described held-out
+    multiple-choice questions with their group), which ``world.json`` keeps."""
     import torch
     from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -440,25 +468,47 @@ def _pretrain_llm(output: str, tokenizer, chats: list[list[dict]], config: World
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
     encoder = ChatEncoder(tokenizer, TINY_VISUAL_TOKENS)
-    encoded = [encoder.encode(chat) for chat in chats]
-    # Instruction-style: the loss is on the assistant turns, which answer from the prompt.
-    ids = torch.tensor([token for e in encoded for token in e.input_ids])
-    labels = torch.tensor([token for e in encoded for token in e.labels])
-    length, batch = 128, 16
+    pad = tokenizer.pad_token_id
+
+    def batch_of(chats: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Whole conversations, padded: every answer is read with its whole prompt (a window cut
+        # across conversations leaves answers without the words they answer from).
+        encoded = [encoder.encode(chat) for chat in chats]
+        width = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(encoded), width), pad)
+        labels = torch.full((len(encoded), width), -100)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        return ids, labels
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = _warmup_cosine(optimizer, config.llm_steps)
-    generator = torch.Generator().manual_seed(config.seed)
+    rng = random.Random(f"{config.seed}:llm")
     model.train()
     for _ in tqdm(range(config.llm_steps), desc="pre-training the tiny LLM", unit="step"):
-        starts = torch.randint(0, len(ids) - length - 1, (batch,), generator=generator).tolist()
-        loss = model(input_ids=torch.stack([ids[s:s + length] for s in starts]),
-                     labels=torch.stack([labels[s:s + length] for s in starts])).loss
+        ids, labels = batch_of(rng.sample(chats, min(config.llm_batch, len(chats))))
+        loss = model(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         schedule.step()
-    log.info("tiny LLM pre-trained on the world's chats: final loss %.3f", loss.item())
+    model.eval()
+    correct: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for start in range(0, len(held_out), 64):
+            part = held_out[start:start + 64]
+            ids, labels = batch_of([chat for chat, _ in part])
+            logits = model(input_ids=ids, attention_mask=(ids != pad).long()).logits
+            for row, (_, group) in enumerate(part):
+                first = int((labels[row] != -100).nonzero()[0])
+                correct.setdefault(group, []).append(bool(logits[row, first - 1].argmax() == labels[row, first]))
+    report = {"final_loss": round(loss.item(), 4),
+              "accuracy": {group: round(sum(hits) / len(hits), 3) for group, hits in sorted(correct.items())}}
+    log.info("tiny LLM pre-trained on the world's chats: %s", report)
     model.save_pretrained(os.path.join(output, "llm"))
+    return report
 
 
 def _warmup_cosine(optimizer, steps: int):
