@@ -72,12 +72,16 @@ def _recipe_workdir(recipe, args: argparse.Namespace) -> str:
 
 
 def _recipe_run_command(args: argparse.Namespace) -> int:
-    from kangaroo.recipe import load_recipe, run_recipe
+    from kangaroo.checkpoints import PREEMPTED_EXIT_CODE
+    from kangaroo.recipe import Preempted, load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
     try:
         summary = run_recipe(recipe, _recipe_workdir(recipe, args), only=args.only, until=args.until,
                              restart_from=args.restart_from, prepare_workers=args.prepare_workers)
+    except Preempted as err:
+        print(f"kangaroo: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except RuntimeError as err:
         print(f"kangaroo: error: {err}", file=sys.stderr)
         return 1
@@ -152,9 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if words and words[0] in FIT_COMMANDS:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        from kangaroo.checkpoints import PREEMPTED_EXIT_CODE
         from kangaroo.fit import KangarooCLI
 
-        KangarooCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        try:
+            KangarooCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+        except SIGTERMException:  # the step finished and PreemptionCheckpoint saved
+            return PREEMPTED_EXIT_CODE
         return 0
     args = build_parser().parse_args(words)
     try:

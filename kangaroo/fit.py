@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
+from kangaroo.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint, latest_checkpoint
 from kangaroo.data.datamodule import KangarooDataModule
 from kangaroo.modules.stage import KangarooStage
+
+AUTO_RESUME = "auto"
+"""``--ckpt_path=auto``: resume from the newest whole checkpoint under the stage's
+``trainer.default_root_dir``, or start afresh when there is none."""
 
 
 class KangarooCLI(LightningCLI):
     """LightningCLI bound to ``KangarooStage`` and ``KangarooDataModule`` (no subclass mode: the
-    YAML holds their arguments directly under ``model:`` and ``data:``)."""
+    YAML holds their arguments directly under ``model:`` and ``data:``).
+
+    Every fit writes checkpoints atomically (``AtomicCheckpointIO``, unless the config names
+    another checkpoint IO plugin), saves one on SIGTERM (``PreemptionCheckpoint``), and takes
+    ``--ckpt_path=auto``."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [PreemptionCheckpoint()]})
         super().__init__(KangarooStage, KangarooDataModule, args=args, run=run, **kwargs)
+
+    def instantiate_trainer(self, **kwargs):
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == AUTO_RESUME:
+            found = latest_checkpoint(self.trainer.default_root_dir)
+            config["ckpt_path"] = found
+            print(f"resuming from {found}" if found else "no checkpoint to resume from: starting afresh", flush=True)
 

@@ -29,6 +29,8 @@ import glob
 import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from kangaroo.checkpoints import PREEMPTED_EXIT_CODE, latest_checkpoint
 from kangaroo.modules.stage import METRICS_NAME
 from kangaroo.modules.weights import WEIGHTS_NAME
 
@@ -263,9 +266,20 @@ def plan(recipe: Recipe, workdir: str, state: dict[str, Any], stages: list[Stage
     return todo
 
 
-def last_checkpoint(directory: str) -> str | None:
-    found = glob.glob(os.path.join(directory, "**", "last*.ckpt"), recursive=True)
-    return max(found, key=os.path.getmtime) if found else None
+class Preempted(RuntimeError):
+    """A stage stopped for SIGTERM with its checkpoint saved (``kangaroo recipe run`` exits 75)."""
+
+
+def _run_forwarding_sigterm(command: list[str]) -> int:
+    """Runs a stage's fit. A SIGTERM to the runner is passed on to the fit, which finishes its
+    step, saves a checkpoint and exits with ``PREEMPTED_EXIT_CODE``; the runner waits for that
+    instead of dying first and leaving the state file at "running"."""
+    process = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, workers: int) -> None:
@@ -301,10 +315,11 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
         merged_path = os.path.join(root, "stage.yaml")
         with open(merged_path, "w", encoding="utf-8") as handle:
             yaml.safe_dump(merged, handle, sort_keys=False)
-        resume = last_checkpoint(root) if entry.get("status") in ("running", "failed") else None
+        resume = latest_checkpoint(root) if entry.get("status") in ("running", "failed", "preempted") else None
         if entry.get("status") in (None, "pending"):
             for stale in glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True):
-                os.remove(stale)  # a restarted stage never resumes from its previous run
+                # a restarted stage never resumes from its previous run (directory checkpoints too)
+                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
         entry.update(status="running", config_hash=config_hash(merged), checkpoint=None,
                      started=entry.get("started") or time.time())
         write_state(workdir, state)
@@ -315,11 +330,16 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
             print(f"[{stage.name}] resuming from {resume}", flush=True)
         print(f"[{stage.name}] {' '.join(command[2:])}", flush=True)
         started = time.time()
-        result = subprocess.run(command)
-        if result.returncode != 0:
-            entry.update(status="failed", returncode=result.returncode)
+        returncode = _run_forwarding_sigterm(command)
+        if returncode == PREEMPTED_EXIT_CODE:
+            entry.update(status="preempted", returncode=returncode)
             write_state(workdir, state)
-            raise RuntimeError(f"stage {stage.name!r} failed with exit code {result.returncode}; "
+            raise Preempted(f"stage {stage.name!r} stopped for SIGTERM after saving a checkpoint; run the recipe "
+                            "again to continue from it")
+        if returncode != 0:
+            entry.update(status="failed", returncode=returncode)
+            write_state(workdir, state)
+            raise RuntimeError(f"stage {stage.name!r} failed with exit code {returncode}; "
                                f"logs in {root}. Running the recipe again resumes it from its last checkpoint")
         with open(os.path.join(root, METRICS_NAME), encoding="utf-8") as handle:
             metrics = json.load(handle)

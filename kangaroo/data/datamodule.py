@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Iterator
 
 import lightning as L
+import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
@@ -26,21 +28,32 @@ class PackedBatches:
     """Iterates batches of ``rows_per_batch`` packed rows over a ``StreamingDataLoader``.
 
     Its ``state_dict`` is the loader's state plus the indices of the records waiting in the
-    packer's buffer: restoring both continues the exact sequence of batches.
+    packer's buffer: restoring both continues the exact sequence of batches. The state is the one
+    after the last batch *trained on* (``consumed``), not the last one produced: the trainer
+    fetches a batch ahead, and a checkpoint saved after step k must restart at batch k + 1.
     """
 
     def __init__(self, dataset: IndexedStreamingDataset, budget: int, rows_per_batch: int = 1,
-                 packing: bool = True, buffer_size: int = 64, num_workers: int = 0, pad_id: int = 0) -> None:
+                 packing: bool = True, buffer_size: int = 64, num_workers: int = 0, pad_id: int = 0,
+                 track_position: bool = False) -> None:
         self.dataset = dataset
-        self.loader = StreamingDataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=list)
+        # Its own generator: starting an iterator never draws from the global one, whose state a
+        # resumed run restores for the model's own randomness (dropout, drop path).
+        self.loader = StreamingDataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=list,
+                                          generator=torch.Generator().manual_seed(dataset.seed))
         self.packer = SequencePacker(budget, buffer_size, packing)
         self.rows_per_batch = rows_per_batch
         self.pad_id = pad_id
-        self._restored_buffer: list[int] = []
+        self.track_position = track_position
+        self._restored: dict[str, Any] = {}
+        self._buffer_to_restore: list[int] = []
+        self._produced = 0
+        self._pending: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
+        self._consumed: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.packer.buffer = [self.dataset[i] for i in self._restored_buffer]
-        self._restored_buffer = []
+        self.packer.buffer = [self.dataset[i] for i in self._buffer_to_restore]
+        self._buffer_to_restore = []
         records = (record for fetched in self.loader for record in fetched)
         rows: list[list[dict[str, Any]]] = []
         for row in self.packer.pack(records):
@@ -54,14 +67,31 @@ class PackedBatches:
     def _collate(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
         batch = collate_rows(rows, self.pad_id)
         batch["packing_efficiency"] = self.packer.efficiency
+        if not self.track_position:
+            return batch
+        self._produced += 1
+        batch["data_position"] = self._produced
+        self._pending[self._produced] = {"loader": self.loader.state_dict(),
+                                         "buffer": [r["index"] for r in self.packer.buffer]}
         return batch
 
+    def consumed(self, position: int) -> None:
+        """Marks every batch up to ``position`` (a batch's ``data_position``) as trained on."""
+        while self._pending and next(iter(self._pending)) <= position:
+            _, self._consumed = self._pending.popitem(last=False)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "buffer": [r["index"] for r in self.packer.buffer]}
+        """The position after the last consumed batch; ``{}`` before the first (start afresh)."""
+        if self._consumed is not None:
+            return self._consumed
+        return self._restored
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
-        self._restored_buffer = list(state["buffer"])
+        self._restored, self._consumed = dict(state), None
+        self._pending.clear()
+        self._buffer_to_restore = list(state.get("buffer", []))
+        if state:
+            self.loader.load_state_dict(state["loader"])
 
 
 class KangarooDataModule(L.LightningDataModule):
@@ -96,14 +126,14 @@ class KangarooDataModule(L.LightningDataModule):
         self._train: PackedBatches | None = None
         self._pending_state: dict[str, Any] | None = None
 
-    def _batches(self, directory: str, shuffle: bool) -> PackedBatches:
+    def _batches(self, directory: str, shuffle: bool, train: bool = False) -> PackedBatches:
         hp = self.hparams
         dataset = IndexedStreamingDataset(directory, shuffle=shuffle, seed=hp.seed, drop_last=False)
         return PackedBatches(dataset, hp.max_tokens, hp.rows_per_batch, hp.packing, hp.buffer_size,
-                             hp.num_workers, hp.pad_id)
+                             hp.num_workers, hp.pad_id, track_position=train)
 
     def train_dataloader(self) -> PackedBatches:
-        self._train = self._batches(self.hparams.train_dir, self.hparams.shuffle)
+        self._train = self._batches(self.hparams.train_dir, self.hparams.shuffle, train=True)
         if self._pending_state is not None:
             self._train.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -113,6 +143,13 @@ class KangarooDataModule(L.LightningDataModule):
         if self.hparams.val_dir is None:
             return []
         return self._batches(self.hparams.val_dir, shuffle=False)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Runs when a batch is about to be trained on (after the trainer's read-ahead).
+        position = batch.pop("data_position", None) if isinstance(batch, dict) else None
+        if position is not None and self.trainer is not None and self.trainer.training and self._train is not None:
+            self._train.consumed(position)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"train": self._train.state_dict()} if self._train is not None else {}

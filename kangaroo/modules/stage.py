@@ -74,6 +74,7 @@ class KangarooStage(L.LightningModule):
         self.load_pretrained = load_pretrained
         self.optim = optimizer or OptimizerConfig()
         self.accuracy_groups = list(accuracy_groups or [])
+        self._rng_to_restore: dict[str, Any] | None = None
         self.export_weights = export_weights
         self.model: KangarooModel | None = None
         self.val_loss = MeanMetric()
@@ -112,6 +113,9 @@ class KangarooStage(L.LightningModule):
         return hidden, loss_sum, count
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # the first step after a resume draws what it would have
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -185,9 +189,15 @@ class KangarooStage(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["loss_history"] = [list(item) for item in self.loss_history]
+        # Random states (torch, CUDA, numpy, Python) of this process, so that anything random
+        # after a resume (dropout, drop path) draws what the uninterrupted run drew.
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loss_history = [tuple(item) for item in checkpoint.get("loss_history", [])]
+        # Applied at the first step, not here: setting up the run after this (the loader's
+        # iterator among others) may draw from the global generators.
+        self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
@@ -203,6 +213,35 @@ class KangarooStage(L.LightningModule):
                    "loss_history": self.loss_history}
         with open(os.path.join(root, METRICS_NAME), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=1)
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random states in types that a weights-only ``torch.load`` reads (numpy's
+    state array as a list: Lightning resumes with ``weights_only`` loading)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -1,0 +1,179 @@
+"""Preemption-safe stages: a run killed with SIGKILL (or stopped by SIGTERM) and resumed trains on
+exactly the samples, in exactly the order, of an uninterrupted run and ends with the same
+weights; incomplete checkpoints are never resumed from."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kangaroo.checkpoints import COMPLETE_MARKER, PREEMPTED_EXIT_CODE, AtomicCheckpointIO, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / "configs" / "kangaroo-tiny" / "1-image-pretrain.yaml"
+STEPS, EVERY = 14, 3
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory, tiny_tokenizer_dir):
+    """30 captioned images prepared with stage 1's own ``data.prepare`` (shuffled and packed in
+    training, so the packer's buffer and the epoch boundary are part of what must resume)."""
+    from kangaroo.config import load_stage_file
+    from kangaroo.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("resume-data")
+    (root / "media").mkdir()
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "ring", "square", "bar"]
+    with open(root / "images.jsonl", "w") as manifest:
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "media" / f"{i}.png")
+            caption = " ".join(rng.choice(words, 1 + i % 2))
+            manifest.write(json.dumps({"id": f"img-{i}", "image": f"media/{i}.png", "task": "caption",
+                                       "caption": caption}) + "\n")
+    sections = load_stage_file(str(STAGE))
+    sections["data"].prepare.tokenizer = tiny_tokenizer_dir
+    prepare_dataset(str(root / "images.jsonl"), str(root / "prepared"), sections["data"].prepare,
+                    sections["model"].architecture)
+    assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"
+    return str(root / "prepared"), tiny_tokenizer_dir
+
+
+def fit_command(data: tuple[str, str], run: Path, *extra: str) -> list[str]:
+    prepared, tokenizer = data
+    return [sys.executable, "-m", "kangaroo.cli", "fit", "--config", str(STAGE),
+            f"--trainer.max_steps={STEPS}", f"--trainer.val_check_interval={STEPS}", "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+            "--trainer.enable_progress_bar=false",  # the config's ModelCheckpoint, then one more callback:
+            f"--trainer.callbacks.every_n_train_steps={EVERY}",
+            "--trainer.callbacks+=kangaroo.callbacks.SampleLog",
+            f"--data.train_dir={prepared}", "--data.val_dir=null", "--data.packing=true", "--data.max_tokens=128",
+            "--data.rows_per_batch=2", "--data.buffer_size=4", f"--data.prepare.tokenizer={tokenizer}",
+            "--model.architecture.language_model.pretrained=null", "--model.architecture.vision_tower.pretrained=null",
+            "--model.architecture.vision_tower.drop_path=0.1", *extra]
+
+
+def steps_of(run: Path) -> list[dict]:
+    path = run / "samples.rank0.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(image_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run(fit_command(image_data, run), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = steps_of(run)
+    assert [line["step"] for line in lines] == list(range(STEPS))
+    kept = sorted(p.name.split("step=")[-1] for p in run.rglob("*.ckpt"))  # the config keeps the last 3
+    assert kept == ["12.ckpt", "6.ckpt", "9.ckpt", "last.ckpt"], kept
+    return lines, weights(run)
+
+
+def assert_same_run(run: Path, reference: tuple[list[dict], dict], resumed_at: int) -> None:
+    lines, final = reference
+    seen = steps_of(run)
+    after = [line for line in seen if line["step"] >= resumed_at][-(STEPS - resumed_at):]
+    assert after == lines[resumed_at:], "after the resume point: the same samples in the same order"
+    trained = {line["step"]: line["ids"] for line in seen}  # a step cut off by the kill is redone
+    assert [trained[s] for s in range(STEPS)] == [line["ids"] for line in lines]
+    ids = [i for s in range(STEPS) for i in trained[s]]
+    epoch = 30
+    assert sorted(ids[:epoch]) == sorted(f"img-{i}" for i in range(30)), "no sample twice or skipped in an epoch"
+    mine = weights(run)
+    assert set(mine) == set(final)
+    for name in final:
+        torch.testing.assert_close(mine[name], final[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_sigkill_at_a_random_step_then_resume_trains_as_if_uninterrupted(image_data, uninterrupted, tmp_path):
+    kill_after = random.Random().randint(EVERY + 1, STEPS - 2)  # a step after the first checkpoint
+    print(f"killing once step {kill_after} has started")
+    process = subprocess.Popen(fit_command(image_data, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while len(steps_of(tmp_path)) <= kill_after and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before the kill: " + process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "model.safetensors").exists()
+    checkpoint = latest_checkpoint(str(tmp_path))
+    resumed_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert EVERY <= resumed_at <= kill_after
+    result = subprocess.run(fit_command(image_data, tmp_path, "--ckpt_path=auto"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in result.stdout
+    assert_same_run(tmp_path, uninterrupted, resumed_at)
+
+
+def test_sigterm_saves_a_checkpoint_exits_75_and_the_run_continues_from_it(image_data, uninterrupted, tmp_path):
+    process = subprocess.Popen(fit_command(image_data, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while len(steps_of(tmp_path)) < 5 and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT_CODE == 75, stderr.decode()[-3000:]
+    preempted = next(tmp_path.rglob("preempted.ckpt"))
+    assert latest_checkpoint(str(tmp_path)) == str(preempted)
+    stopped_at = torch.load(preempted, weights_only=False)["global_step"]
+    assert stopped_at == steps_of(tmp_path)[-1]["step"] + 1, "the running step finished before the save"
+    result = subprocess.run(fit_command(image_data, tmp_path, "--ckpt_path=auto"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path, uninterrupted, stopped_at)
+
+
+def test_incomplete_checkpoints_are_skipped_with_a_warning_naming_them(tmp_path):
+    io = AtomicCheckpointIO()
+    good = tmp_path / "step=3.ckpt"
+    io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(64, 64)}}, str(good))
+    assert not list(tmp_path.glob("*.partial"))
+    truncated = tmp_path / "step=6.ckpt"
+    io.save_checkpoint({"global_step": 6, "state_dict": {"w": torch.ones(64, 64)}}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    unfinished = tmp_path / "step=9.ckpt"  # a directory checkpoint without its marker
+    unfinished.mkdir()
+    (unfinished / "shard-0.distcp").write_bytes(b"x" * 10)
+    now = time.time()
+    for age, path in enumerate((unfinished, truncated, good)):
+        os.utime(path, (now - age, now - age))
+    with pytest.warns(UserWarning) as caught:
+        assert latest_checkpoint(str(tmp_path)) == str(good)
+    named = " ".join(str(w.message) for w in caught)
+    assert str(truncated) in named and str(unfinished) in named
+    (unfinished / COMPLETE_MARKER).write_text("")
+    assert latest_checkpoint(str(tmp_path)) == str(unfinished)
+    assert torch.load(good)["global_step"] == 3
+
+
+def test_a_write_cut_off_never_takes_the_checkpoint_name(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, str(path))
+
+    def cut_off(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", cut_off)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"global_step": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path)["global_step"] == 1, "the previous checkpoint is intact"
+    assert not list(tmp_path.glob("*.partial"))
