@@ -15,6 +15,15 @@ SMALL = WorldConfig(images=4, short_videos=2, dense_videos=2, instruction_videos
                     val_long=3, vision_steps=3)
 
 
+def small_world(root):
+    """A small world rendered into ``root``: the world, its records by stage, the training ones."""
+    for split in ("train", "val"):
+        (root / "media" / split).mkdir(parents=True)
+    world = World(str(root), SMALL)
+    records = stage_records(world, lambda n: None)
+    return world, records, [r for splits in records.values() for r in splits["train"]]
+
+
 def test_random_frames_show_one_whole_shape_or_none():
     frames, classes, centres = random_frames(64, 64, np.random.default_rng(0))
     assert frames.shape == (64, 64, 64, 3) and frames.dtype == np.uint8
@@ -33,11 +42,7 @@ def test_random_frames_show_one_whole_shape_or_none():
 
 
 def test_described_chats_tell_the_media_in_words_and_manifests_never_do(tmp_path):
-    for split in ("train", "val"):
-        (tmp_path / "media" / split).mkdir(parents=True)
-    world = World(str(tmp_path), SMALL)
-    records = stage_records(world, lambda n: None)
-    train = [r for splits in records.values() for r in splits["train"]]
+    world, records, train = small_world(tmp_path)
     chats = described_chats(train, world.facts)
     assert len(chats) == len(train)
     for record, chat in zip(train, chats):
@@ -70,11 +75,7 @@ def test_a_long_clip_is_told_with_the_ordinals_its_questions_ask_with(lang):
 def test_tiny_llm_pretraining_reports_held_out_accuracy_per_group(tmp_path):
     from transformers import LlamaForCausalLM
 
-    for split in ("train", "val"):
-        (tmp_path / "media" / split).mkdir(parents=True)
-    world = World(str(tmp_path), SMALL)
-    records = stage_records(world, lambda n: None)
-    train = [r for splits in records.values() for r in splits["train"]]
+    world, records, train = small_world(tmp_path)
     tokenizer = _write_tokenizer(str(tmp_path), corpus_of(train))
     held_out = records["5-long-video-tuning"]["val"]
     config = WorldConfig(llm_steps=3, llm_batch=4)
