@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from kangaroo import storage
 from kangaroo.modules.sizes import MODEL_SIZES, named_config
 
 FIT_COMMANDS = ("fit", "validate")
@@ -82,8 +83,11 @@ def _recipe_run_command(args: argparse.Namespace) -> int:
     except Preempted as err:
         print(f"kangaroo: {err}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except RuntimeError as err:
-        print(f"kangaroo: error: {err}", file=sys.stderr)
+    except Exception as err:
+        outage = storage.unreachable_store(err)
+        if outage is None and not isinstance(err, RuntimeError):
+            raise
+        print(f"kangaroo: error: {outage or err}", file=sys.stderr)
         return 1
     return 0 if summary else 1
 
@@ -92,7 +96,7 @@ def _recipe_show_command(args: argparse.Namespace) -> int:
     from kangaroo.recipe import load_recipe, show_recipe
 
     recipe = load_recipe(args.recipe)
-    print(show_recipe(recipe, os.path.abspath(_recipe_workdir(recipe, args))))
+    print(show_recipe(recipe, storage.absolute(_recipe_workdir(recipe, args))))
     return 0
 
 
@@ -165,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             KangarooCLI(args=argv)  # None: LightningCLI reads sys.argv itself
         except SIGTERMException:  # the step finished and PreemptionCheckpoint saved
             return PREEMPTED_EXIT_CODE
+        except Exception as err:
+            outage = storage.unreachable_store(err)  # past the retry budget; earlier checkpoints are intact
+            if outage is None:
+                raise
+            print(f"kangaroo: error: {outage}", file=sys.stderr)
+            return 1
         return 0
     args = build_parser().parse_args(words)
     try:

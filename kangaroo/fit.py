@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
+from kangaroo import storage
 from kangaroo.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint, latest_checkpoint
 from kangaroo.data.datamodule import KangarooDataModule
 from kangaroo.modules.stage import KangarooStage
@@ -18,7 +19,8 @@ class KangarooCLI(LightningCLI):
     """LightningCLI bound to ``KangarooStage`` and ``KangarooDataModule`` (no subclass mode: the
     YAML holds their arguments directly under ``model:`` and ``data:``).
 
-    Every fit writes checkpoints atomically (``AtomicCheckpointIO``, unless the config names
+    Checkpoints go to ``<default_root_dir>/checkpoints`` unless a ``ModelCheckpoint`` names its
+    ``dirpath``. Every fit writes checkpoints atomically (``AtomicCheckpointIO``, unless the config names
     another checkpoint IO plugin), saves one on SIGTERM (``PreemptionCheckpoint``), and takes
     ``--ckpt_path=auto``."""
 
@@ -36,6 +38,11 @@ class KangarooCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is None:
+                # beside the stage's weights, not inside the logger's folder: the two may live
+                # apart (an s3:// root with local logs)
+                callback.dirpath = storage.join(self.trainer.default_root_dir, "checkpoints")
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == AUTO_RESUME:
             found = latest_checkpoint(self.trainer.default_root_dir)

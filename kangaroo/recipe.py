@@ -20,16 +20,20 @@ Paths in the recipe resolve against the recipe file; ``${world}`` and ``${workdi
 ``kangaroo fit`` process, so Lightning's own launcher handles ``devices > 1``.
 ``WORKDIR/recipe-state.json`` records each stage's status, checkpoint, metrics and config
 hash.
+
+The workdir may be an object-store prefix (``--workdir s3://bucket/runs/tiny``): prepared data,
+checkpoints, stage weights, metrics, the state file and the summary then live there, and a
+machine that replaces a preempted one continues from them. The stage's merged config and its
+logs are written to a local scratch folder (``KANGAROO_SCRATCH``, default
+``~/.cache/kangaroo/workdirs/``) and copied beside the stage's checkpoints when it ends.
 """
 
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from kangaroo import storage
 from kangaroo.checkpoints import PREEMPTED_EXIT_CODE, latest_checkpoint
 from kangaroo.modules.stage import METRICS_NAME
 from kangaroo.modules.weights import WEIGHTS_NAME
@@ -91,7 +96,7 @@ def load_recipe(path: str) -> Recipe:
     if unknown:
         raise RecipeError(f"{path}: unknown recipe key(s) {unknown}")
     base = os.path.dirname(os.path.abspath(path))
-    resolve = lambda p: p if p is None or p.startswith("s3://") or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))  # noqa: E731
+    resolve = lambda p: p if p is None or storage.is_remote(p) or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))  # noqa: E731
     world = resolve(raw.get("world"))
     stages = []
     for number, entry in enumerate(raw["stages"], 1):
@@ -165,11 +170,20 @@ def _set_dotted(config: dict, dotted: str, value: Any) -> None:
 # -- resolving the stages against a workdir ----------------------------------------------------
 
 def stage_dir(workdir: str, stage: Stage) -> str:
-    return os.path.join(workdir, stage.name)
+    return storage.join(workdir, stage.name)
 
 
 def data_dir(workdir: str, stage: Stage, split: str) -> str:
-    return os.path.join(workdir, "data", stage.name, split)
+    return storage.join(workdir, "data", stage.name, split)
+
+
+def local_stage_dir(workdir: str, stage: Stage) -> str:
+    """Where the stage's merged config and logs are written: the stage folder itself for a
+    local workdir; a scratch folder for an object-store one."""
+    if not storage.is_remote(workdir):
+        return stage_dir(workdir, stage)
+    scratch = os.environ.get("KANGAROO_SCRATCH") or os.path.join(os.path.expanduser("~"), ".cache", "kangaroo", "workdirs")
+    return os.path.join(scratch, hashlib.sha256(workdir.encode()).hexdigest()[:12], stage.name)
 
 
 def merged_config(recipe: Recipe, stage: Stage, workdir: str) -> dict[str, Any]:
@@ -181,12 +195,12 @@ def merged_config(recipe: Recipe, stage: Stage, workdir: str) -> dict[str, Any]:
     _set_dotted(config, "trainer.default_root_dir", root)
     logger = config.get("trainer", {}).get("logger")
     if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict) and "save_dir" in logger["init_args"]:
-        logger["init_args"]["save_dir"] = root
+        logger["init_args"]["save_dir"] = local_stage_dir(workdir, stage)
     for split in stage.prepare:
         _set_dotted(config, f"data.{split}_dir", data_dir(workdir, stage, split))
     if stage.init_from is not None:
         source = recipe.stage(stage.init_from)
-        _set_dotted(config, "model.init_from", os.path.join(stage_dir(workdir, source), WEIGHTS_NAME))
+        _set_dotted(config, "model.init_from", storage.join(stage_dir(workdir, source), WEIGHTS_NAME))
     for dotted, value in stage.overrides.items():
         _set_dotted(config, dotted, _expand(value, world=recipe.world, workdir=workdir))
     return config
@@ -199,12 +213,11 @@ def config_hash(config: dict[str, Any]) -> str:
 # -- the state file -------------------------------------------------------------------------
 
 def read_state(workdir: str, recipe: Recipe) -> dict[str, Any]:
-    path = os.path.join(workdir, STATE_NAME)
-    if not os.path.exists(path):
+    path = storage.join(workdir, STATE_NAME)
+    if not storage.exists(path):
         return {"recipe": recipe.name, "recipe_path": recipe.path,
                 "stages": {s.name: {"status": "pending"} for s in recipe.stages}}
-    with open(path, encoding="utf-8") as handle:
-        state = json.load(handle)
+    state = json.loads(storage.read_text(path))
     if state.get("recipe") != recipe.name:
         raise RecipeError(f"{workdir} belongs to recipe {state.get('recipe')!r} ({state.get('recipe_path')}), "
                           f"not {recipe.name!r}; use another --workdir")
@@ -214,11 +227,7 @@ def read_state(workdir: str, recipe: Recipe) -> dict[str, Any]:
 
 
 def write_state(workdir: str, state: dict[str, Any]) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, STATE_NAME)
-    with open(path + ".partial", "w", encoding="utf-8") as handle:
-        json.dump(state, handle, indent=2)
-    os.replace(path + ".partial", path)
+    storage.write_text(storage.join(workdir, STATE_NAME), json.dumps(state, indent=2))
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -251,7 +260,7 @@ def plan(recipe: Recipe, workdir: str, state: dict[str, Any], stages: list[Stage
                     f"stage {stage.name!r} is done but its config changed since (hash {entry.get('config_hash')} -> "
                     f"{config_hash(merged)}); it is neither redone nor kept silently: pass --restart-from {stage.name} "
                     "to redo it and the stages after it, or restore the config")
-            if not os.path.exists(os.path.join(stage_dir(workdir, stage), WEIGHTS_NAME)):
+            if not storage.exists(storage.join(stage_dir(workdir, stage), WEIGHTS_NAME)):
                 raise RecipeError(f"stage {stage.name!r} is marked done but {stage_dir(workdir, stage)}/{WEIGHTS_NAME} "
                                   f"is missing; pass --restart-from {stage.name}")
             continue
@@ -259,8 +268,8 @@ def plan(recipe: Recipe, workdir: str, state: dict[str, Any], stages: list[Stage
     planned = {s.name for s in todo}
     for stage in todo:
         if stage.init_from is not None and stage.init_from not in planned:
-            weights = os.path.join(stage_dir(workdir, recipe.stage(stage.init_from)), WEIGHTS_NAME)
-            if not os.path.exists(weights):
+            weights = storage.join(stage_dir(workdir, recipe.stage(stage.init_from)), WEIGHTS_NAME)
+            if not storage.exists(weights):
                 raise RecipeError(f"stage {stage.name!r} starts from {stage.init_from!r}, whose checkpoint {weights} "
                                   "does not exist; run that stage first")
     return todo
@@ -288,7 +297,7 @@ def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, 
 
     for split, manifest in stage.prepare.items():
         output = data_dir(workdir, stage, split)
-        if os.path.exists(os.path.join(output, "index.json")):
+        if storage.exists(storage.join(output, "index.json")):
             continue
         sections = load_stage_file(merged_path)
         print(f"[{stage.name}] preparing {split} data from {manifest}", flush=True)
@@ -299,7 +308,7 @@ def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, 
 
 def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str | None = None,
                restart_from: str | None = None, prepare_workers: int = 1) -> dict[str, Any]:
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     state = read_state(workdir, recipe)
     write_state(workdir, state)  # claims the workdir for this recipe
     stages = select_stages(recipe, only, until, restart_from)
@@ -309,17 +318,17 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
         ensure_world(recipe.world)
     for stage in todo:
         entry = state["stages"][stage.name]
-        root = stage_dir(workdir, stage)
-        os.makedirs(root, exist_ok=True)
+        root, local_root = stage_dir(workdir, stage), local_stage_dir(workdir, stage)
+        storage.makedirs(root)
+        os.makedirs(local_root, exist_ok=True)
         merged = merged_config(recipe, stage, workdir)
-        merged_path = os.path.join(root, "stage.yaml")
+        merged_path = os.path.join(local_root, "stage.yaml")
         with open(merged_path, "w", encoding="utf-8") as handle:
             yaml.safe_dump(merged, handle, sort_keys=False)
         resume = latest_checkpoint(root) if entry.get("status") in ("running", "failed", "preempted") else None
         if entry.get("status") in (None, "pending"):
-            for stale in glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True):
-                # a restarted stage never resumes from its previous run (directory checkpoints too)
-                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+            for stale in storage.find(root, ".ckpt"):
+                storage.remove(stale)  # a restarted stage never resumes from its previous run
         entry.update(status="running", config_hash=config_hash(merged), checkpoint=None,
                      started=entry.get("started") or time.time())
         write_state(workdir, state)
@@ -331,6 +340,8 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
         print(f"[{stage.name}] {' '.join(command[2:])}", flush=True)
         started = time.time()
         returncode = _run_forwarding_sigterm(command)
+        if local_root != root:  # the config and logs beside the stage's checkpoints
+            storage.upload(local_root, root)
         if returncode == PREEMPTED_EXIT_CODE:
             entry.update(status="preempted", returncode=returncode)
             write_state(workdir, state)
@@ -341,9 +352,8 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
             write_state(workdir, state)
             raise RuntimeError(f"stage {stage.name!r} failed with exit code {returncode}; "
                                f"logs in {root}. Running the recipe again resumes it from its last checkpoint")
-        with open(os.path.join(root, METRICS_NAME), encoding="utf-8") as handle:
-            metrics = json.load(handle)
-        entry.update(status="done", checkpoint=os.path.join(root, WEIGHTS_NAME),
+        metrics = json.loads(storage.read_text(storage.join(root, METRICS_NAME)))
+        entry.update(status="done", checkpoint=storage.join(root, WEIGHTS_NAME),
                      seconds=round(entry.get("seconds", 0.0) + time.time() - started, 1),
                      metrics={k: metrics[k] for k in ("steps", "final_loss", "eval_accuracy", "eval")})
         write_state(workdir, state)
@@ -373,8 +383,7 @@ def write_summary(recipe: Recipe, workdir: str, state: dict[str, Any]) -> dict[s
                      "eval": metrics.get("eval", {}), "seconds": entry.get("seconds")})
     done = [r for r in rows if r["status"] == "done" and r["eval_accuracy"] is not None]
     summary = {"recipe": recipe.name, "stages": rows, "final_eval_accuracy": done[-1]["eval_accuracy"] if done else None}
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
+    storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     plot_summary(recipe, workdir, rows)
     return summary
 
@@ -392,10 +401,10 @@ def plot_summary(recipe: Recipe, workdir: str, rows: list[dict]) -> None:
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
     for stage in recipe.stages:
-        path = os.path.join(stage_dir(workdir, stage), METRICS_NAME)
-        if not os.path.exists(path):
+        path = storage.join(stage_dir(workdir, stage), METRICS_NAME)
+        if not storage.exists(path):
             continue
-        history = json.load(open(path, encoding="utf-8")).get("loss_history", [])
+        history = json.loads(storage.read_text(path)).get("loss_history", [])
         if history:
             steps = [offset + step for step, _ in history]
             loss_axis.plot(steps, [loss for _, loss in history], label=stage.name)
@@ -412,7 +421,8 @@ def plot_summary(recipe: Recipe, workdir: str, rows: list[dict]) -> None:
     accuracy_axis.set(title="held-out multiple-choice accuracy", xlabel="stage", ylim=(0, 1))
     accuracy_axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(os.path.join(workdir, "summary.png"), dpi=100)
+    with storage.local_output(storage.join(workdir, "summary.png")) as local:
+        figure.savefig(local, dpi=100, format="png")
     plt.close(figure)
 
 

@@ -113,7 +113,7 @@ def test_datamodule_state_resumes_the_same_batches(tmp_path):
         loader.consumed(batch["data_position"])  # trained on four
     head = [batch["sample_ids"] for batch in produced[:4]]
     state = first.state_dict()
-    assert state["train"]["buffer"], "the packer should hold records between rows"
+    assert state["train_by_rank"][0]["buffer"], "the packer should hold records between rows"
 
     resumed = make()
     resumed.load_state_dict(state)

@@ -132,11 +132,3 @@ def test_samples_over_the_budget(tmp_path, stage_yaml, overflow):
     assert record["num_tokens"] <= 60 and record["pixels"].shape[0] % 2 == 0 and record["pixels"].shape[0] < 16
     gaps = np.diff(record["timestamps"])
     assert gaps.max() < 2.5 * gaps.min()  # dropped evenly, not cut from the end
-
-
-def test_s3_output_is_refused_before_any_work(tmp_path, stage_yaml):
-    path = tmp_path / "m.jsonl"
-    path.write_text(json.dumps({"id": "a", "task": "caption", "caption": "x"}) + "\n")
-    result = kangaroo("data", "prepare", "--manifest", str(path), "--output", "s3://bucket-name/prepared",
-                      "--config", stage_yaml())
-    assert result.returncode == 2 and "s3:// is not supported yet" in result.stderr

@@ -79,7 +79,7 @@ SMALL_WORLD = dict(images=24, short_videos=12, dense_videos=12, instruction_vide
 def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3) -> str:
     fast = {"trainer.val_check_interval": 2, "trainer.max_steps": 2, "data.prepare.tokenizer": "${world}/tokenizer",
             "trainer.enable_progress_bar": False,
-            "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "trainer.callbacks": [{"class_path": "kangaroo.checkpoints.StageCheckpoint",
                                    "init_args": {"every_n_train_steps": 1, "save_last": True}}]}
     names = sorted(p.stem for p in TINY.glob("*.yaml"))
     stages = []

@@ -12,6 +12,7 @@ from litdata.streaming.sampler import ChunkedIndex
 
 from kangaroo.data.encode import PrepareConfig
 from kangaroo.data.packing import SequencePacker, collate_rows
+from kangaroo.distributed import own_entry, per_rank
 
 
 class IndexedStreamingDataset(StreamingDataset):
@@ -27,7 +28,7 @@ class IndexedStreamingDataset(StreamingDataset):
 class PackedBatches:
     """Iterates batches of ``rows_per_batch`` packed rows over a ``StreamingDataLoader``.
 
-    Its ``state_dict`` is the loader's state plus the indices of the records waiting in the
+    Its ``position`` is the loader's state plus the indices of the records waiting in the
     packer's buffer: restoring both continues the exact sequence of batches. The state is the one
     after the last batch *trained on* (``consumed``), not the last one produced: the trainer
     fetches a batch ahead, and a checkpoint saved after step k must restart at batch k + 1.
@@ -80,13 +81,15 @@ class PackedBatches:
         while self._pending and next(iter(self._pending)) <= position:
             _, self._consumed = self._pending.popitem(last=False)
 
-    def state_dict(self) -> dict[str, Any]:
+    # Named apart from ``state_dict``: Lightning saves the state of a dataloader that has one from
+    # rank 0 only and loads it into every rank; the data module keeps one position per rank.
+    def position(self) -> dict[str, Any]:
         """The position after the last consumed batch; ``{}`` before the first (start afresh)."""
         if self._consumed is not None:
             return self._consumed
         return self._restored
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         self._restored, self._consumed = dict(state), None
         self._pending.clear()
         self._buffer_to_restore = list(state.get("buffer", []))
@@ -135,7 +138,7 @@ class KangarooDataModule(L.LightningDataModule):
     def train_dataloader(self) -> PackedBatches:
         self._train = self._batches(self.hparams.train_dir, self.hparams.shuffle, train=True)
         if self._pending_state is not None:
-            self._train.load_state_dict(self._pending_state)
+            self._train.restore(self._pending_state)
             self._pending_state = None
         return self._train
 
@@ -152,7 +155,11 @@ class KangarooDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train": self._train.state_dict()} if self._train is not None else {}
+        # every process streams its own share: one position per rank (see kangaroo.distributed)
+        return {"train_by_rank": per_rank(self._train.position())} if self._train is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending_state = state.get("train")
+        if "train_by_rank" in state:
+            self._pending_state = own_entry(state["train_by_rank"], "data positions")
+        else:
+            self._pending_state = state.get("train")

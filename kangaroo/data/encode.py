@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from kangaroo import storage
 from kangaroo.data.manifest import ManifestSample, Reject
 from kangaroo.data.tokenization import ChatEncoder
 from kangaroo.data.transforms import ResizeMode, fit_frames
@@ -113,12 +115,22 @@ class SampleEncoder:
     def _load(self, sample: ManifestSample) -> Media | None:
         if sample.media_type is None:
             return None
-        if sample.media_path.startswith("s3://"):
-            raise MediaError("reading media from s3:// is not supported yet; copy the media locally")
+        if storage.is_remote(sample.media_path):
+            # decoding seeks back and forth: the object is fetched once into a local scratch file
+            with tempfile.TemporaryDirectory(prefix="kangaroo-media-") as scratch:
+                local = os.path.join(scratch, "media" + os.path.splitext(sample.media_path)[1])
+                try:
+                    storage.download(sample.media_path, local)
+                except FileNotFoundError as err:
+                    raise MediaError(f"missing file: {sample.media_path}") from err
+                return self._decode(sample, local)
+        return self._decode(sample, sample.media_path)
+
+    def _decode(self, sample: ManifestSample, path: str) -> Media:
         if sample.media_type == "video":
-            clip = read_video(sample.media_path, self.prepare.sampling)
+            clip = read_video(path, self.prepare.sampling)
             return Media(clip.frames, clip.timestamps)
-        return Media(_read_image(sample.media_path)[None], np.asarray([self._image_time(sample.id)], np.float32))
+        return Media(_read_image(path)[None], np.asarray([self._image_time(sample.id)], np.float32))
 
     def _image_time(self, sample_id: str) -> float:
         return random.Random(f"{self.prepare.seed}:{sample_id}").uniform(0.0, self.prepare.image_max_time)
@@ -154,9 +166,7 @@ def _read_image(path: str) -> np.ndarray:
 
 
 def write_rejects(path: str, rejects: list[Reject]) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        for reject in rejects:
-            out.write(reject.to_json() + "\n")
+    storage.write_text(path, "".join(reject.to_json() + "\n" for reject in rejects))
 
 
 def read_rejects(directory: str) -> list[Reject]:

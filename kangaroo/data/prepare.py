@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import collections
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 
+from kangaroo import storage
 from kangaroo.data.encode import PrepareConfig, SampleEncoder, read_rejects, write_rejects
 from kangaroo.data.manifest import Reject, read_manifest
 
@@ -29,7 +28,7 @@ class PrepareReport:
         lines = [f"prepared {self.prepared} samples into {self.output}; skipped {len(self.rejects)}"]
         lines += [f"  {count:6d}  {reason}" for reason, count in reasons.most_common()]
         if self.rejects:
-            lines.append(f"  details: {os.path.join(self.output, REJECTS_FILE)}")
+            lines.append(f"  details: {storage.join(self.output, REJECTS_FILE)}")
         return "\n".join(lines)
 
 
@@ -48,19 +47,18 @@ def prepare_dataset(
     allowed_roots: list[str] | None = None,
 ) -> PrepareReport:
     """Validates ``manifest``, encodes every usable sample with LitData ``optimize`` into
-    ``output`` and lists the rest in ``output/rejects.jsonl``.
+    ``output`` (a local folder or an ``s3://`` prefix) and lists the rest in
+    ``output/rejects.jsonl``.
 
     Raises ``NothingUsable`` when no sample survives, and ``ValueError`` with ``strict`` when
     any sample is rejected or when ``output`` already holds data and ``overwrite`` is off.
     """
     from litdata import optimize
 
-    if output.startswith("s3://"):
-        raise ValueError(f"preparing into s3:// is not supported yet ({output}); prepare locally and upload the folder")
-    if os.path.isdir(output) and os.listdir(output):
+    if storage.listdir(output):
         if not overwrite:
             raise ValueError(f"{output} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(output)
+        storage.remove(output)
     samples, rejects, seen = [], [], set()
     for item in read_manifest(manifest, allowed_roots):
         if not isinstance(item, Reject) and item.id in seen:
@@ -80,10 +78,10 @@ def prepare_dataset(
         optimize(fn=encoder, inputs=samples, output_dir=output, num_workers=workers, chunk_bytes="64MB",
                  start_method="spawn", mode=None)
         rejects += read_rejects(rejects_dir)
-    write_rejects(os.path.join(output, REJECTS_FILE), rejects)
+    write_rejects(storage.join(output, REJECTS_FILE), rejects)
     report = PrepareReport(output, _count_samples(output), rejects)
     if report.prepared == 0:
-        raise NothingUsable(f"no usable sample in {manifest}; reasons in {os.path.join(output, REJECTS_FILE)}")
+        raise NothingUsable(f"no usable sample in {manifest}; reasons in {storage.join(output, REJECTS_FILE)}")
     if strict and report.rejects:
         raise ValueError(f"--strict: {len(report.rejects)} samples were rejected; see {output}/{REJECTS_FILE}")
     return report
@@ -92,8 +90,7 @@ def prepare_dataset(
 def _count_samples(output: str) -> int:
     import json
 
-    index = os.path.join(output, "index.json")
-    if not os.path.exists(index):
+    index = storage.join(output, "index.json")
+    if not storage.exists(index):
         return 0
-    with open(index, encoding="utf-8") as f:
-        return sum(chunk["chunk_size"] for chunk in json.load(f)["chunks"])
+    return sum(chunk["chunk_size"] for chunk in json.loads(storage.read_text(index))["chunks"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from typing import Any
@@ -14,6 +13,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from kangaroo import storage
+from kangaroo.distributed import own_entry, per_rank
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
 from kangaroo.modules.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.loss import first_answer_tokens, labelled_token_loss
@@ -191,28 +192,30 @@ class KangarooStage(L.LightningModule):
         checkpoint["loss_history"] = [list(item) for item in self.loss_history]
         # Random states (torch, CUDA, numpy, Python) of this process, so that anything random
         # after a resume (dropout, drop path) draws what the uninterrupted run drew.
-        checkpoint["rng_states"] = rng_states()
+        checkpoint["rng_states"] = per_rank(rng_states())  # one entry per process
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loss_history = [tuple(item) for item in checkpoint.get("loss_history", [])]
         # Applied at the first step, not here: setting up the run after this (the loader's
         # iterator among others) may draw from the global generators.
-        self._rng_to_restore = checkpoint.get("rng_states")
+        states = checkpoint.get("rng_states")
+        if isinstance(states, dict):  # a checkpoint from before states were kept per process
+            states = [states]
+        self._rng_to_restore = own_entry(states, "random states") if states else None
 
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
         root = self.trainer.default_root_dir
         if self.export_weights:
-            path = save_weights(self.model, os.path.join(root, WEIGHTS_NAME))
+            path = save_weights(self.model, storage.join(root, WEIGHTS_NAME))
             rank_zero_info(f"stage weights written to {path}")
         metrics = {k: _finite_or_none(float(v)) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         summary = {"steps": self.global_step,
                    "final_loss": self.loss_history[-1][1] if self.loss_history else None,
                    "eval_accuracy": metrics.get("val/accuracy"), "eval": metrics,
                    "loss_history": self.loss_history}
-        with open(os.path.join(root, METRICS_NAME), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=1)
+        storage.write_text(storage.join(root, METRICS_NAME), json.dumps(summary, indent=1))
 
 
 def rng_states() -> dict[str, Any]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections import defaultdict
 
 import torch
 from torch import nn
+
+from kangaroo import storage
 
 log = logging.getLogger(__name__)
 
@@ -16,25 +19,26 @@ WEIGHTS_NAME = "model.safetensors"
 
 def save_weights(model: nn.Module, path: str) -> str:
     """Writes every parameter and persistent buffer of ``model`` to a safetensors file, through
-    a temporary name and a rename, so that a cut-off write never looks finished."""
+    a temporary name and a rename, so that a cut-off write never looks finished (``path`` may
+    be an ``s3://`` URL)."""
     from safetensors.torch import save_model
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    partial = path + ".partial"
-    save_model(model, partial)  # drops tied duplicates; load_weights restores them by alias
-    os.replace(partial, path)
+    with storage.local_output(path) as local:  # a remote path is uploaded with retries
+        save_model(model, local)  # drops tied duplicates; load_weights restores them by alias
     return path
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Reads a safetensors file, a folder holding ``model.safetensors``, or a Lightning/torch
     checkpoint (``weights_only=True``; its ``state_dict``, with the module's ``model.`` prefix
-    removed)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.exists(path):
+    removed). ``path`` may be an ``s3://`` URL."""
+    if storage.isdir(path):
+        path = storage.join(path, WEIGHTS_NAME)
+    if not storage.exists(path):
         raise ValueError(f"init_from: {path} does not exist")
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="kangaroo-weights-") as scratch:
+            return read_state_dict(storage.download(path, os.path.join(scratch, os.path.basename(path))))
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 

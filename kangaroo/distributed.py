@@ -1,0 +1,41 @@
+"""Per-process state in a checkpoint that only rank 0 writes.
+
+Lightning saves the checkpoint of rank 0, but some state differs per process: the data position
+(each rank streams its own share, and the packer's buffer holds that rank's records) and the
+random generators (drop path draws as many numbers as the rank's batch has samples).
+``per_rank`` gathers one value from every process into the list that rank 0 saves;
+``own_entry`` gives a resumed process its own value back. Both are collective calls: every rank
+makes them at the same point (Lightning builds the checkpoint dict on every rank).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def per_rank(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order."""
+    rank, world = _world()
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def own_entry(values: list[Any], what: str) -> Any:
+    """This process's entry of a ``per_rank`` list; a checkpoint from another number of
+    processes is refused with a message naming ``what``."""
+    rank, world = _world()
+    if len(values) != world:
+        raise ValueError(f"the checkpoint holds the {what} of {len(values)} processes, but this run has {world}: "
+                         f"resume with {len(values)} processes to continue exactly")
+    return values[rank]
