@@ -5,6 +5,7 @@ and the tiny recipe end to end with its data and workdir on the server."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -155,6 +156,7 @@ def test_checkpoint_uploads_ride_out_an_outage_and_fail_clearly_past_the_retry_b
     # Down for good after the step-2 checkpoint: the run stops with a clear error once the budget
     # is spent, and the newest checkpoint on the server is a whole one.
     monkeypatch.setenv("KANGAROO_UPLOAD_ATTEMPTS", "3")
+    monkeypatch.setenv("KANGAROO_UPLOAD_BACKOFF", "0.5")
     run = f"s3://{BUCKET}/down"
     process = subprocess.Popen(stage_on_s3(prepared_images, run, tmp_path / "logs2", steps=30),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -179,20 +181,34 @@ def test_checkpoint_uploads_ride_out_an_outage_and_fail_clearly_past_the_retry_b
 
 # -- the tiny recipe on the server ----------------------------------------------------------------
 
-def test_tiny_recipe_runs_end_to_end_with_data_and_workdir_on_s3(s3, tmp_path):
+def test_tiny_recipe_runs_end_to_end_on_s3_and_continues_after_a_sigterm(s3, tmp_path):
+    """Data and workdir on the server; the runner gets SIGTERM (a preemption notice) during
+    stage 3, exits 75, and the next run continues stage 3 from its checkpoint on the server."""
     from test_recipe import SMALL_WORLD, chain_recipe
 
+    from kangaroo.checkpoints import PREEMPTED_EXIT_CODE
     from kangaroo.data.synth import WorldConfig, synthesize
 
     synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
-    recipe = chain_recipe(tmp_path, str(tmp_path / "world"))
+    recipe = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=12)
     work = f"s3://{BUCKET}/runs/chain"
     command = [sys.executable, "-m", "kangaroo.cli", "recipe", "run", recipe, "--workdir", work]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_key(s3, "runs/chain/3-pretrain-refinement/checkpoints/", "step=2.ckpt", runner, timeout=400)
+    runner.send_signal(signal.SIGTERM)  # the runner passes it on to the stage
+    _, stderr = runner.communicate(timeout=120)
+    assert runner.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "stopped for SIGTERM after saving a checkpoint" in stderr
+    state = json.loads(s3.client().get_object(Bucket=BUCKET, Key="runs/chain/recipe-state.json")["Body"].read())
+    stages = sorted(state["stages"])
+    assert [state["stages"][n]["status"] for n in stages] == ["done", "done", "preempted", "pending", "pending"]
+    assert "runs/chain/3-pretrain-refinement/checkpoints/preempted.ckpt" in s3.keys("runs/chain/")
+
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"[3-pretrain-refinement] resuming from {work}/3-pretrain-refinement/checkpoints/" in result.stdout
+    assert "[1-image-pretrain]" not in result.stdout and "[2-video-pretrain]" not in result.stdout
     keys = set(s3.keys("runs/chain/"))
-    stages = ["1-image-pretrain", "2-video-pretrain", "3-pretrain-refinement", "4-instruction-tuning",
-              "5-long-video-tuning"]
     for name in stages:
         for file in ("model.safetensors", "stage-metrics.json", "stage.yaml", "checkpoints/last.ckpt",
                      "data/{}/train/index.json", "data/{}/val/index.json"):
@@ -201,15 +217,16 @@ def test_tiny_recipe_runs_end_to_end_with_data_and_workdir_on_s3(s3, tmp_path):
         assert any(k.startswith(f"runs/chain/{name}/logs/") and k.endswith("metrics.csv") for k in keys), name
     state = json.loads(s3.client().get_object(Bucket=BUCKET, Key="runs/chain/recipe-state.json")["Body"].read())
     assert [state["stages"][n]["status"] for n in stages] == ["done"] * 5
+    assert state["stages"]["3-pretrain-refinement"]["metrics"]["steps"] == 12
     assert state["stages"]["5-long-video-tuning"]["checkpoint"] == f"{work}/5-long-video-tuning/model.safetensors"
     summary = json.loads(s3.client().get_object(Bucket=BUCKET, Key="runs/chain/summary.json")["Body"].read())
     assert [s["name"] for s in summary["stages"]] == stages and summary["final_eval_accuracy"] is not None
     assert "runs/chain/summary.png" in keys
     stage2 = s3.client().get_object(Bucket=BUCKET, Key="runs/chain/2-video-pretrain/stage.yaml")["Body"].read().decode()
     assert f"init_from: {work}/1-image-pretrain/model.safetensors" in stage2
-    assert not list(Path(tmp_path).glob("s3:*")), "nothing written to a local folder named after the URL"
+    assert not list(Path(tmp_path).glob("s3:*")) and not list(ROOT.glob("s3:*")), "no local folder named after a URL"
 
-    # A second run finds every stage done on the server and trains nothing.
+    # A further run finds every stage done on the server and trains nothing.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "kangaroo.cli fit" not in again.stdout and "final held-out accuracy" in again.stdout
