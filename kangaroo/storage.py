@@ -196,14 +196,10 @@ def local_output(path: str, durable: bool = False) -> Iterator[str]:
 
 
 def upload(local: str, remote: str, attempts: int | None = None, backoff: float | None = None) -> None:
-    """Copies a local file or folder to ``remote`` (retried, see ``with_retries``)."""
+    """Copies a local file or folder to the object store at ``remote`` (retried, see
+    ``with_retries``)."""
     if not is_remote(remote):
-        if os.path.isdir(local):
-            shutil.copytree(local, remote, dirs_exist_ok=True)
-        else:
-            with local_output(remote) as partial:
-                shutil.copyfile(local, partial)
-        return
+        raise ValueError(f"upload: {remote} is not an object-store URL")
     fs, name = filesystem(remote)
 
     def put() -> None:
