@@ -319,8 +319,7 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
     for stage in todo:
         entry = state["stages"][stage.name]
         root, local_root = stage_dir(workdir, stage), local_stage_dir(workdir, stage)
-        storage.makedirs(root)
-        os.makedirs(local_root, exist_ok=True)
+        os.makedirs(local_root, exist_ok=True)  # the stage folder itself for a local workdir
         merged = merged_config(recipe, stage, workdir)
         merged_path = os.path.join(local_root, "stage.yaml")
         with open(merged_path, "w", encoding="utf-8") as handle:

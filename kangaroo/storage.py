@@ -73,11 +73,6 @@ def isdir(path: str) -> bool:
     return fs.isdir(name)
 
 
-def makedirs(path: str) -> None:
-    if not is_remote(path):  # object stores have no folders to make
-        os.makedirs(path, exist_ok=True)
-
-
 def remove(path: str) -> None:
     """Removes a file or a folder (recursively); a missing path is not an error."""
     if not is_remote(path):

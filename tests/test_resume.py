@@ -210,3 +210,11 @@ def test_a_write_cut_off_never_takes_the_checkpoint_name(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["global_step"] == 1, "the previous checkpoint is intact"
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_checkpoint_from_another_number_of_processes_is_refused_with_a_message():
+    from kangaroo.distributed import own_entry, per_rank
+
+    assert own_entry(per_rank({"buffer": [3]}), "data positions") == {"buffer": [3]}
+    with pytest.raises(ValueError, match="holds the data positions of 2 processes, but this run has 1: resume with 2"):
+        own_entry([{"buffer": [3]}, {"buffer": [4]}], "data positions")
