@@ -68,6 +68,14 @@ def _synth_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate_command(args: argparse.Namespace) -> int:
+    from kangaroo.parallel import consolidate_checkpoint
+
+    output = args.output or os.path.splitext(args.checkpoint.rstrip("/"))[0] + ".safetensors"
+    print(f"weights of {args.checkpoint} written to {consolidate_checkpoint(args.checkpoint, output)}")
+    return 0
+
+
 def _recipe_workdir(recipe, args: argparse.Namespace) -> str:
     return args.workdir or recipe.workdir or os.path.join("runs", recipe.name)
 
@@ -138,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace a world made with other settings")
     synth.set_defaults(handler=_synth_command)
+
+    checkpoint = commands.add_parser("checkpoint", help="work with stage checkpoints").add_subparsers(
+        dest="checkpoint_command", required=True)
+    consolidate = checkpoint.add_parser(
+        "consolidate", help="write the model weights of a sharded (FSDP2) checkpoint folder to one safetensors file")
+    consolidate.add_argument("checkpoint", help="a sharded checkpoint folder (e.g. checkpoints/step=1000.ckpt)")
+    consolidate.add_argument("--output", help="the safetensors file (default: beside the folder, "
+                             "step=1000.ckpt -> step=1000.safetensors)")
+    consolidate.set_defaults(handler=_consolidate_command)
 
     recipe = commands.add_parser("recipe", help="run or inspect a chain of stages").add_subparsers(
         dest="recipe_command", required=True)

@@ -88,14 +88,14 @@ def uninterrupted(image_data, tmp_path_factory):
 
 
 def assert_same_run(run: Path, reference: tuple[list[dict], dict], resumed_at: int, rank: int = 0,
-                    epoch: int = 30) -> None:
+                    epoch: int = 30, steps: int = STEPS) -> None:
     lines, final = reference
     seen = steps_of(run, rank)
-    after = [line for line in seen if line["step"] >= resumed_at][-(STEPS - resumed_at):]
+    after = [line for line in seen if line["step"] >= resumed_at][-(steps - resumed_at):]
     assert after == lines[resumed_at:], f"rank {rank}: after the resume point, the same samples in the same order"
     trained = {line["step"]: line["ids"] for line in seen}  # a step cut off by the kill is redone
-    assert [trained[s] for s in range(STEPS)] == [line["ids"] for line in lines]
-    ids = [i for s in range(STEPS) for i in trained[s]]
+    assert [trained[s] for s in range(steps)] == [line["ids"] for line in lines]
+    ids = [i for s in range(steps) for i in trained[s]]
     assert len(set(ids[:epoch])) == epoch, f"rank {rank}: no sample twice in an epoch"
     if epoch == 30:
         assert sorted(ids[:epoch]) == sorted(f"img-{i}" for i in range(30)), "none skipped in an epoch"
@@ -105,10 +105,10 @@ def assert_same_run(run: Path, reference: tuple[list[dict], dict], resumed_at: i
         torch.testing.assert_close(mine[name], final[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def kill_at_a_random_step(command: list[str], run: Path) -> int:
+def kill_at_a_random_step(command: list[str], run: Path, steps: int = STEPS) -> int:
     """Starts ``command`` and SIGKILLs it (every process of it) once a random step after the
     first checkpoint has started; returns that step."""
-    kill_after = random.Random().randint(EVERY + 1, STEPS - 2)
+    kill_after = random.Random().randint(EVERY + 1, steps - 2)
     print(f"killing once step {kill_after} has started")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kangaroo.modules.loss import labelled_token_loss
+from kangaroo.modules.loss import first_answer_tokens, labelled_token_loss
 from kangaroo.modules.patchify import SpatialTemporalPatchify
 from kangaroo.modules.temporal_embedding import TemporalPositionEmbedding
 from kangaroo.modules.vision_tower import VisionTower
@@ -55,6 +55,9 @@ class KangarooOutput:
     num_label_tokens: torch.Tensor | None
     logits: torch.Tensor | None = None
     """``(b, s, vocab)``, only when asked for: never materialised during training."""
+    answers: tuple[torch.Tensor, torch.Tensor] | None = None
+    """``(predicted, target)`` first answer token of every labelled sample, when asked for
+    (``first_answers=True``; see ``kangaroo.modules.loss.first_answer_tokens``)."""
 
 
 class KangarooModel(nn.Module):
@@ -87,6 +90,10 @@ class KangarooModel(nn.Module):
         self.language_model = language_model
         self.visual_tokens = visual_tokens
         self.loss_chunk_size = loss_chunk_size
+        self.always_run_vision = False
+        """Run the vision tower on a blank frame when the inputs hold no media, its output
+        multiplied by zero: set under data parallelism, where a rank whose batch is text only
+        must still take part in the tower's collectives (gradient reduction, FSDP gathers)."""
         vocab = language_model.get_input_embeddings().num_embeddings
         if max(vars(visual_tokens).values()) >= vocab:
             raise ValueError(f"visual token ids {visual_tokens} do not fit the language model's vocabulary of {vocab}")
@@ -153,6 +160,11 @@ class KangarooModel(nn.Module):
         if pixel_values is None:
             if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but no pixel_values were given")
+            if self.always_run_vision:
+                size = self.vision_tower.image_size
+                blank = embeds.new_zeros((1, 3, size, size), dtype=torch.float32)
+                features = self.get_visual_features(blank, blank.new_zeros(1), torch.ones(1, dtype=torch.long))
+                embeds = embeds + features.sum().to(embeds.dtype) * 0.0
             return embeds
         if timestamps is None or frame_counts is None:
             raise ValueError("pixel_values need timestamps and frame_counts")
@@ -194,7 +206,10 @@ class KangarooModel(nn.Module):
         frame_counts: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
+        first_answers: bool = False,
     ) -> KangarooOutput:
+        """Everything the output head computes happens here, inside ``forward``: a sharded
+        (FSDP2) model gathers its parameters around this call."""
         hidden = self.hidden_states(input_ids, position_ids, pixel_values, timestamps, frame_counts, attention_mask)
         head = self.output_head
         logits = head(hidden) if return_logits else None
@@ -202,4 +217,5 @@ class KangarooModel(nn.Module):
             return KangarooOutput(loss=None, loss_sum=None, num_label_tokens=None, logits=logits)
         loss_sum, count = labelled_token_loss(hidden, labels, head, position_ids, self.loss_chunk_size)
         loss = loss_sum / count.clamp(min=1)
-        return KangarooOutput(loss=loss, loss_sum=loss_sum, num_label_tokens=count, logits=logits)
+        answers = first_answer_tokens(hidden, labels, head, position_ids) if first_answers else None
+        return KangarooOutput(loss=loss, loss_sum=loss_sum, num_label_tokens=count, logits=logits, answers=answers)

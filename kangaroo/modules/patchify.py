@@ -72,4 +72,6 @@ class SpatialTemporalPatchify(nn.Module):
         if t == 1:
             grid = grid.expand(self.kernel[0], -1, -1, -1)
         x = grid.permute(3, 0, 1, 2).unsqueeze(0)  # (1, c, t, h, w)
-        return self.conv(x).squeeze(0).permute(1, 2, 3, 0)
+        # a fresh tensor, not a view (the next reshape would copy anyway): a sharded (FSDP2)
+        # module's backward hook sits on its output
+        return self.conv(x).squeeze(0).permute(1, 2, 3, 0).clone(memory_format=torch.contiguous_format)

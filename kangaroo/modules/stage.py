@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
@@ -17,10 +18,10 @@ from kangaroo import storage
 from kangaroo.distributed import own_entry, per_rank
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
 from kangaroo.modules.freezing import apply_trainable, check_trainable_spec, format_table
-from kangaroo.modules.loss import first_answer_tokens, labelled_token_loss
 from kangaroo.modules.model import PART_NAMES, KangarooModel
 from kangaroo.modules.optim import OptimizerConfig, parameter_groups, warmup_cosine
-from kangaroo.modules.weights import WEIGHTS_NAME, load_weights, save_weights
+from kangaroo.modules.weights import WEIGHTS_NAME, load_weights, save_state_dict, save_weights
+from kangaroo.parallel import FSDP2Strategy, full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class KangarooStage(L.LightningModule):
         self.val_accuracy = MeanMetric()
         self.group_accuracy = torch.nn.ModuleDict({g: MeanMetric() for g in self.accuracy_groups})
         self._step_started = 0.0
+        self._shown_loss = torch.tensor(float("nan"))
         self.trainable_rows: list[dict] = []
         self.loss_history: list[tuple[int, float]] = []
 
@@ -99,19 +101,26 @@ class KangarooStage(L.LightningModule):
             loaded = load_weights(model, self.init_from, self.new_parts)
             log.info("initialised from %s (new parts kept as built: %s)", self.init_from, loaded["new"] or "none")
         self.trainable_rows = apply_trainable(model, self.trainable, self.trainable_patterns)
-        self.model = model.train()  # from_pretrained hands back eval mode
+        model.train()  # from_pretrained hands back eval mode
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.parallelize(model)
+        elif isinstance(strategy, ModelParallelStrategy):
+            raise TypeError("use kangaroo.parallel.FSDP2Strategy as the trainer strategy: it knows how to shard "
+                            f"this model (got {type(strategy).__name__}, which would leave it unsharded)")
+        elif strategy is not None and strategy.world_size > 1:
+            model.always_run_vision = True  # DDP: text-only ranks still produce the tower's gradients
+        self.model = model
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"trainable parts:\n{format_table(self.trainable_rows)}")
 
     # -- training ----------------------------------------------------------------------------
 
-    def _forward(self, batch: dict[str, Any]):
+    def _forward(self, batch: dict[str, Any], first_answers: bool = False):
+        # through the model's forward: a sharded model gathers its weights around that call
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        hidden = self.model.hidden_states(**inputs)
-        loss_sum, count = labelled_token_loss(hidden, batch["labels"], self.model.output_head,
-                                              batch["position_ids"], self.model.loss_chunk_size)
-        return hidden, loss_sum, count
+        return self.model(**inputs, labels=batch["labels"], first_answers=first_answers)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # the first step after a resume draws what it would have
@@ -120,11 +129,24 @@ class KangarooStage(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        _, loss_sum, count = self._forward(batch)
-        loss = loss_sum / count.clamp(min=1)
+        output = self._forward(batch)
+        loss_sum, count = output.loss_sum, output.num_label_tokens
+        world = self.trainer.world_size
+        if world > 1:
+            # The mean over the labelled tokens of the global batch: data parallelism averages
+            # gradients over processes, so each one scales its sum by world / global count.
+            # Ranks holding more answer tokens weigh more, exactly as in one process.
+            total = self.trainer.strategy.reduce(count.detach().float(), reduce_op="sum")
+            loss = loss_sum * world / total.clamp(min=1)
+            shown = self.trainer.strategy.reduce(loss_sum.detach().clone(), reduce_op="sum") / total.clamp(min=1)
+        else:
+            total = count.float()
+            loss = loss_sum / count.clamp(min=1)
+            shown = loss.detach()
         rows = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
-        self.log("train/label_tokens", count.float(), batch_size=rows)
+        self.log("train/loss", shown, prog_bar=True, batch_size=rows)
+        self.log("train/label_tokens", total, batch_size=rows)
+        self._shown_loss = shown
         if "packing_efficiency" in batch:
             self.log("train/packing_efficiency", float(batch["packing_efficiency"]), batch_size=rows)
         return loss
@@ -132,9 +154,8 @@ class KangarooStage(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
         rows = batch["input_ids"].shape[0]
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.loss_history.append((self.global_step, float(loss)))
+        if outputs is not None:  # the global batch's mean loss
+            self.loss_history.append((self.global_step, float(self._shown_loss)))
         if elapsed > 0 and "num_tokens" in batch:
             self.log("train/tokens_per_s", batch["num_tokens"] / elapsed, prog_bar=True, batch_size=rows)
         for index, group in enumerate(self.optimizers().optimizer.param_groups):
@@ -143,10 +164,11 @@ class KangarooStage(L.LightningModule):
     # -- evaluation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        hidden, loss_sum, count = self._forward(batch)
+        output = self._forward(batch, first_answers=True)
+        loss_sum, count = output.loss_sum, output.num_label_tokens
         if count > 0:
             self.val_loss.update(loss_sum / count, weight=count)
-        predicted, target = first_answer_tokens(hidden, batch["labels"], self.model.output_head, batch["position_ids"])
+        predicted, target = output.answers
         tasks = batch.get("tasks") or [""] * len(predicted)
         groups = batch.get("categories") or [""] * len(predicted)
         if len(tasks) != len(predicted):
@@ -204,11 +226,15 @@ class KangarooStage(L.LightningModule):
         self._rng_to_restore = own_entry(states, "random states") if states else None
 
     def on_fit_end(self) -> None:
+        root = self.trainer.default_root_dir
+        sharded = is_sharded(self.model)
+        # under FSDP2 every process takes part in gathering the full weights
+        state = full_state_dict(self.model) if self.export_weights and sharded else None
         if not self.trainer.is_global_zero:
             return
-        root = self.trainer.default_root_dir
         if self.export_weights:
-            path = save_weights(self.model, storage.join(root, WEIGHTS_NAME))
+            target = storage.join(root, WEIGHTS_NAME)
+            path = save_state_dict(state, target) if sharded else save_weights(self.model, target)
             rank_zero_info(f"stage weights written to {path}")
         metrics = {k: _finite_or_none(float(v)) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         summary = {"steps": self.global_step,

@@ -67,7 +67,9 @@ class VisionTower(nn.Module):
                 f"vision tower expects {self.image_size}x{self.image_size} frames, got {tuple(pixels.shape[-2:])}"
             )
         tokens = self.trunk.forward_features(pixels)
-        return tokens[:, self.trunk.num_prefix_tokens :]
+        prefix = self.trunk.num_prefix_tokens
+        # a fresh tensor, not a view: a sharded (FSDP2) tower's backward hook sits on its output
+        return tokens[:, prefix:].clone(memory_format=torch.contiguous_format) if prefix else tokens
 
 
 def build_vision_tower(config: VisionTowerConfig, load_weights: bool = False) -> VisionTower:

@@ -28,10 +28,32 @@ def save_weights(model: nn.Module, path: str) -> str:
     return path
 
 
+def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
+    """Writes a state dict (the gathered weights of a sharded model) to a safetensors file like
+    ``save_weights``; tensors sharing memory (tied embeddings) are written once each."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for key, value in state.items():
+        value = value.detach().cpu()
+        where = (value.untyped_storage().data_ptr(), value.storage_offset())
+        tensors[key] = value.clone().contiguous() if where in seen else value.contiguous()
+        seen.add(where)
+    with storage.local_output(path) as local:
+        save_file(tensors, local)
+    return path
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file, a folder holding ``model.safetensors``, or a Lightning/torch
-    checkpoint (``weights_only=True``; its ``state_dict``, with the module's ``model.`` prefix
-    removed). ``path`` may be an ``s3://`` URL."""
+    """Reads a safetensors file, a folder holding ``model.safetensors``, a sharded checkpoint
+    folder (written by any number of processes), or a Lightning/torch checkpoint
+    (``weights_only=True``; its ``state_dict``, with the module's ``model.`` prefix removed).
+    ``path`` may be an ``s3://`` URL."""
+    from kangaroo.parallel import is_distributed_checkpoint, read_distributed_weights
+
+    if is_distributed_checkpoint(path):
+        return read_distributed_weights(path)
     if storage.isdir(path):
         path = storage.join(path, WEIGHTS_NAME)
     if not storage.exists(path):

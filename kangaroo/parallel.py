@@ -1,0 +1,261 @@
+"""Sharded training with FSDP2 (``torch.distributed.fsdp.fully_shard``) on Lightning's
+``ModelParallelStrategy``, which runs on GPUs with NCCL and on CPU processes with gloo (so the
+tests run it for real).
+
+``FSDP2Strategy`` is the ``trainer.strategy`` of a stage config. The stage's ``configure_model``
+builds the model whole (and loads ``init_from``), then hands it to ``FSDP2Strategy.parallelize``,
+which works from outside the model code:
+
+1. activation checkpointing per block, on or off per part (the ViT blocks through timm's own
+   ``set_grad_checkpointing``, the decoder layers through transformers'
+   ``activation_checkpointing_enable``: both libraries' maintained switches, which keep parameter
+   names unchanged, so checkpoints and optimizer groups read the same with or without it);
+2. ``fully_shard`` per ViT block, per LLM decoder layer (the classes the model lists in
+   ``_no_split_modules``), then per part (the rest of the vision tower, patchify, projector: a
+   frozen part is always a unit of its own, so no unit mixes frozen and trained parts), and the
+   root (``KangarooModel``) last, which holds the LLM's embeddings, final norm and output head;
+3. mixed precision: parameters gathered in ``param_dtype`` (bf16 where the hardware has it),
+   gradients reduced in ``reduce_dtype`` (fp32); the sharded master weights stay fp32. The root and
+   the temporal embedding keep their inputs uncast: frame timestamps reach the sinusoid in fp32
+   (bf16 would round 200.25 s to 200 s).
+
+It raises if the vision tower or the language model has nothing to wrap.
+
+Sharded checkpoints are torch distributed checkpoints (a folder: one file per process, the
+metadata, Lightning's ``meta.pt``), loadable into any number of processes; the folder gets its
+``COMPLETE`` marker after every process has written its part, and only such folders are resumed
+from. The stage still writes the consolidated ``model.safetensors`` at its end for the next stage.
+``consolidate_checkpoint`` turns a sharded checkpoint into one safetensors file offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from kangaroo import storage
+
+log = logging.getLogger(__name__)
+
+SHARDED_PARTS = ("vision_tower", "language_model")
+"""Parts with blocks: activation checkpointing is set per part for these."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DCP_METADATA = ".metadata"
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2) over all processes; see the module docstring.
+
+    Args:
+        activation_checkpointing: per part (``vision_tower``, ``language_model``) whether each
+            block recomputes its activations in the backward pass; a bool sets both.
+        param_dtype: dtype of gathered parameters for compute: ``auto`` is ``bfloat16`` on a
+            GPU that has it and ``float32`` otherwise; or ``bfloat16``, ``float16``, ``float32``.
+        reduce_dtype: dtype of the gradient reduce-scatter (``float32``).
+        reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3);
+            ``False`` keeps them until the backward (ZeRO-2: more memory, fewer gathers).
+        save_distributed_checkpoint: sharded checkpoints (one file per process); ``False``
+            gathers a full checkpoint into one file on rank 0.
+        process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs by default.
+        timeout: of collectives; a hung rank fails the run after it.
+    """
+
+    def __init__(
+        self,
+        activation_checkpointing: bool | dict[str, bool] = False,
+        param_dtype: str = "auto",
+        reduce_dtype: str = "float32",
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+    ) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        if isinstance(activation_checkpointing, bool):
+            activation_checkpointing = dict.fromkeys(SHARDED_PARTS, activation_checkpointing)
+        unknown = sorted(set(activation_checkpointing) - set(SHARDED_PARTS))
+        if unknown:
+            raise ValueError(f"activation_checkpointing: unknown part(s) {unknown}; parts with blocks are "
+                             f"{list(SHARDED_PARTS)}")
+        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value not in DTYPES and not (name == "param_dtype" and value == "auto"):
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}{' or auto' if name == 'param_dtype' else ''}, "
+                                 f"got {value!r}")
+        self.activation_checkpointing = {part: bool(activation_checkpointing.get(part, False)) for part in SHARDED_PARTS}
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+        self.reshard_after_forward = reshard_after_forward
+        self.units: list[str] = []
+
+    def setup_environment(self) -> None:
+        # every process is one data-parallel shard (Lightning's "auto" would mean one per node)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    # -- sharding ------------------------------------------------------------------------------
+
+    def compute_dtype(self) -> torch.dtype:
+        if self.param_dtype != "auto":
+            return DTYPES[self.param_dtype]
+        device = self.root_device
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    def parallelize(self, model: nn.Module) -> list[str]:
+        """Applies activation checkpointing and ``fully_shard`` to a ``KangarooModel`` in place;
+        returns the names of the units (the root last)."""
+        self.units = shard_model(model, self.device_mesh["data_parallel"], self.activation_checkpointing,
+                                 param_dtype=self.compute_dtype(), reduce_dtype=DTYPES[self.reduce_dtype],
+                                 reshard_after_forward=self.reshard_after_forward)
+        log.info("FSDP2: %d units over %d processes, activation checkpointing %s, compute dtype %s",
+                 len(self.units), self.world_size, self.activation_checkpointing, self.compute_dtype())
+        return self.units
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from kangaroo.checkpoints import COMPLETE_MARKER
+
+        if storage.is_remote(str(filepath)):
+            raise ValueError(f"sharded checkpoints are written to a local or shared file system, not {filepath}: "
+                             "set the stage's default_root_dir to a shared folder, or "
+                             "strategy.save_distributed_checkpoint=false for one gathered file")
+        path = Path(self.broadcast(str(filepath)))
+        if self.global_rank == 0 and path.is_dir():
+            # a checkpoint saved again under its name (``last.ckpt``): its old shards go first, so
+            # none from another number of processes stays behind, and it has no marker until whole
+            storage.remove(str(path))
+        self.barrier()
+        super().save_checkpoint(checkpoint, path, storage_options)
+        self.barrier()  # every process has written its shard
+        if self.global_rank == 0:
+            with open(path / COMPLETE_MARKER, "w") as handle:
+                handle.write("complete\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+def shard_model(
+    model: nn.Module,
+    mesh,
+    activation_checkpointing: dict[str, bool],
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> list[str]:
+    """Activation checkpointing, then ``fully_shard`` per block, per part, and the root (see the
+    module docstring). Returns the unit names; raises if a part with blocks has none."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    vision, llm = model.vision_tower, model.language_model
+    blocks = list(getattr(vision.trunk, "blocks", []))
+    layers = decoder_layers(llm)
+    if not blocks:
+        raise ValueError(f"FSDP2: the vision tower ({type(vision.trunk).__name__}) has no `blocks` to shard")
+    if not layers:
+        raise ValueError(f"FSDP2: found no decoder layers in the language model ({type(llm).__name__}): it lists "
+                         f"{getattr(llm, '_no_split_modules', None)!r} as _no_split_modules; nothing would be sharded")
+    apply_activation_checkpointing(model, activation_checkpointing)
+
+    cast = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    keep_inputs = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    names = {id(module): name for name, module in model.named_modules()}
+    units: list[str] = []
+
+    def shard(module: nn.Module, policy=cast) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        units.append(names[id(module)])
+
+    for module in [*blocks, *layers]:
+        shard(module)
+    shard(vision)
+    for part in ("patchify", "projector"):
+        module = getattr(model, part)
+        if module is not None and any(True for _ in module.parameters()):
+            shard(module)
+    temporal = model.temporal_embedding
+    if any(True for _ in temporal.parameters()):
+        shard(temporal, keep_inputs)
+    # the root: LLM embeddings, final norm and output head; the frame timestamps pass uncast
+    fully_shard(model, mesh=mesh, mp_policy=keep_inputs, reshard_after_forward=reshard_after_forward)
+    units.append("(root)")
+    model.always_run_vision = True  # a rank with text-only rows still joins the tower's collectives
+    return units
+
+
+def apply_activation_checkpointing(model: nn.Module, parts: dict[str, bool]) -> None:
+    """Per block recomputation in the backward pass, for the parts set to ``True``."""
+    if parts.get("vision_tower"):
+        model.vision_tower.trunk.set_grad_checkpointing(True)
+    if parts.get("language_model"):
+        llm = model.language_model
+        if hasattr(llm, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def decoder_layers(language_model: nn.Module) -> list[nn.Module]:
+    """The LLM's repeated blocks: modules of the classes it names in ``_no_split_modules``
+    (``LlamaDecoderLayer`` for Llama), which transformers keeps for exactly this purpose."""
+    classes = set(getattr(language_model, "_no_split_modules", None) or ())
+    return [m for m in language_model.modules() if type(m).__name__ in classes]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU: gathered from every process under FSDP2 (a collective
+    call: every rank makes it; only rank 0 receives the tensors), the plain state dict otherwise."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def is_distributed_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_METADATA))
+
+
+def read_distributed_weights(path: str) -> dict[str, torch.Tensor]:
+    """The model weights of a sharded checkpoint folder, read whole into this one process
+    (any number of processes may have written it). Keys lose the stage's ``model.`` prefix."""
+    # torch's public DCP loader needs a state dict of the right shapes to fill; reading without
+    # one is what torch's own ``dcp_to_torch_save`` does, through these two names.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if not is_distributed_checkpoint(path):
+        raise ValueError(f"{path} is not a sharded checkpoint folder (no {DCP_METADATA})")
+    loaded: dict[str, Any] = {}
+    _load_state_dict(loaded, storage_reader=FileSystemReader(path),
+                     planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+    state = loaded.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"sharded checkpoint {path} holds no model state_dict")
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+
+def consolidate_checkpoint(path: str, output: str) -> str:
+    """Writes the weights of the sharded checkpoint ``path`` to the safetensors file ``output``."""
+    from kangaroo.modules.weights import save_state_dict
+
+    return save_state_dict(read_distributed_weights(path), output)

@@ -1,0 +1,119 @@
+"""A tiny stage fitted on fixed global batches, on 1 process or sharded over several (FSDP2).
+
+Run by tests/test_parallel.py as a script (Lightning's launcher starts the other processes by
+running this file again). Every step's global batch is the same whatever the number of
+processes: two samples, packed into one row on 1 process, one row per process on 2. At steps 1
+and 4 the second sample is text only, so on 2 processes rank 1 has no video while rank 0 has one.
+
+Writes ``OUT/losses.json`` (the stage's global-batch loss per step), ``OUT/media.rank{r}.json``
+(steps at which the rank's batch held frames) and ``OUT/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import lightning as L
+import torch
+
+from kangaroo.modules import IGNORE_INDEX, KangarooConfig, LanguageModelConfig, PatchifyConfig, VisionTowerConfig
+from kangaroo.modules.optim import OptimizerConfig
+from kangaroo.modules.sizes import TINY_VISUAL_TOKENS
+from kangaroo.modules.stage import KangarooStage
+
+TEXT_ONLY = {(1, 1)}
+"""(step, sample) pairs without media."""
+IMAGE_SIZE, FRAMES = 28, 2
+
+
+def architecture() -> KangarooConfig:
+    return KangarooConfig(
+        vision_tower=VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=IMAGE_SIZE,
+                                       timm_kwargs={"depth": 2}),
+        language_model=LanguageModelConfig(architecture={
+            "model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}),
+        visual_tokens=TINY_VISUAL_TOKENS,
+        patchify=PatchifyConfig(kernel=(2, 2, 2)),
+    )
+
+
+def sample(step: int, index: int, placeholder_ids) -> dict:
+    """Three global batches in turn, so that the loss falls within a few steps."""
+    step = step % 3
+    g = torch.Generator().manual_seed(1000 * step + index)
+    answer = torch.randint(1, 1000, (3 + 4 * index + step % 3,), generator=g).tolist()  # unequal counts per rank
+    prompt = torch.randint(1, 1000, (4,), generator=g).tolist()
+    if (step, index) in TEXT_ONLY:
+        ids, pixels, times = prompt, None, None
+    else:
+        ids = prompt[:2] + placeholder_ids(FRAMES) + prompt[2:]
+        pixels = torch.randn(FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        times = torch.tensor([0.5 * step, 0.5 * step + 1.25])
+    return {"ids": ids + answer, "labels": [IGNORE_INDEX] * len(ids) + answer, "pixels": pixels, "times": times}
+
+
+def pack(samples: list[dict]) -> dict:
+    with_media = [s for s in samples if s["pixels"] is not None]
+    batch = {
+        "input_ids": torch.tensor([sum((s["ids"] for s in samples), [])]),
+        "labels": torch.tensor([sum((s["labels"] for s in samples), [])]),
+        "position_ids": torch.tensor([sum((list(range(len(s["ids"]))) for s in samples), [])]),
+    }
+    if with_media:
+        batch.update(pixel_values=torch.cat([s["pixels"] for s in with_media]),
+                     timestamps=torch.cat([s["times"] for s in with_media]),
+                     frame_counts=torch.tensor([FRAMES] * len(with_media)))
+    return batch
+
+
+class FixedBatches(L.LightningDataModule):
+    def __init__(self, steps: int, out: str) -> None:
+        super().__init__()
+        self.steps, self.out = steps, out
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        layout = trainer.lightning_module.model.placeholder_ids
+        rank, world = trainer.global_rank, trainer.world_size
+        batches = []
+        for step in range(self.steps):
+            samples = [sample(step, i, layout) for i in range(2)]
+            mine = samples if world == 1 else samples[rank::world]
+            batches.append(pack(mine))
+        media = [step for step, b in enumerate(batches) if "pixel_values" in b]
+        with open(os.path.join(self.out, f"media.rank{rank}.json"), "w") as handle:
+            json.dump(media, handle)
+        return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    L.seed_everything(0)
+    stage = KangarooStage(architecture(), trainable={"vision_tower": True, "patchify": True, "projector": True,
+                                                     "language_model": True},
+                          optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-4))
+    strategy = "auto"
+    if args.devices > 1:
+        from kangaroo.parallel import FSDP2Strategy
+
+        strategy = FSDP2Strategy(activation_checkpointing=True)
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+                        gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        default_root_dir=args.out, limit_val_batches=0)
+    trainer.fit(stage, FixedBatches(args.steps, args.out))
+    if trainer.is_global_zero:
+        with open(os.path.join(args.out, "losses.json"), "w") as handle:
+            json.dump([loss for _, loss in stage.loss_history], handle)
+
+
+if __name__ == "__main__":
+    main()

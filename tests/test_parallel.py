@@ -1,0 +1,133 @@
+"""FSDP2 sharding (kangaroo.parallel) on CPU processes with gloo: the same training as one
+process, text-only ranks beside video ranks, sharded checkpoints that resume exactly and
+consolidate into weights one process loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kangaroo.checkpoints import COMPLETE_MARKER, latest_checkpoint
+from kangaroo.modules import kangaroo_tiny
+from kangaroo.parallel import apply_activation_checkpointing, shard_model
+from test_resume import assert_same_run, fit_command, image_data, kill_at_a_random_step, steps_of  # noqa: F401
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+FSDP = ("--trainer.devices=2", "--trainer.strategy.class_path=kangaroo.parallel.FSDP2Strategy",
+        "--trainer.strategy.init_args.activation_checkpointing=true")
+STEPS = 12  # a multiple of the checkpoint interval (3): the last checkpoint holds the final weights
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``command``; a hung collective fails the test at ``timeout`` instead of hanging it."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory):
+    """tests/fsdp_worker.py on 1 process (plain) and on 2 (FSDP2 with activation checkpointing)."""
+    outputs = {}
+    for devices in (1, 2):
+        out = tmp_path_factory.mktemp(f"worker-{devices}")
+        run([sys.executable, str(WORKER), "--devices", str(devices), "--out", str(out)], timeout=240)
+        outputs[devices] = out
+    return outputs
+
+
+def test_two_sharded_processes_follow_the_one_process_loss_curve(worker_runs):
+    one, two = (json.loads((worker_runs[n] / "losses.json").read_text()) for n in (1, 2))
+    assert len(one) == len(two) == 6
+    assert one[-1] < one[0] - 0.5, f"the runs train: {one}"
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
+    weights = [load_file(worker_runs[n] / "model.safetensors") for n in (1, 2)]
+    assert set(weights[0]) == set(weights[1])
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_text_only_rank_beside_a_video_rank_finishes_its_steps(worker_runs):
+    media = {rank: json.loads((worker_runs[2] / f"media.rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert media[0] == [0, 1, 2, 3, 4, 5]
+    assert media[1] == [0, 2, 3, 5], "rank 1 had text only at steps 1 and 4"
+    assert len(json.loads((worker_runs[2] / "losses.json").read_text())) == 6, "every step finished"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from conftest import collate, make_sample
+
+    torch.manual_seed(0)
+    plain = kangaroo_tiny(image_size=56).train()
+    checkpointed = kangaroo_tiny(image_size=56).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed, {"vision_tower": True, "language_model": True})
+    assert checkpointed.vision_tower.trunk.grad_checkpointing and checkpointed.language_model.is_activation_checkpointing
+    batch = collate([make_sample(plain, frames=4, text_len=6, seed=1), make_sample(plain, frames=2, text_len=3, seed=2)])
+    for model in (plain, checkpointed):
+        model(**batch).loss.backward()
+    grads = dict(plain.named_parameters())
+    compared = 0
+    for name, param in checkpointed.named_parameters():
+        assert (param.grad is None) == (grads[name].grad is None), name  # None: unused (the ViT's pooling norm)
+        if param.grad is None:
+            continue
+        compared += 1
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert compared > 0.9 * len(grads)
+
+
+def test_a_language_model_without_known_blocks_is_refused_before_sharding():
+    model = kangaroo_tiny(image_size=56)
+    model.language_model._no_split_modules = []
+    with pytest.raises(ValueError, match="found no decoder layers in the language model"):
+        shard_model(model, mesh=None, activation_checkpointing={})
+
+
+def test_sharded_checkpoints_resume_exactly_with_two_processes_and_load_into_one(image_data, tmp_path):  # noqa: F811
+    from kangaroo.cli import main
+    from kangaroo.config import load_stage_file
+    from kangaroo.modules.weights import load_weights
+
+    steps = (f"--trainer.max_steps={STEPS}", f"--trainer.val_check_interval={STEPS}")
+    reference = tmp_path / "uninterrupted"
+    run(fit_command(image_data, reference, *FSDP, *steps))
+    lines = {rank: steps_of(reference, rank) for rank in (0, 1)}
+    assert all([line["step"] for line in lines[rank]] == list(range(STEPS)) for rank in (0, 1))
+    final = load_file(reference / "model.safetensors")
+
+    killed = tmp_path / "killed"
+    kill_after = kill_at_a_random_step(fit_command(image_data, killed, *FSDP, *steps), killed, steps=STEPS)
+    checkpoint = latest_checkpoint(str(killed))
+    assert os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, COMPLETE_MARKER))
+    assert {p.name for p in Path(checkpoint).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}, "one shard each"
+    resumed_at = torch.load(os.path.join(checkpoint, "meta.pt"), weights_only=True)["global_step"]
+    assert 3 <= resumed_at <= kill_after
+    result = run(fit_command(image_data, killed, *FSDP, *steps, "--ckpt_path=auto"))
+    assert f"resuming from {checkpoint}" in result.stdout
+    for rank in (0, 1):
+        assert_same_run(killed, (lines[rank], final), resumed_at, rank=rank, epoch=15, steps=STEPS)
+
+    # the last sharded checkpoint, consolidated offline into one file, is the final model
+    last = reference / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == STEPS
+    assert main(["checkpoint", "consolidate", str(last), "--output", str(tmp_path / "one.safetensors")]) == 0
+    consolidated = load_file(tmp_path / "one.safetensors")
+    assert set(consolidated) == set(final)
+    for name, value in final.items():
+        assert torch.equal(consolidated[name], value), name
+    # and one process loads the sharded folder itself as init_from
+    stage = load_stage_file(str(Path(__file__).resolve().parents[1] / "configs/kangaroo-tiny/1-image-pretrain.yaml"),
+                            ("model",))["model"]
+    stage.load_pretrained = False  # random weights, then the checkpoint's
+    stage.configure_model()
+    load_weights(stage.model, str(last))
+    for name, value in stage.model.state_dict().items():
+        assert torch.equal(value, final[name]), name
