@@ -173,6 +173,13 @@ def test_every_stage_config_parses_and_instantiates(path):
     if "8b" in path.parent.name:
         args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
     cli = KangarooCLI(args=args, run=False)
+    if "8b" in path.parent.name:  # sharded, with the activation memory plan of docs/memory.md
+        from kangaroo.parallel import FSDP2Strategy
+
+        strategy = cli.trainer.strategy
+        assert isinstance(strategy, FSDP2Strategy) and strategy.activation_checkpointing["language_model"]
+        assert strategy.param_dtype == "bfloat16" and strategy.reduce_dtype == "float32"
+        assert cli.model.architecture.language_model.torch_dtype == "float32", "fp32 master weights"
     assert path.read_text().startswith(f"# kangaroo fit --config configs/{path.parent.name}/{path.name}")
     device = torch.device("meta") if "8b" in path.parent.name else torch.device("cpu")
     cli.model.load_pretrained = False
