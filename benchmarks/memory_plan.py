@@ -1,0 +1,239 @@
+"""Per-GPU memory plan of each 8B stage under FSDP2, from the model's real parameter counts.
+
+Builds every ``configs/kangaroo-8b`` stage's model on the meta device (exact parameter counts
+per part, nothing allocated), reads its trainable parts, sequence length, rows per step and
+frame counts, and adds up what one GPU holds at the peak of a training step on ``devices``
+GPUs with the config's strategy (FSDP2, fp32 master weights, bf16 compute, activation
+checkpointing per block):
+
+- sharded state: fp32 parameters of every part, fp32 gradients and AdamW's two fp32 moments of
+  the trainable ones, each divided over the GPUs;
+- gathered units: the root unit (LLM embeddings, final norm, output head) stays gathered in
+  bf16 through the step; two decoder layers are gathered at a time (the one running and the one
+  prefetched); a trainable unit also holds its unsharded bf16 gradient and the fp32 copy that is
+  reduce-scattered;
+- activations, counted per token from the tensors each block saves for its backward (listed in
+  ``llm_values_per_token`` and ``vit_values_per_token``), in bf16: with checkpointing, every
+  block keeps its input and one block at a time is recomputed whole; a frozen tower keeps nothing
+  and peaks at one block's forward;
+- the loss: one chunk of ``loss_chunk_size`` labelled rows of fp32 logits and their gradient.
+
+It is an estimate of tensor memory: the CUDA context, NCCL buffers and allocator fragmentation
+come on top (keep 10 GB of an 80 GB GPU free for them). The figures without checkpointing and
+without sharding are printed beside, to show what each buys.
+
+Run: python benchmarks/memory_plan.py [--gpu-gb 80] [--output docs/memory.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+from dataclasses import dataclass
+
+import torch
+
+GB = 1e9
+BF16, FP32 = 2, 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def llm_values_per_token(hidden: int, intermediate: int, heads: int, kv_heads: int) -> float:
+    """Values a Llama decoder layer saves per token for its backward: the two RMSNorm inputs
+    (upcast to fp32 inside: 2 values each), the q/k/v projection input, q, k and v after RoPE
+    (k and v at kv_heads/heads width), the attention output (flash/efficient SDPA saves it, no
+    score matrix), the MLP input, gate and up outputs, SiLU(gate) and the down projection input."""
+    kv = hidden * kv_heads / heads
+    return 2 * hidden + hidden + (hidden + 2 * kv) + hidden + 2 * hidden + hidden + 4 * intermediate
+
+
+def vit_values_per_token(width: int, mlp: int) -> float:
+    """Values an EVA02 block saves per token: norm1 input, q/k/v input, q, k, v, attention output,
+    its inner norm input and the projection input, norm2 input, the SwiGLU input, both fc1 outputs,
+    SiLU, the inner norm input and the fc2 input."""
+    return 9 * width + 5 * mlp
+
+
+def vit_forward_peak_per_token(width: int, mlp: int) -> float:
+    """A frozen block's transient peak per token: its input and output and the SwiGLU hidden."""
+    return 2 * width + 3 * mlp
+
+
+@dataclass
+class Stage:
+    name: str
+    devices: int
+    rows: int
+    tokens: int
+    frames_per_row: int
+    vit_tokens_per_frame: int
+    parts: dict[str, int]
+    trainable: dict[str, int]
+    root_params: int
+    layer_params: int
+    layers: int
+    vit_blocks: int
+    vit_block_params: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vit_width: int
+    vit_mlp: int
+    vocab: int
+    loss_chunk: int
+    ac_llm: bool
+    ac_vit: bool
+
+
+def load_stage(path: str) -> Stage:
+    import yaml
+
+    from kangaroo.config import load_stage_file
+
+    with open(path) as handle:  # the trainer section: the GPUs and the strategy's checkpointing
+        trainer = yaml.safe_load(handle)["trainer"]
+    devices = int(trainer["devices"])
+    ac = (trainer.get("strategy") or {}).get("init_args", {}).get("activation_checkpointing", {})
+    ac = dict.fromkeys(("vision_tower", "language_model"), ac) if isinstance(ac, bool) else ac
+    sections = load_stage_file(path)
+    stage, data = sections["model"], sections["data"]
+    stage.load_pretrained, stage.init_from = False, None
+    with torch.device("meta"):
+        stage.configure_model()
+    model = stage.model
+    parts = {name: sum(p.numel() for p in part.parameters()) if part is not None else 0
+             for name, part in model.parts().items()}
+    trainable = {name: sum(p.numel() for p in part.parameters() if p.requires_grad) if part is not None else 0
+                 for name, part in model.parts().items()}
+    llm = model.language_model
+    cfg = llm.config
+    layer = llm.model.layers[0]
+    block = model.vision_tower.trunk.blocks[0]
+    root = sum(p.numel() for n, p in llm.named_parameters() if ".layers." not in n)
+    sampling = data.prepare.sampling
+    if data.hparams.packing:  # a packed row is filled with frames up to its token budget
+        frames = data.hparams.max_tokens // model.tokens_per_frame
+    else:
+        frames = 1 if model.patchify is None and sampling.strategy == "uniform" and sampling.num_frames == 1 else (
+            sampling.num_frames if sampling.strategy == "uniform" else sampling.max_frames)
+    if "image" in os.path.basename(path):
+        frames = 1
+    grid = model.vision_tower.grid
+    return Stage(
+        name=os.path.splitext(os.path.basename(path))[0], devices=devices, rows=data.hparams.rows_per_batch,
+        tokens=data.hparams.max_tokens, frames_per_row=frames,
+        vit_tokens_per_frame=grid[0] * grid[1] + model.vision_tower.trunk.num_prefix_tokens,
+        parts=parts, trainable=trainable, root_params=root, layer_params=sum(p.numel() for p in layer.parameters()),
+        layers=cfg.num_hidden_layers, vit_blocks=len(model.vision_tower.trunk.blocks),
+        vit_block_params=sum(p.numel() for p in block.parameters()), hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+        vit_width=model.vision_tower.width, vit_mlp=block.mlp.fc2.in_features, vocab=cfg.vocab_size,
+        loss_chunk=model.loss_chunk_size, ac_llm=bool(ac.get("language_model")), ac_vit=bool(ac.get("vision_tower")))
+
+
+def plan(s: Stage, checkpointing: bool = True, sharded: bool = True) -> dict[str, float]:
+    n = s.devices if sharded else 1
+    total = sum(s.parts.values())
+    trained = sum(s.trainable.values())
+    llm_trained = s.trainable["language_model"] > 0
+    vit_trained = s.trainable["vision_tower"] > 0
+    rows = {
+        "parameters (fp32, sharded)": FP32 * total / n,
+        "gradients (fp32, sharded)": FP32 * trained / n,
+        "AdamW moments (2 x fp32, sharded)": 2 * FP32 * trained / n,
+    }
+    if sharded:
+        gathered = BF16 * (s.root_params + 2 * s.layer_params + 2 * s.vit_block_params)
+        if llm_trained:  # unsharded bf16 gradient plus its fp32 copy for the reduce-scatter
+            gathered += (BF16 + FP32) * (s.root_params + 2 * s.layer_params)
+        if vit_trained:
+            gathered += (BF16 + FP32) * 2 * s.vit_block_params
+        rows["gathered units (bf16 weights, unsharded grads)"] = gathered
+    llm_tokens = s.rows * s.tokens
+    per_layer = BF16 * llm_values_per_token(s.hidden, s.intermediate, s.heads, s.kv_heads) * llm_tokens
+    if checkpointing and s.ac_llm:
+        llm_act = s.layers * BF16 * s.hidden * llm_tokens + per_layer
+    else:
+        llm_act = s.layers * per_layer
+    rows["LLM activations"] = llm_act
+    vit_tokens = s.rows * s.frames_per_row * s.vit_tokens_per_frame
+    if not vit_trained:
+        vit_act = BF16 * vit_forward_peak_per_token(s.vit_width, s.vit_mlp) * vit_tokens
+    else:
+        per_block = BF16 * vit_values_per_token(s.vit_width, s.vit_mlp) * vit_tokens
+        vit_act = (s.vit_blocks * BF16 * s.vit_width * vit_tokens + per_block) if (checkpointing and s.ac_vit) \
+            else s.vit_blocks * per_block
+    rows["vision tower activations"] = vit_act
+    rows["loss chunk (fp32 logits and their gradient)"] = 2 * FP32 * s.loss_chunk * s.vocab
+    rows["total"] = sum(rows.values())
+    return rows
+
+
+def render(stages: list[Stage], gpu_gb: float) -> str:
+    lines = [
+        "# Memory plan: the 8B curriculum on 8 x 80 GB GPUs",
+        "",
+        "Written by `python benchmarks/memory_plan.py --output docs/memory.md` from the parameter counts of",
+        "the models the `configs/kangaroo-8b` stage files build (on the meta device), their trainable",
+        "parts, sequence lengths, rows per step and frame counts, under the configs' strategy: FSDP2 over",
+        "8 GPUs, fp32 master weights, bf16 compute, fp32 gradient reduction, activation checkpointing per",
+        "block. The method and every per-token count are in the script's docstrings. Figures are tensor",
+        "memory per GPU in GB (1e9 bytes) at the peak of a step; the CUDA context, NCCL buffers and",
+        "allocator fragmentation come on top: keep about 10 GB of each 80 GB free for them.",
+        "",
+    ]
+    header = "| per GPU, GB | " + " | ".join(s.name for s in stages) + " |"
+    lines += [header, "|---|" + "---:|" * len(stages)]
+    shapes = [
+        ("LLM tokens per step", lambda s: f"{s.rows} x {s.tokens}"),
+        ("frames per row (ViT tokens per frame)", lambda s: f"{s.frames_per_row} ({s.vit_tokens_per_frame})"),
+        ("trainable parameters", lambda s: f"{sum(s.trainable.values()) / 1e9:.2f} B of {sum(s.parts.values()) / 1e9:.2f} B"),
+        ("activation checkpointing (ViT, LLM)", lambda s: f"{'on' if s.ac_vit else 'off'}, {'on' if s.ac_llm else 'off'}"),
+    ]
+    for label, value in shapes:
+        lines.append(f"| {label} | " + " | ".join(value(s) for s in stages) + " |")
+    plans = [plan(s) for s in stages]
+    for key in plans[0]:
+        cells = [f"**{p[key] / GB:.1f}**" if key == "total" else f"{p[key] / GB:.1f}" for p in plans]
+        lines.append(f"| {'**total**' if key == 'total' else key} | " + " | ".join(cells) + " |")
+    lines.append(f"| headroom on {gpu_gb:.0f} GB | " + " | ".join(f"{gpu_gb - p['total'] / GB:.1f}" for p in plans) + " |")
+    lines += ["", "What the plan rests on:", ""]
+    no_ac = [plan(s, checkpointing=False) for s in stages]
+    no_shard = [plan(s, sharded=False) for s in stages]
+    lines.append("| without ..., GB per GPU | " + " | ".join(s.name for s in stages) + " |")
+    lines.append("|---|" + "---:|" * len(stages))
+    lines.append("| activation checkpointing (total) | " + " | ".join(f"{p['total'] / GB:.0f}" for p in no_ac) + " |")
+    lines.append("| sharding: every GPU holds the whole state (total) | "
+                 + " | ".join(f"{p['total'] / GB:.0f}" for p in no_shard) + " |")
+    lines += [
+        "",
+        "- Stage 5 fits 22K tokens because the decoder layers keep only their 4096-wide inputs",
+        "  (32 x 22,528 x 4096 x 2 bytes) and recompute one layer at a time, and because the loss never",
+        "  materialises the 22,528 x 128,256 logits (`labelled_token_loss`: one chunk of 1,024 rows).",
+        "- The frozen ViT of stage 5 saves nothing for a backward pass; its peak is one block's forward",
+        "  over every frame of the row.",
+        "- Each process builds the model whole on the CPU before sharding (fp32: about 33 GB of host",
+        "  memory per process, 8 per node) and reads `init_from` there.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu-gb", type=float, default=80.0)
+    parser.add_argument("--output", help="also write the plan to this markdown file")
+    args = parser.parse_args()
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "kangaroo-8b", "*.yaml")))
+    stages = [load_stage(p) for p in paths]
+    text = render(stages, args.gpu_gb)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
