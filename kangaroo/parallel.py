@@ -179,6 +179,8 @@ def shard_model(
         units.append(names[id(module)])
 
     for module in [*blocks, *layers]:
+        if param_dtype != torch.float32:
+            _cast_block_buffers(module, param_dtype)
         shard(module)
     shard(vision)
     for part in ("patchify", "projector"):
@@ -193,6 +195,17 @@ def shard_model(
     units.append("(root)")
     model.always_run_vision = True  # a rank with text-only rows still joins the tower's collectives
     return units
+
+
+def _cast_block_buffers(block: nn.Module, dtype: torch.dtype) -> None:
+    """FSDP2 casts parameters to ``param_dtype`` but not buffers; a block computing with a float
+    buffer beside its weights (EVA's zero key bias, concatenated into the qkv bias) would then mix
+    dtypes in one matmul. A block's float buffers follow the compute dtype (RoPE tables live
+    outside the blocks and keep theirs)."""
+    for module in block.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)
 
 
 def apply_activation_checkpointing(model: nn.Module, parts: dict[str, bool]) -> None:

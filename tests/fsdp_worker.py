@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import timedelta
 
 import lightning as L
 import torch
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--param-dtype", default="auto", help="FSDP2 compute dtype (2 processes)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     L.seed_everything(0)
@@ -104,7 +106,8 @@ def main() -> None:
     if args.devices > 1:
         from kangaroo.parallel import FSDP2Strategy
 
-        strategy = FSDP2Strategy(activation_checkpointing=True)
+        strategy = FSDP2Strategy(activation_checkpointing=True, param_dtype=args.param_dtype,
+                                 timeout=timedelta(seconds=120))  # a hung collective fails, not hangs
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
                         gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,

@@ -34,12 +34,14 @@ def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def worker_runs(tmp_path_factory):
-    """tests/fsdp_worker.py on 1 process (plain) and on 2 (FSDP2 with activation checkpointing)."""
+    """tests/fsdp_worker.py on 1 process (plain), on 2 (FSDP2 with activation checkpointing), and
+    on 2 computing in bf16 (FSDP2's mixed precision, as on GPUs)."""
     outputs = {}
-    for devices in (1, 2):
-        out = tmp_path_factory.mktemp(f"worker-{devices}")
-        run([sys.executable, str(WORKER), "--devices", str(devices), "--out", str(out)], timeout=240)
-        outputs[devices] = out
+    for key, devices, dtype in ((1, 1, "auto"), (2, 2, "auto"), ("bf16", 2, "bfloat16")):
+        out = tmp_path_factory.mktemp(f"worker-{key}")
+        run([sys.executable, str(WORKER), "--devices", str(devices), "--out", str(out), "--param-dtype", dtype],
+            timeout=240)
+        outputs[key] = out
     return outputs
 
 
@@ -52,6 +54,14 @@ def test_two_sharded_processes_follow_the_one_process_loss_curve(worker_runs):
     assert set(weights[0]) == set(weights[1])
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_compute_follows_the_fp32_loss_curve(worker_runs):
+    """bf16 gathered weights with fp32 master weights and reductions (the 8B configs' setting)."""
+    fp32, bf16 = (json.loads((worker_runs[key] / "losses.json").read_text()) for key in (1, "bf16"))
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=0, atol=2e-2)
+    assert bf16 != fp32, "the bf16 run computed in bf16"
+    assert load_file(worker_runs["bf16"] / "model.safetensors")["projector.weight"].dtype == torch.float32
 
 
 def test_a_text_only_rank_beside_a_video_rank_finishes_its_steps(worker_runs):
