@@ -141,3 +141,12 @@ def test_sharded_checkpoints_resume_exactly_with_two_processes_and_load_into_one
     load_weights(stage.model, str(last))
     for name, value in stage.model.state_dict().items():
         assert torch.equal(value, final[name]), name
+
+
+def test_consolidating_a_folder_that_is_no_sharded_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from kangaroo.cli import main
+
+    (tmp_path / "step=3.ckpt").mkdir()
+    assert main(["checkpoint", "consolidate", str(tmp_path / "step=3.ckpt")]) == 2
+    assert "is not a sharded checkpoint folder (no .metadata)" in capsys.readouterr().err
+    assert not (tmp_path / "step=3.safetensors").exists()
