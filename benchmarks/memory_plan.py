@@ -115,11 +115,8 @@ def load_stage(path: str) -> Stage:
     sampling = data.prepare.sampling
     if data.hparams.packing:  # a packed row is filled with frames up to its token budget
         frames = data.hparams.max_tokens // model.tokens_per_frame
-    else:
-        frames = 1 if model.patchify is None and sampling.strategy == "uniform" and sampling.num_frames == 1 else (
-            sampling.num_frames if sampling.strategy == "uniform" else sampling.max_frames)
-    if "image" in os.path.basename(path):
-        frames = 1
+    else:  # one sample per row (stage 1: one image, uniform(1))
+        frames = sampling.num_frames if sampling.strategy == "uniform" else sampling.max_frames
     grid = model.vision_tower.grid
     return Stage(
         name=os.path.splitext(os.path.basename(path))[0], devices=devices, rows=data.hparams.rows_per_batch,

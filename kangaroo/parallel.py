@@ -97,6 +97,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.units: list[str] = []
 
     def setup_environment(self) -> None:
+        if self._save_distributed_checkpoint:  # refused before any process group or step
+            trainer = self.lightning_module.trainer
+            for callback in trainer.checkpoint_callbacks:
+                _refuse_remote_sharded(callback.dirpath or trainer.default_root_dir)
         # every process is one data-parallel shard (Lightning's "auto" would mean one per node)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
@@ -128,10 +132,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         from kangaroo.checkpoints import COMPLETE_MARKER
 
-        if storage.is_remote(str(filepath)):
-            raise ValueError(f"sharded checkpoints are written to a local or shared file system, not {filepath}: "
-                             "set the stage's default_root_dir to a shared folder, or "
-                             "strategy.save_distributed_checkpoint=false for one gathered file")
+        _refuse_remote_sharded(str(filepath))
         path = Path(self.broadcast(str(filepath)))
         if self.global_rank == 0 and path.is_dir():
             # a checkpoint saved again under its name (``last.ckpt``): its old shards go first, so
@@ -145,6 +146,13 @@ class FSDP2Strategy(ModelParallelStrategy):
                 handle.write("complete\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+
+
+def _refuse_remote_sharded(path: str) -> None:
+    if storage.is_remote(str(path)):
+        raise ValueError(f"sharded checkpoints are written to a local or shared file system, not {path}: "
+                         "set the stage's default_root_dir to a shared folder, or "
+                         "strategy.save_distributed_checkpoint=false for one gathered file")
 
 
 def shard_model(

@@ -150,3 +150,47 @@ def test_consolidating_a_folder_that_is_no_sharded_checkpoint_is_a_clear_error(t
     assert main(["checkpoint", "consolidate", str(tmp_path / "step=3.ckpt")]) == 2
     assert "is not a sharded checkpoint folder (no .metadata)" in capsys.readouterr().err
     assert not (tmp_path / "step=3.safetensors").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"activation_checkpointing": {"vision_towr": True}}, "unknown part(s) ['vision_towr']"),
+    ({"param_dtype": "bf16"}, "param_dtype must be one of"),
+    ({"reduce_dtype": "auto"}, "reduce_dtype must be one of"),
+])
+def test_strategy_settings_that_mean_nothing_are_refused(kwargs, message):
+    from kangaroo.parallel import FSDP2Strategy
+
+    with pytest.raises(ValueError) as err:
+        FSDP2Strategy(**kwargs)
+    assert message in str(err.value)
+
+
+def _tiny_stage():
+    from fsdp_worker import architecture
+
+    from kangaroo.modules.stage import KangarooStage
+
+    return KangarooStage(architecture(), trainable={"vision_tower": True, "patchify": True, "projector": True,
+                                                    "language_model": True})
+
+
+def test_a_plain_model_parallel_strategy_is_refused_for_leaving_the_model_unsharded():
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    stage = _tiny_stage()
+    stage.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False)
+    with pytest.raises(TypeError, match="use kangaroo.parallel.FSDP2Strategy"):
+        stage.configure_model()
+
+
+def test_sharded_checkpoints_on_an_object_store_are_refused_before_training():
+    import lightning as L
+
+    from kangaroo.parallel import FSDP2Strategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=1, logger=False,
+                        default_root_dir="s3://kangaroo-runs/stage", enable_progress_bar=False)
+    with pytest.raises(ValueError, match="sharded checkpoints are written to a local or shared file system, "
+                                         "not s3://kangaroo-runs/stage"):
+        trainer.fit(_tiny_stage(), train_dataloaders=torch.utils.data.DataLoader([]))

@@ -30,7 +30,8 @@ def save_weights(model: nn.Module, path: str) -> str:
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
     """Writes a state dict (the gathered weights of a sharded model) to a safetensors file like
-    ``save_weights``; tensors sharing memory (tied embeddings) are written once each."""
+    ``save_weights``. Every key is written; a tensor sharing memory with one already taken (tied
+    embeddings) gets its own copy, since safetensors refuses shared storage."""
     from safetensors.torch import save_file
 
     seen: set[tuple[int, int]] = set()
