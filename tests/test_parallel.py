@@ -165,6 +165,17 @@ def test_strategy_settings_that_mean_nothing_are_refused(kwargs, message):
     assert message in str(err.value)
 
 
+@pytest.fixture
+def own_environment():
+    """A Trainer run inside the test process sets MASTER_PORT, LOCAL_RANK and the like in
+    os.environ; a later test's subprocess inheriting LOCAL_RANK would wait for ranks nobody
+    starts. The environment is put back as it was."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _tiny_stage():
     from fsdp_worker import architecture
 
@@ -174,7 +185,7 @@ def _tiny_stage():
                                                     "language_model": True})
 
 
-def test_a_plain_model_parallel_strategy_is_refused_for_leaving_the_model_unsharded():
+def test_a_plain_model_parallel_strategy_is_refused_for_leaving_the_model_unsharded(own_environment):
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -184,7 +195,7 @@ def test_a_plain_model_parallel_strategy_is_refused_for_leaving_the_model_unshar
         stage.configure_model()
 
 
-def test_sharded_checkpoints_on_an_object_store_are_refused_before_training():
+def test_sharded_checkpoints_on_an_object_store_are_refused_before_training(own_environment):
     import lightning as L
 
     from kangaroo.parallel import FSDP2Strategy
