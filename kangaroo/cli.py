@@ -68,6 +68,19 @@ def _synth_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate_command(args: argparse.Namespace) -> int:
+    from kangaroo.curate.pipeline import curate, load_filters
+
+    report = curate(args.manifest, args.output, load_filters(args.config), workers=args.workers,
+                    restart=args.restart)
+    print(report.summary())
+    if report.data["kept"] == 0:
+        print(f"kangaroo: error: no line of {args.manifest} was kept; reasons in {report.data['reasons']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _consolidate_command(args: argparse.Namespace) -> int:
     from kangaroo.parallel import consolidate_checkpoint
 
@@ -146,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace a world made with other settings")
     synth.set_defaults(handler=_synth_command)
+
+    curate = commands.add_parser(
+        "curate", help="filter the videos of a manifest (text, faces, static scenes, scene cuts, category balance, "
+                       "repetitive captions)",
+        description="Runs the curation filters over every line of a manifest and writes the kept lines to --output, "
+                    "with OUT.report.json (per filter: settings, examined, removed, errors, seconds) and "
+                    "OUT.reasons.jsonl (per line: status, reason, scores). Rerunning on the same output continues "
+                    "where it stopped.")
+    curate.add_argument("--manifest", required=True, help="JSONL manifest (see docs/curation.md)")
+    curate.add_argument("--output", required=True, help="the kept lines, a .jsonl file")
+    curate.add_argument("--config", help="curation YAML: the filters, their order and thresholds "
+                        "(default: the built-in defaults, spelled out in configs/curate.yaml)")
+    curate.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    curate.add_argument("--restart", action="store_true", help="discard the progress of an earlier run on this output")
+    curate.set_defaults(handler=_curate_command)
 
     checkpoint = commands.add_parser("checkpoint", help="work with stage checkpoints").add_subparsers(
         dest="checkpoint_command", required=True)

@@ -87,19 +87,40 @@ def read_video(path: str, sampling: FrameSampling) -> VideoClip:
     Timestamps are the frames' own presentation times (``pts x time_base`` minus the stream
     start), so variable frame rate videos keep their real timing. Raises ``MediaError``.
     """
+    index = index_video(path)
+    if index.duration < sampling.min_duration:
+        raise MediaError(f"video is {index.duration:.2f} s long, shorter than the minimum {sampling.min_duration} s")
+    chosen = select_frames(index.times, index.duration, sampling)
+    return VideoClip(decode_frames(path, index, chosen),
+                     np.asarray([index.times[i] for i in chosen], dtype=np.float32), index.duration)
+
+
+@dataclass
+class VideoIndex:
+    """Every frame's presentation time, read from the packets without decoding."""
+
+    pts: list[int]
+    times: list[float]
+    """Seconds from the stream start, sorted."""
+    duration: float
+    """Seconds: the last frame's time plus one mean frame interval."""
+
+
+def index_video(path: str) -> VideoIndex:
+    """Raises ``MediaError`` for a missing, unreadable or frameless file."""
     pts, time_base, start = _frame_pts(path)
     times = [float((p - start) * time_base) for p in pts]
     interval = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
-    duration = times[-1] + interval
-    if duration < sampling.min_duration:
-        raise MediaError(f"video is {duration:.2f} s long, shorter than the minimum {sampling.min_duration} s")
-    chosen = select_frames(times, duration, sampling)
-    decoded = _decode_pts(path, {pts[i] for i in chosen})
-    missing = [pts[i] for i in chosen if pts[i] not in decoded]
+    return VideoIndex(pts, times, times[-1] + interval)
+
+
+def decode_frames(path: str, index: VideoIndex, chosen: list[int]) -> np.ndarray:
+    """``(len(chosen), H, W, 3)`` uint8 RGB frames at positions ``chosen`` of ``index``."""
+    decoded = _decode_pts(path, {index.pts[i] for i in chosen})
+    missing = [index.pts[i] for i in chosen if index.pts[i] not in decoded]
     if missing:
         raise MediaError(f"could not decode {len(missing)} of the sampled frames (truncated or corrupt video)")
-    frames = np.stack([decoded[pts[i]] for i in chosen])
-    return VideoClip(frames, np.asarray([times[i] for i in chosen], dtype=np.float32), duration)
+    return np.stack([decoded[index.pts[i]] for i in chosen])
 
 
 def _frame_pts(path: str) -> tuple[list[int], object, int]:
