@@ -239,8 +239,8 @@ class SceneCut(SampleFilter):
     name = "scene_cut"
 
     def __init__(self, threshold: float = 27.0, min_seconds: float = 2.0, max_seconds: float = 60.0) -> None:
-        if not 0 < min_seconds <= max_seconds:
-            raise ValueError(f"scene_cut needs 0 < min_seconds <= max_seconds, got {min_seconds}, {max_seconds}")
+        if min_seconds <= 0 or max_seconds <= 0:
+            raise ValueError(f"scene_cut needs positive min_seconds and max_seconds, got {min_seconds}, {max_seconds}")
         self.threshold, self.min_seconds, self.max_seconds = threshold, min_seconds, max_seconds
         self._workspace = "."
 
@@ -264,7 +264,7 @@ class SceneCut(SampleFilter):
             scenes = manager.get_scene_list()
         except Exception as err:  # PySceneDetect wraps decoder errors in several types
             raise MediaError(f"scene detection failed: {err}") from err
-        cuts = [(s.get_seconds(), e.get_seconds()) for s, e in scenes] or [(0.0, index.duration)]
+        cuts = [(s.seconds, e.seconds) for s, e in scenes] or [(0.0, index.duration)]
         spans = []
         for start, end in cuts:
             length = end - start
