@@ -80,7 +80,7 @@ class CascadeFaceDetector(FaceDetector):
         min_neighbours: overlapping detections a face needs (higher: fewer false faces).
     """
 
-    def __init__(self, work_size: int = 192, min_face: float = 0.08, min_neighbours: int = 8) -> None:
+    def __init__(self, work_size: int = 144, min_face: float = 0.08, min_neighbours: int = 8) -> None:
         self.work_size, self.min_face, self.min_neighbours = work_size, min_face, min_neighbours
         self._cascade = None
 
