@@ -76,12 +76,13 @@ SMALL_WORLD = dict(images=24, short_videos=12, dense_videos=12, instruction_vide
                    val_short=6, val_long=6, llm_steps=10, vision_steps=5)
 
 
-def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3) -> str:
+def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int = 5) -> str:
+    """The tiny recipe's first ``count`` stages with a few steps each."""
     fast = {"trainer.val_check_interval": 2, "trainer.max_steps": 2, "data.prepare.tokenizer": "${world}/tokenizer",
             "trainer.enable_progress_bar": False,
             "trainer.callbacks": [{"class_path": "kangaroo.checkpoints.StageCheckpoint",
                                    "init_args": {"every_n_train_steps": 1, "save_last": True}}]}
-    names = sorted(p.stem for p in TINY.glob("*.yaml"))
+    names = sorted(p.stem for p in TINY.glob("*.yaml"))[:count]
     stages = []
     for number, name in enumerate(names, 1):
         overrides = dict(fast)
