@@ -199,6 +199,8 @@ def test_bad_input_is_reported_and_the_rest_processed(demo, tmp_path):
     kept = [json.loads(line) for line in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()]
     assert [k["id"] for k in kept] == ["good", "text-only"]
     assert (tmp_path / "out" / kept[0]["video"]).resolve() == (videos / "good.mp4").resolve()  # relative to the output
+    with pytest.raises(ValueError, match="would overwrite the manifest"):
+        curate(str(manifest), str(manifest), [SceneCut()], progress=False)
 
 
 def _curate_command(manifest: Path, output: Path, *extra: str, config: Path = ROOT / "configs" / "curate.yaml"):

@@ -97,6 +97,8 @@ def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     paths = output_paths(os.path.abspath(output))
+    if os.path.realpath(manifest) in {os.path.realpath(p) for p in paths.values()}:
+        raise ValueError(f"--output {output} would overwrite the manifest {manifest}; choose another file")
     os.makedirs(os.path.dirname(paths["manifest"]), exist_ok=True)
     base = os.path.dirname(os.path.abspath(manifest))
     try:
