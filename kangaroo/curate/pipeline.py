@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kangaroo import storage
 from kangaroo.curate.filters import CurateFilter, DatasetFilter, Item, SampleFilter, default_filters
+from kangaroo.data.manifest import read_record
 
 MEDIA_KEYS = ("video", "image")
 
@@ -118,29 +120,18 @@ def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None
         for number, text in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
             if not text.strip() or number in entries:
                 continue
-            record, problem = _parse(text, number)
-            if problem is None and record["id"] in seen:
-                problem = f"duplicate id: line {seen[record['id']]} has the same id"
+            record, problem = read_record(text)
+            sample_id = f"line {number}" if problem else record["id"]
+            if problem is None and sample_id in seen:
+                problem = f"duplicate id: line {seen[sample_id]} has the same id"
             if problem is not None:
-                _append(journal, entries, {"line": number, "id": record.get("id") if record else f"line {number}",
-                                           "status": "error", "filter": "manifest", "reason": problem})
+                _append(journal, entries, {"line": number, "id": sample_id, "status": "error", "filter": "manifest",
+                                           "reason": problem})
                 continue
             seen[record["id"]] = number
             todo.append((number, record))
         _run(todo, base, sample_filters, paths["clips"], workers, progress, journal, entries)
     return _finish(manifest, paths, filters, entries, time.perf_counter() - started, workers)
-
-
-def _parse(text: str, number: int) -> tuple[dict | None, str | None]:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        return None, f"malformed JSON: {err.msg} at column {err.colno}"
-    if not isinstance(record, dict):
-        return None, "a manifest line must be a JSON object"
-    if not isinstance(record.get("id"), str) or not record["id"]:
-        return record, "missing or empty 'id'"
-    return record, None
 
 
 def _open_journal(path: str, header: dict, restart: bool) -> dict[int, dict]:
@@ -332,7 +323,7 @@ def _finish(manifest, paths, filters, entries, seconds, workers) -> CurateReport
         "error_reasons": dict(collections.Counter(r["reason"].split(":")[0] for r in reasons
                                                   if r["status"] == "error").most_common()),
     }
-    _write_text(paths["report"], json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    storage.write_text(paths["report"], json.dumps(data, ensure_ascii=False, indent=2) + "\n")
     return CurateReport(data)
 
 
@@ -347,11 +338,4 @@ def _output_record(record: dict, out_dir: str) -> dict:
 
 
 def _write_lines(path: str, values: list) -> None:
-    _write_text(path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in values))
-
-
-def _write_text(path: str, text: str) -> None:
-    """Through a temporary name and a rename, so a reader never sees half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in values))

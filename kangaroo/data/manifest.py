@@ -77,20 +77,28 @@ def read_manifest(path: str, allowed_roots: list[str] | None = None) -> Iterator
             yield parse_line(line, number, base, roots)
 
 
-def parse_line(line: str, number: int, base: str, roots: list[str]) -> ManifestSample | Reject:
+def read_record(line: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(the line's JSON object, None)``, or ``(what was read, the reason it is unusable)``:
+    malformed JSON, not an object, or no non-empty string ``id``."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        return Reject(f"line {number}", f"malformed JSON: {err.msg} at column {err.colno}")
+        return None, f"malformed JSON: {err.msg} at column {err.colno}"
     if not isinstance(record, dict):
-        return Reject(f"line {number}", "a manifest line must be a JSON object")
-    sample_id = record.get("id")
-    if not isinstance(sample_id, str) or not sample_id:
-        return Reject(f"line {number}", "missing or empty 'id'")
+        return None, "a manifest line must be a JSON object"
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        return record, "missing or empty 'id'"
+    return record, None
+
+
+def parse_line(line: str, number: int, base: str, roots: list[str]) -> ManifestSample | Reject:
+    record, problem = read_record(line)
+    if problem is not None:
+        return Reject(f"line {number}", problem)
     try:
-        return _to_sample(record, sample_id, base, roots)
+        return _to_sample(record, record["id"], base, roots)
     except ValueError as err:
-        return Reject(sample_id, str(err))
+        return Reject(record["id"], str(err))
 
 
 def _to_sample(record: dict[str, Any], sample_id: str, base: str, roots: list[str]) -> ManifestSample:
