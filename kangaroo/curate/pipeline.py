@@ -114,8 +114,8 @@ def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None
     started = time.perf_counter()
     sample_filters = [f for f in filters if isinstance(f, SampleFilter)]
     todo = []
-    seen: dict[str, int] = {e["id"]: e["line"] for e in entries.values() if e.get("status") != "error" or
-                            e.get("filter") != "manifest"}
+    # ids already taken by lines of an earlier run (lines refused while reading carry no id of their own)
+    seen: dict[str, int] = {e["id"]: e["line"] for e in entries.values() if e.get("filter") != "manifest"}
     with open(paths["progress"], "a", encoding="utf-8") as journal:
         for number, text in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
             if not text.strip() or number in entries:
@@ -225,9 +225,9 @@ def curate_line(number: int, line: dict) -> dict:
     if "video" in media:
         value = line["video"]
         if not isinstance(value, str):
-            return {**entry, "status": "error", "filter": "manifest", "reason": f"media path must be a string, got {value!r}"}
+            return {**entry, "status": "error", "filter": "media", "reason": f"media path must be a string, got {value!r}"}
         if "://" in value:
-            return {**entry, "status": "error", "filter": "manifest",
+            return {**entry, "status": "error", "filter": "media",
                     "reason": f"object-store media ({value}) is not read by curate; curate a local copy"}
         video = os.path.normpath(os.path.join(_WORKER["base"], value))
     items = [Item(line["id"], line, video, number)]
