@@ -113,17 +113,29 @@ class DatasetFilter(CurateFilter):
         """``(kept, [(removed, reason)], details for the report)``; ``kept`` keeps input order."""
 
 
-def _frames(path: str, count: int) -> np.ndarray:
-    from kangaroo.data.video import FrameSampling, read_video
+class CoverageFilter(SampleFilter):
+    """The shared measure of the text and face filters: ``frames`` frames evenly spread over
+    the video; per frame the union area of the detector's regions as a fraction of the frame
+    (eq. 1); the video's score is the maximum over frames, removed above ``max_coverage``."""
 
-    return read_video(path, FrameSampling(strategy="uniform", num_frames=count)).frames
+    covers = "regions cover"
+    """How the reason names what was found."""
+
+    def __init__(self, max_coverage: float, frames: int, detector) -> None:
+        self.max_coverage, self.frames, self.detector = max_coverage, frames, detector
+
+    def check(self, item: Item) -> Verdict:
+        from kangaroo.data.video import FrameSampling, read_video
+
+        frames = read_video(item.video, FrameSampling(strategy="uniform", num_frames=self.frames)).frames
+        score = max(union_coverage(self.detector(f), f.shape[0], f.shape[1]) for f in frames)
+        if score > self.max_coverage:
+            return Verdict(False, score, f"{self.covers} {score:.1%} of a frame, above {self.max_coverage:.1%}")
+        return Verdict(True, score)
 
 
-class TextCoverageFilter(SampleFilter):
+class TextCoverageFilter(CoverageFilter):
     """Removes videos whose text covers too much of a frame (paper §III-B 1, eq. 1).
-
-    ``frames`` frames evenly spread over the video; per frame the union area of the detected
-    text regions as a fraction of the frame; the video's score is the maximum over frames.
 
     Args:
         max_coverage: removed when the score is above this.
@@ -131,25 +143,14 @@ class TextCoverageFilter(SampleFilter):
         detector: a ``TextDetector``; default ``RapidOCRTextDetector`` (PP-OCRv4 detection).
     """
 
-    name = "text"
+    name, covers = "text", "text covers"
 
     def __init__(self, max_coverage: float = 0.1, frames: int = 3, detector: TextDetector | None = None) -> None:
-        self.max_coverage, self.frames = max_coverage, frames
-        self.detector = detector or RapidOCRTextDetector()
-
-    def check(self, item: Item) -> Verdict:
-        frames = _frames(item.video, self.frames)
-        score = max(union_coverage(self.detector(f), f.shape[0], f.shape[1]) for f in frames)
-        if score > self.max_coverage:
-            return Verdict(False, score, f"text covers {score:.1%} of a frame, above {self.max_coverage:.1%}")
-        return Verdict(True, score)
+        super().__init__(max_coverage, frames, detector or RapidOCRTextDetector())
 
 
-class FaceCoverageFilter(SampleFilter):
+class FaceCoverageFilter(CoverageFilter):
     """Removes videos dominated by faces, such as a speaker in front of the camera (§III-B 2).
-
-    ``frames`` frames evenly spread; per frame the union area of detected faces as a fraction
-    of the frame; the video's score is the maximum over frames.
 
     Args:
         max_coverage: removed when the score is above this.
@@ -157,18 +158,10 @@ class FaceCoverageFilter(SampleFilter):
         detector: a ``FaceDetector``; default ``CascadeFaceDetector``.
     """
 
-    name = "face"
+    name, covers = "face", "faces cover"
 
     def __init__(self, max_coverage: float = 0.1, frames: int = 5, detector: FaceDetector | None = None) -> None:
-        self.max_coverage, self.frames = max_coverage, frames
-        self.detector = detector or CascadeFaceDetector()
-
-    def check(self, item: Item) -> Verdict:
-        frames = _frames(item.video, self.frames)
-        score = max(union_coverage(self.detector(f), f.shape[0], f.shape[1]) for f in frames)
-        if score > self.max_coverage:
-            return Verdict(False, score, f"faces cover {score:.1%} of a frame, above {self.max_coverage:.1%}")
-        return Verdict(True, score)
+        super().__init__(max_coverage, frames, detector or CascadeFaceDetector())
 
 
 class StaticSceneFilter(SampleFilter):
