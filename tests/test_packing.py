@@ -7,7 +7,8 @@ from litdata import optimize
 
 from conftest import collate, make_sample
 from kangaroo.data.datamodule import KangarooDataModule
-from kangaroo.data.packing import SequencePacker, collate_rows, offline_best_fit_efficiency, take_best_fit
+from kangaroo.data.packing import (SequencePacker, collate_rows, offline_best_fit_efficiency, packing_efficiency_bound,
+                                   take_best_fit)
 from kangaroo.modules import IGNORE_INDEX
 
 
@@ -46,6 +47,54 @@ def test_packing_efficiency_on_a_stage_4_mix():
     assert packer.efficiency >= bound - 0.02 and packer.efficiency > 0.92
     padded = sum(lengths) / (len(lengths) * max(lengths))  # one sample per row, padded to the longest
     assert packer.efficiency > padded + 0.3
+
+
+def optimal_rows(lengths: list[int], budget: int) -> int:
+    """The fewest rows that hold ``lengths`` whole, by exhaustive search (a handful of samples)."""
+    best = len(lengths)
+
+    def place(index: int, rows: list[int]) -> None:
+        nonlocal best
+        if len(rows) >= best:
+            return
+        if index == len(lengths):
+            best = len(rows)
+            return
+        for row in range(len(rows)):
+            if rows[row] + lengths[index] <= budget:
+                rows[row] += lengths[index]
+                place(index + 1, rows)
+                rows[row] -= lengths[index]
+        place(index + 1, rows + [lengths[index]])
+
+    place(0, [])
+    return best
+
+
+def test_efficiency_bound_holds_for_every_packing():
+    # Three samples over half the budget need three rows although their sum fits two.
+    assert packing_efficiency_bound([6, 6, 6], 10) == pytest.approx(18 / 30)
+    assert packing_efficiency_bound([5, 5, 5, 5], 10) == 1.0
+    rng = random.Random(0)
+    tight = 0
+    for _ in range(150):
+        budget = rng.randrange(10, 40)
+        lengths = [rng.randrange(1, budget + 1) for _ in range(rng.randrange(1, 8))]
+        best = sum(lengths) / (optimal_rows(lengths, budget) * budget)
+        bound = packing_efficiency_bound(lengths, budget)
+        assert bound >= best - 1e-12 and bound >= offline_best_fit_efficiency(lengths, budget) - 1e-12
+        tight += bound == pytest.approx(best)
+    assert tight > 100  # a bound that is usually exact, not just any number above the optimum
+    with pytest.raises(ValueError, match="does not fit"):
+        packing_efficiency_bound([11], 10)
+
+
+def test_no_packer_reaches_0_97_on_a_stage_4_mix():
+    # Samples of 62-64 frames (8K+ tokens) leave gaps in a 10K row that no 16-frame sample fills:
+    # the bound, over any packer that keeps samples whole, is under 0.97 on this mix.
+    lengths = stage4_lengths(2000)
+    assert packing_efficiency_bound(lengths, 10 * 1024) < 0.97
+    assert offline_best_fit_efficiency(lengths, 10 * 1024) <= packing_efficiency_bound(lengths, 10 * 1024)
 
 
 def test_without_packing_each_record_is_a_row():
