@@ -1,5 +1,6 @@
 """The tiny recipe end to end on this machine: wall time, held-out accuracy after every stage,
-long-video accuracy before and after stage 5, and the final model on blank frames.
+long-video accuracy before and after stage 5, the final model on blank frames, and the held-out
+accuracy per kind of question after stages 4 and 5.
 
 Run: python benchmarks/tiny_recipe.py [--workdir runs/tiny-benchmark] [--fresh]
 
@@ -38,9 +39,8 @@ class BlankFrames:
             yield batch
 
 
-def blank_frame_accuracy(workdir: str, stage: str) -> dict[str, float]:
-    import lightning as L
-
+def finished_stage(workdir: str, stage: str):
+    """The stage's module with its final weights, and its data module."""
     from kangaroo.config import load_stage_file
 
     root = os.path.join(workdir, stage)
@@ -48,11 +48,36 @@ def blank_frame_accuracy(workdir: str, stage: str) -> dict[str, float]:
     module, data = sections["model"], sections["data"]
     module.init_from = os.path.join(root, "model.safetensors")
     module.new_parts = []
+    module.configure_model()
+    return module, data
+
+
+def blank_frame_accuracy(workdir: str, stage: str) -> dict[str, float]:
+    import lightning as L
+
+    module, data = finished_stage(workdir, stage)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    module.configure_model()
     results = trainer.validate(module, dataloaders=BlankFrames(data.val_dataloader()), verbose=False)
     return {k: float(v) for k, v in results[0].items()}
+
+
+def accuracy_by_question(workdir: str, stage: str) -> dict[str, float]:
+    """Held-out accuracy per kind of question: the short clips' colour, shape and direction, and
+    the long clips' first, second, third and last event. The world's held-out ids end with the
+    kind (``val-short-3-direction``) or the event's place (``val-long-7-2``)."""
+    module, data = finished_stage(workdir, stage)
+    module.eval()
+    places = {"0": "first", "1": "second", "2": "third", "3": "last"}
+    hits: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            predicted, target = module._forward(batch, first_answers=True).answers
+            for sample, guess, answer in zip(batch["sample_ids"], predicted.tolist(), target.tolist()):
+                _, group, *_, kind = sample.split("-")
+                key = f"{group}/{places.get(kind, kind) if group == 'long' else kind}"
+                hits.setdefault(key, []).append(guess == answer)
+    return {key: round(sum(h) / len(h), 3) for key, h in sorted(hits.items())}
 
 
 def main() -> None:
@@ -80,8 +105,13 @@ def main() -> None:
     print(f"final held-out accuracy: {summary['final_eval_accuracy']:.3f} (chance 0.25)")
     print(f"long-video questions: {long_4:.3f} after stage 4 -> {long_5:.3f} after stage 5")
     print(f"final model on blank frames: {blank['val/accuracy']:.3f}")
+    by_question = {stage: accuracy_by_question(os.path.abspath(args.workdir), stage)
+                   for stage in ("4-instruction-tuning", "5-long-video-tuning")}
+    for stage, accuracy in by_question.items():
+        print(f"held-out accuracy by question after {stage}: "
+              + ", ".join(f"{key} {value:.2f}" for key, value in accuracy.items()))
     print(json.dumps({"wall_s": round(wall, 1), "final": summary["final_eval_accuracy"], "long_4": long_4,
-                      "long_5": long_5, "blank": blank["val/accuracy"]}))
+                      "long_5": long_5, "blank": blank["val/accuracy"], "by_question": by_question}))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,18 @@ def test_described_chats_tell_the_media_in_words_and_manifests_never_do(tmp_path
     assert not any(shape in long_record["question"] for shape in SHAPES)
 
 
+def test_each_long_training_clip_is_asked_about_every_event_and_held_out_clips_once(tmp_path):
+    _, records, _ = small_world(tmp_path)
+    long_train = [r for r in records["5-long-video-tuning"]["train"] if r["meta"]["category"] == "long"]
+    asked: dict[str, set[str]] = {}
+    for record in long_train:
+        asked.setdefault(record["video"], set()).add(record["id"].rsplit("-", 1)[1])  # the event asked about
+    assert len(asked) == SMALL.long_videos and len({r["id"] for r in long_train}) == len(long_train)
+    assert all(len(questions) == SMALL.long_questions for questions in asked.values())
+    long_val = [r for r in records["5-long-video-tuning"]["val"] if r["meta"]["category"] == "long"]
+    assert len(long_val) == len({r["video"] for r in long_val}) == SMALL.val_long
+
+
 @pytest.mark.parametrize("lang", ["en", "zh"])
 def test_a_long_clip_is_told_with_the_ordinals_its_questions_ask_with(lang):
     facts = [{"shape": s, "colour": "red", "direction": "up"} for s in SHAPES]

@@ -58,6 +58,9 @@ class WorldConfig:
     dense_videos: int = 300
     instruction_videos: int = 500
     long_videos: int = 300
+    long_questions: int = 4
+    """Training questions per long clip (at most one per event with an ordinal; held-out clips ask
+    one each)."""
     val_short: int = 60
     val_long: int = 60
     zh_fraction: float = 0.25
@@ -72,7 +75,7 @@ class WorldConfig:
     global_pool: token}``."""
     vision_image_size: int = 56
     """Resolution of the ViT's pre-training (stage 1's; later stages resample the tower)."""
-    vision_steps: int = 300
+    vision_steps: int = 600
     """Steps of the tiny ViT's pre-training on rendered frames (colour, shape, position)."""
 
 
@@ -294,7 +297,7 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
     def long_mcqs(split: str, index: int, media: str, facts: list[dict], rng: random.Random, count: int) -> list[dict]:
         records = []
         askable = [p for p in range(len(facts)) if _ordinal(p, len(facts), "en")]
-        for position in rng.sample(askable, count):
+        for position in rng.sample(askable, min(count, len(askable))):
             lang = world.language(rng)
             question, options, answer = long_question(facts, position, lang)
             records.append(mcq(f"{split}-long-{index}-{position}", media, question, options, answer, lang, "long"))
@@ -336,7 +339,7 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
     long_train = out["5-long-video-tuning"]["train"]
     for i in range(cfg.long_videos):
         media, facts, rng = world.long_clip("train", i)
-        long_train += long_mcqs("train", i, media, facts, rng, 2)
+        long_train += long_mcqs("train", i, media, facts, rng, cfg.long_questions)
         progress(1)
     # Short questions keep stage 5 balanced across lengths, as in the paper.
     long_train += [r for r in instruction if r.get("task") == "mcq"][: len(long_train) // 2]
