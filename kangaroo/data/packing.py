@@ -142,8 +142,9 @@ def packing_efficiency_bound(lengths: list[int], budget: int) -> float:
     bin packing (1990): for every threshold ``a`` up to half the budget, a sample longer than
     ``budget - a`` shares its row with no sample of at least ``a``, two samples longer than half
     the budget never share a row, and the samples between ``a`` and half the budget fill the
-    rows of those longer ones before opening rows of their own. Hand-written because no
-    maintained Python package exposes it; it is a few sums over a sorted list."""
+    rows of those longer ones before opening rows of their own. Hand-written: Python packages
+    for bin packing give heuristics or a MIP solver (far heavier than a bound needs), not this
+    bound, which is a few sums over a sorted list."""
     import bisect
     import math
 
