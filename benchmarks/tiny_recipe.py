@@ -73,7 +73,7 @@ def accuracy_by_question(workdir: str, stage: str) -> dict[str, float]:
     with torch.no_grad():
         for batch in data.val_dataloader():
             predicted, target = module._forward(batch, first_answers=True).answers
-            for sample, guess, answer in zip(batch["sample_ids"], predicted.tolist(), target.tolist()):
+            for sample, guess, answer in zip(batch["sample_ids"], predicted.tolist(), target.tolist(), strict=True):
                 _, group, *_, kind = sample.split("-")
                 key = f"{group}/{places.get(kind, kind) if group == 'long' else kind}"
                 hits.setdefault(key, []).append(guess == answer)
