@@ -64,18 +64,17 @@ def blank_frame_accuracy(workdir: str, stage: str) -> dict[str, float]:
 
 def accuracy_by_question(workdir: str, stage: str) -> dict[str, float]:
     """Held-out accuracy per kind of question: the short clips' colour, shape and direction, and
-    the long clips' first, second, third and last event. The world's held-out ids end with the
-    kind (``val-short-3-direction``) or the event's place (``val-long-7-2``)."""
+    the long clips' count and when. The world's held-out ids end with the kind
+    (``val-short-3-direction``, ``val-long-7-when``)."""
     module, data = finished_stage(workdir, stage)
     module.eval()
-    places = {"0": "first", "1": "second", "2": "third", "3": "last"}
     hits: dict[str, list[bool]] = {}
     with torch.no_grad():
         for batch in data.val_dataloader():
             predicted, target = module._forward(batch, first_answers=True).answers
             for sample, guess, answer in zip(batch["sample_ids"], predicted.tolist(), target.tolist(), strict=True):
                 _, group, *_, kind = sample.split("-")
-                key = f"{group}/{places.get(kind, kind) if group == 'long' else kind}"
+                key = f"{group}/{kind}"
                 hits.setdefault(key, []).append(guess == answer)
     return {key: round(sum(h) / len(h), 3) for key, h in sorted(hits.items())}
 

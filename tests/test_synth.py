@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kangaroo.data.synth import (COLOURS, SHAPES, ZH, World, WorldConfig, _pretrain_llm, _pretrain_vision,
-                                 _write_tokenizer, corpus_of, described_chats, description_of, long_question,
+                                 _write_tokenizer, COUNTS, DIRECTIONS, corpus_of, described_chats, description_of, long_question,
                                  random_frames, stage_records)
 
 SMALL = WorldConfig(images=4, short_videos=2, dense_videos=2, instruction_videos=3, long_videos=2, val_short=3,
@@ -52,36 +52,72 @@ def test_described_chats_tell_the_media_in_words_and_manifests_never_do(tmp_path
     for record in train:  # what the media shows stays out of the manifests
         assert set(record) <= {"id", "image", "video", "task", "caption", "question", "options", "answer",
                                "conversations", "meta"}
-    # A long clip's facts are its shapes in order; its questions name none of them.
-    long_record = next(r for r in records["5-long-video-tuning"]["val"] if r["meta"]["category"] == "long")
-    shapes = [f["shape"] for f in world.facts[long_record["video"]]]
-    assert len(set(shapes)) == SMALL.long_events and set(shapes) <= set(SHAPES)
-    assert not any(shape in long_record["question"] for shape in SHAPES)
+    # A long clip's facts are its events in time order, distinct shapes in distinct windows; its
+    # questions name none of them.
+    for long_record in (r for r in records["5-long-video-tuning"]["val"] if r["meta"]["category"] == "long"):
+        facts = world.facts[long_record["video"]]
+        shapes, windows = [f["shape"] for f in facts], [f["window"] for f in facts]
+        assert 1 <= len(facts) <= SMALL.long_events and len(set(shapes)) == len(shapes) and set(shapes) <= set(SHAPES)
+        assert windows == sorted(set(windows)) and all(f["start"] == f["window"] * SMALL.long_event_seconds
+                                                       for f in facts)
+        assert not any(shape in long_record["question"] for shape in SHAPES)
 
 
-def test_each_long_training_clip_is_asked_about_every_event_and_held_out_clips_once(tmp_path):
-    _, records, _ = small_world(tmp_path)
+def test_long_clips_are_asked_how_many_shapes_appear_and_single_event_clips_when(tmp_path):
+    world, records, _ = small_world(tmp_path)
     long_train = [r for r in records["5-long-video-tuning"]["train"] if r["meta"]["category"] == "long"]
     asked: dict[str, set[str]] = {}
     for record in long_train:
-        asked.setdefault(record["video"], set()).add(record["id"].rsplit("-", 1)[1])  # the event asked about
+        asked.setdefault(record["video"], set()).add(record["id"].rsplit("-", 1)[1])
     assert len(asked) == SMALL.long_videos and len({r["id"] for r in long_train}) == len(long_train)
-    assert all(len(questions) == SMALL.long_questions for questions in asked.values())
+    for video, kinds in asked.items():
+        assert kinds == ({"count", "when"} if len(world.facts[video]) == 1 else {"count"}), (video, kinds)
+    assert any(len(kinds) == 2 for kinds in asked.values()), "half the training clips hold a single event"
     long_val = [r for r in records["5-long-video-tuning"]["val"] if r["meta"]["category"] == "long"]
-    assert len(long_val) == len({r["video"] for r in long_val}) == SMALL.val_long
+    assert len(long_val) == len({r["video"] for r in long_val}) == SMALL.val_long  # one question each
+    assert {r["id"].rsplit("-", 1)[1] for r in long_val} == {"count", "when"}
+
+
+def long_facts(windows: list[int]) -> list[dict]:
+    return [{"shape": SHAPES[k], "colour": "red", "direction": "up", "start": w * 5.0, "end": w * 5.0 + 4, "window": w}
+            for k, w in enumerate(windows)]
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
-def test_a_long_clip_is_told_with_the_ordinals_its_questions_ask_with(lang):
-    facts = [{"shape": s, "colour": "red", "direction": "up"} for s in SHAPES]
-    told = description_of(facts, lang)
-    for position, fact in enumerate(facts):
-        question, options, letter = long_question(facts, position, lang)
-        ordinal = question.split()[-1].rstrip("?") if lang == "en" else question.split("出现")[0]
-        sentence = next(part for part in told.replace("。", ".").split(".") if ordinal.lower() in part.lower())
-        name = fact["shape"] if lang == "en" else ZH[fact["shape"]]
-        assert name in sentence, (ordinal, sentence)
-        assert options["ABCD".index(letter)] == name
+def test_a_long_clip_is_told_with_the_count_and_times_its_questions_ask_about(lang):
+    for windows in ([0], [2], [3], [0, 1], [1, 3], [0, 2, 3], [0, 1, 2, 3]):
+        facts = long_facts(windows)
+        told = description_of(facts, lang)
+        _, options, letter = long_question(facts, "count", lang, SMALL)
+        assert options["ABCD".index(letter)] == COUNTS[lang][len(windows) - 1]
+        assert told.lower().startswith(("出现了" if lang == "zh" else "") + options["ABCD".index(letter)])
+        for fact in facts:
+            said = f"{fact['start']:g}到{fact['end']:g}秒" if lang == "zh" else f"From {fact['start']:g} to {fact['end']:g} s"
+            assert said in told and told.index(said) < told.index(ZH[fact["shape"]] if lang == "zh" else fact["shape"])
+    for window in range(SMALL.long_events):
+        _, options, letter = long_question(long_facts([window]), "when", lang, SMALL)
+        start, end = options["ABCD".index(letter)].rstrip(" s秒").split("-")
+        assert (float(start), float(end)) == (window * 5.0, window * 5.0 + 5)
+    with pytest.raises(ValueError, match="its only event"):
+        long_question(long_facts([0, 2]), "when", lang, SMALL)
+
+
+@pytest.mark.parametrize("direction", sorted(DIRECTIONS))
+def test_a_moving_shape_sets_off_from_the_middle_towards_the_side_its_direction_names(tmp_path, direction):
+    import random
+
+    world = World(str(tmp_path), SMALL)
+    size = SMALL.size
+    base = np.zeros((size, size, 3), np.uint8)
+    frames = world._moving(base, "square", "red", direction, 16, random.Random(0))
+    centres = []
+    for frame in frames:
+        ys, xs = np.nonzero(frame.max(-1) > 0)
+        centres.append(np.array([xs.mean(), ys.mean()]))
+    assert np.abs(centres[0] - size / 2).max() <= 3, "it starts in the middle"
+    travelled = centres[-1] - centres[0]
+    assert np.sign(travelled).tolist() == [float(v) for v in DIRECTIONS[direction]], travelled
+    assert np.abs(travelled).max() > size / 5
 
 
 def test_tiny_llm_pretraining_reports_held_out_accuracy_per_group(tmp_path):

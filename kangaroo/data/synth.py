@@ -39,7 +39,7 @@ COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 ZH = {"ring": "圆环", "square": "正方形", "triangle": "三角形", "bar": "横条", "red": "红色", "green": "绿色",
       "blue": "蓝色", "yellow": "黄色", "left": "左", "right": "右", "up": "上", "down": "下"}
-ORDINALS = {"en": ("first", "second", "third", "last"), "zh": ("第一个", "第二个", "第三个", "最后一个")}
+COUNTS = {"en": ("one", "two", "three", "four"), "zh": ("一个", "两个", "三个", "四个")}
 
 
 @dataclass
@@ -52,15 +52,14 @@ class WorldConfig:
     fps: int = 4
     short_seconds: float = 4.0
     long_events: int = 4
+    """Windows of a long clip; each holds one event (a shape moving for all but its last second)
+    or stays empty."""
     long_event_seconds: float = 5.0
     images: int = 600
     short_videos: int = 400
     dense_videos: int = 300
     instruction_videos: int = 500
     long_videos: int = 300
-    long_questions: int = 4
-    """Training questions per long clip (at most one per event with an ordinal; held-out clips ask
-    one each)."""
     val_short: int = 60
     val_long: int = 60
     zh_fraction: float = 0.25
@@ -164,12 +163,13 @@ class World:
 
     def _moving(self, base: np.ndarray, shape: str, colour: str, direction: str, count: int,
                 rng: random.Random) -> list[np.ndarray]:
+        # Shapes set off from the middle of the frame and travel towards one side.
         size = self.config.size
         radius = rng.uniform(9, 13)
         vx, vy = DIRECTIONS[direction]
-        travel = size * 0.45
-        cx0 = size / 2 - vx * travel / 2 + rng.uniform(-4, 4)
-        cy0 = size / 2 - vy * travel / 2 + rng.uniform(-4, 4)
+        travel = size * 0.28
+        cx0 = size / 2 + rng.uniform(-2, 2)
+        cy0 = size / 2 + rng.uniform(-2, 2)
         out = []
         for t in range(count):
             frame = base.copy()
@@ -178,20 +178,30 @@ class World:
             out.append(frame)
         return out
 
-    def long_clip(self, split: str, index: int) -> tuple[str, list[dict], random.Random]:
-        """``long_events`` distinct shapes appear one after another, each for a few seconds,
-        with an empty gap between them: questions ask about their order."""
+    def long_clip(self, split: str, index: int, single: bool) -> tuple[str, list[dict], random.Random]:
+        """``long_events`` windows of ``long_event_seconds``; some hold an event (a shape moving for
+        all but the window's last second, distinct shapes), the others stay empty. ``single``: one
+        event in a random window; otherwise one to ``long_events`` events, as many of each count.
+        Questions ask how many shapes appear and when (``long_question``)."""
         rng, nrng = self._rng(split, "long", index)
         cfg = self.config
         base = background(cfg.size, nrng)
-        shapes = rng.sample(SHAPES, cfg.long_events)
+        count = 1 if single else rng.randint(1, cfg.long_events)
+        windows = sorted(rng.sample(range(cfg.long_events), count))
+        shapes = rng.sample(SHAPES, count)
         per_event = int(cfg.long_event_seconds * cfg.fps)
         frames, facts = [], []
-        for shape in shapes:
+        for window in range(cfg.long_events):
+            if window not in windows:
+                frames += [base.copy() for _ in range(per_event)]
+                continue
+            shape = shapes[windows.index(window)]
             colour, direction = rng.choice(list(COLOURS)), rng.choice(list(DIRECTIONS))
-            facts.append({"shape": shape, "colour": colour, "direction": direction})
+            start = window * cfg.long_event_seconds
+            facts.append({"shape": shape, "colour": colour, "direction": direction, "start": start,
+                          "end": start + cfg.long_event_seconds - 1, "window": window})
             frames += self._moving(base, shape, colour, direction, per_event - cfg.fps, rng)
-            frames += [base.copy() for _ in range(cfg.fps)]  # one empty second between events
+            frames += [base.copy() for _ in range(cfg.fps)]  # one empty second after each event
         rel, full = self._media(split, f"long-{index:05d}.mp4")
         write_video(full, np.stack(frames), fps=cfg.fps)
         self.facts[rel] = facts
@@ -220,15 +230,16 @@ def caption_of(facts: list[dict], lang: str) -> str:
 
 def description_of(facts: list[dict], lang: str) -> str:
     """What a media shows, told in words for the tiny LLM's text pre-training: the caption, and
-    for long clips each event with its ordinal, the words the long questions ask with."""
-    if len(facts) <= 2:
+    for long clips how many shapes appear and when each does, what the long questions ask."""
+    if "start" not in facts[0]:
         return caption_of(facts, lang)
-    ordinals = [_ordinal(i, len(facts), lang) or ("然后" if lang == "zh" else "then") for i in range(len(facts))]
+    count = COUNTS[lang][len(facts) - 1]
     if lang == "zh":
-        return "".join(f"{o}是{ZH[f['colour']]}的{ZH[f['shape']]}，向{ZH[f['direction']]}移动。"
-                       for o, f in zip(ordinals, facts))
-    return " ".join(f"{o.capitalize()}, a {f['colour']} {f['shape']} moves {f['direction']}."
-                    for o, f in zip(ordinals, facts))
+        return f"出现了{count}形状。" + "".join(
+            f"{f['start']:g}到{f['end']:g}秒，一个{ZH[f['colour']]}的{ZH[f['shape']]}向{ZH[f['direction']]}移动。"
+            for f in facts)
+    return f"{count.capitalize()} shape{'s' if len(facts) > 1 else ''} appear{'' if len(facts) > 1 else 's'}. " + " ".join(
+        f"From {f['start']:g} to {f['end']:g} s, a {f['colour']} {f['shape']} moves {f['direction']}." for f in facts)
 
 
 def short_question(facts: dict, kind: str, lang: str) -> tuple[str, list[str], str]:
@@ -250,19 +261,20 @@ def short_question(facts: dict, kind: str, lang: str) -> tuple[str, list[str], s
     return question, shown, OPTION_LETTERS[options.index(answer)]
 
 
-def _ordinal(position: int, count: int, lang: str) -> str | None:
-    """The word for an event's place among ``count`` (first, second, third, last), if it has one."""
-    if position == count - 1:
-        return ORDINALS[lang][3]
-    return ORDINALS[lang][position] if position < 3 else None
-
-
-def long_question(facts: list[dict], position: int, lang: str) -> tuple[str, list[str], str]:
-    ordinal = _ordinal(position, len(facts), lang)
-    question = {"en": f"Which shape appears {ordinal}?", "zh": f"{ordinal}出现的是什么形状？"}[lang]
-    options = list(SHAPES)
-    shown = options if lang == "en" else [ZH[o] for o in options]
-    return question, shown, OPTION_LETTERS[options.index(facts[position]["shape"])]
+def long_question(facts: list[dict], kind: str, lang: str, config: WorldConfig) -> tuple[str, list[str], str]:
+    """A question about a long clip: ``count`` (how many shapes appear) or ``when`` (in which
+    window the one shape of a single-event clip appears). Options keep one fixed order."""
+    if kind == "count":
+        question = {"en": "How many shapes appear in the video?", "zh": "视频里出现了几个形状？"}[lang]
+        return question, list(COUNTS[lang]), OPTION_LETTERS[len(facts) - 1]
+    if kind != "when" or len(facts) != 1:
+        raise ValueError(f"a long clip is asked 'count', or 'when' about its only event; got {kind!r} for "
+                         f"{len(facts)} events")
+    question = {"en": "When does the shape appear?", "zh": "这个形状什么时候出现？"}[lang]
+    step = config.long_event_seconds
+    unit = {"en": " s", "zh": "秒"}[lang]
+    options = [f"{w * step:g}-{(w + 1) * step:g}{unit}" for w in range(config.long_events)]
+    return question, options, OPTION_LETTERS[facts[0]["window"]]
 
 
 def mcq(sample_id: str, media: str, question: str, options: list[str], answer: str, lang: str,
@@ -294,13 +306,12 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
             records.append(mcq(f"{split}-short-{index}-{kind}", media, question, options, answer, lang, "short"))
         return records
 
-    def long_mcqs(split: str, index: int, media: str, facts: list[dict], rng: random.Random, count: int) -> list[dict]:
+    def long_mcqs(split: str, index: int, media: str, facts: list[dict], rng: random.Random, kinds) -> list[dict]:
         records = []
-        askable = [p for p in range(len(facts)) if _ordinal(p, len(facts), "en")]
-        for position in rng.sample(askable, min(count, len(askable))):
+        for kind in kinds:
             lang = world.language(rng)
-            question, options, answer = long_question(facts, position, lang)
-            records.append(mcq(f"{split}-long-{index}-{position}", media, question, options, answer, lang, "long"))
+            question, options, answer = long_question(facts, kind, lang, cfg)
+            records.append(mcq(f"{split}-long-{index}-{kind}", media, question, options, answer, lang, "long"))
         return records
 
     for i in range(cfg.images):
@@ -337,9 +348,10 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
                             "meta": {"language": lang, "category": "short", "task": "open_qa"}})
         progress(1)
     long_train = out["5-long-video-tuning"]["train"]
-    for i in range(cfg.long_videos):
-        media, facts, rng = world.long_clip("train", i)
-        long_train += long_mcqs("train", i, media, facts, rng, cfg.long_questions)
+    for i in range(cfg.long_videos):  # every other clip holds one event: asked when, and how many
+        single = i % 2 == 1
+        media, facts, rng = world.long_clip("train", i, single)
+        long_train += long_mcqs("train", i, media, facts, rng, ("count", "when") if single else ("count",))
         progress(1)
     # Short questions keep stage 5 balanced across lengths, as in the paper.
     long_train += [r for r in instruction if r.get("task") == "mcq"][: len(long_train) // 2]
@@ -350,9 +362,10 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
         media, facts, rng = world.short_clip("val", "clip", i)
         val_short += short_mcqs("val", i, media, facts[0], rng, (("colour", "shape", "direction")[i % 3],))
         progress(1)
-    for i in range(cfg.val_long):
-        media, facts, rng = world.long_clip("val", i)
-        val_long += long_mcqs("val", i, media, facts, rng, 1)
+    for i in range(cfg.val_long):  # half asked how many shapes appear, half when the only one does
+        single = i % 2 == 1
+        media, facts, rng = world.long_clip("val", i, single)
+        val_long += long_mcqs("val", i, media, facts, rng, ("when",) if single else ("count",))
         progress(1)
     images_val = [world.image("val", i) for i in range(max(8, cfg.val_short // 4))]
     out["1-image-pretrain"]["val"] = images_val
