@@ -181,7 +181,7 @@ class World:
     def long_clip(self, split: str, index: int, single: bool) -> tuple[str, list[dict], random.Random]:
         """``long_events`` windows of ``long_event_seconds``; some hold an event (a shape moving for
         all but the window's last second, distinct shapes), the others stay empty. ``single``: one
-        event in a random window; otherwise one to ``long_events`` events, as many of each count.
+        event in a random window; otherwise a count drawn uniformly from one to ``long_events``.
         Questions ask how many shapes appear and when (``long_question``)."""
         rng, nrng = self._rng(split, "long", index)
         cfg = self.config
