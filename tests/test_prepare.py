@@ -132,3 +132,26 @@ def test_samples_over_the_budget(tmp_path, stage_yaml, overflow):
     assert record["num_tokens"] <= 60 and record["pixels"].shape[0] % 2 == 0 and record["pixels"].shape[0] < 16
     gaps = np.diff(record["timestamps"])
     assert gaps.max() < 2.5 * gaps.min()  # dropped evenly, not cut from the end
+
+
+def test_samples_are_written_in_a_seeded_shuffled_order_unless_asked_not_to(tmp_path, stage_yaml):
+    # LitData never shuffles across chunks: a manifest grouped by kind must not stream grouped.
+    from kangaroo.config import load_stage_file
+    from kangaroo.data.prepare import prepare_dataset
+
+    path = tmp_path / "m.jsonl"
+    ids = [f"{kind}{i}" for kind in "ab" for i in range(20)]
+    path.write_text("".join(json.dumps({"id": i, "conversations": [{"role": "user", "content": "Hi"},
+                                                                   {"role": "assistant", "content": i}]}) + "\n"
+                            for i in ids))
+    sections = load_stage_file(stage_yaml())
+    prepare, architecture = sections["data"].prepare, sections["model"].architecture
+    orders = {}
+    for shuffle in (True, False):
+        prepare.shuffle = shuffle
+        prepare_dataset(str(path), str(tmp_path / f"o{shuffle}"), prepare, architecture)
+        orders[shuffle] = [r["id"] for r in StreamingDataset(str(tmp_path / f"o{shuffle}"))]
+    assert orders[False] == ids
+    assert sorted(orders[True]) == sorted(ids) and orders[True] != ids
+    first_half = orders[True][:20]
+    assert 5 <= sum(i.startswith("a") for i in first_half) <= 15

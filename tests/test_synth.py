@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kangaroo.data.synth import (COLOURS, SHAPES, ZH, World, WorldConfig, _pretrain_llm, _pretrain_vision,
+from kangaroo.data.synth import (COLOURS, SHAPES, ZH, World, WorldConfig, _pretrain_llm, _pretrain_vision, thirds,
                                  _write_tokenizer, COUNTS, DIRECTIONS, corpus_of, described_chats, description_of, long_question,
                                  random_frames, stage_records)
 
@@ -153,8 +153,8 @@ def test_pretrained_tiny_tower_loads_into_the_stage_tower(tmp_path, image_size):
     from kangaroo.modules.vision_tower import VisionTowerConfig, build_vision_tower
 
     report = _pretrain_vision(str(tmp_path), SMALL)
-    assert set(report) == {"colour_accuracy", "shape_accuracy", "centre_error_px"}
-    assert all(0 <= report[k] <= 1 for k in ("colour_accuracy", "shape_accuracy"))
+    assert set(report) == {"colour_accuracy", "shape_accuracy", "centre_error_px", "third_accuracy"}
+    assert all(0 <= report[k] <= 1 for k in ("colour_accuracy", "shape_accuracy", "third_accuracy"))
     saved = load_file(tmp_path / "vision.safetensors")
     config = VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=image_size, timm_kwargs={"depth": 4, "global_pool": "token"},
                                pretrained=str(tmp_path / "vision.safetensors"))
@@ -183,3 +183,8 @@ def test_pretrained_tower_tokens_come_out_standardised(tmp_path):
         tokens = tower(normalize(fit_frames(frames, 56))).reshape(-1, tower.width)
     assert tokens.mean(0).abs().mean() < 0.2
     assert 0.7 < tokens.std(0).mean() < 1.3
+
+
+def test_thirds_split_the_frame_evenly_and_keep_the_far_edge_in_the_last_third():
+    centres = np.array([[0.0, 0.32], [0.34, 0.66], [0.67, 1.0]])
+    assert thirds(centres).tolist() == [[0, 0], [1, 1], [2, 2]]

@@ -36,6 +36,10 @@ class PrepareConfig:
     image_max_time: float = 60.0
     """Images get a timestamp drawn uniformly from ``[0, image_max_time)`` seconds, seeded by id."""
     seed: int = 0
+    shuffle: bool = True
+    """Write the samples in an order shuffled with ``seed``. LitData shuffles the order of the
+    chunks and the samples inside each chunk, never across chunks, so a manifest grouped by kind
+    (all long clips, then all short ones) would otherwise train on one kind for a long stretch."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 16:

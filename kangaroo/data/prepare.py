@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import random
 import tempfile
 from dataclasses import dataclass
 
@@ -72,6 +73,8 @@ def prepare_dataset(
         raise ValueError(f"--strict: {len(rejects)} manifest lines are invalid, first: {rejects[0].to_json()}")
     if not samples:
         raise NothingUsable(f"no usable sample in {manifest} ({len(rejects)} rejected)")
+    if prepare.shuffle:
+        random.Random(f"{prepare.seed}:order").shuffle(samples)
     with tempfile.TemporaryDirectory(prefix="kangaroo-rejects-") as rejects_dir:
         encoder = SampleEncoder(prepare, model_config, rejects_dir)
         # spawn, not fork: forking a process whose torch threads already ran can deadlock a worker.

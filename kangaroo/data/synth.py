@@ -63,7 +63,7 @@ class WorldConfig:
     val_short: int = 60
     val_long: int = 60
     zh_fraction: float = 0.25
-    llm_steps: int = 400
+    llm_steps: int = 250
     """Steps of the tiny LLM's pre-training on the world's chats told in words (no pixels)."""
     llm_batch: int = 32
     """Conversations per step of the tiny LLM's pre-training."""
@@ -570,6 +570,18 @@ def _standardise_output(trunk, pixels) -> None:
     trunk.norm.bias.sub_(mean).div_(std)
 
 
+THIRDS = 3
+"""The tiny ViT also tells which third of the frame, across and down, a shape is in."""
+_HEADS = {"colour": slice(0, 5), "shape": slice(5, 10), "centre": slice(10, 12),
+          "across": slice(12, 12 + THIRDS), "down": slice(12 + THIRDS, 12 + 2 * THIRDS)}
+"""The outputs of the tiny ViT's pre-training heads (classes 4 of colour and shape: no shape)."""
+
+
+def thirds(centres: np.ndarray) -> np.ndarray:
+    """Which third of the frame, across and down, each centre ``(n, 2)`` in [0, 1] lies in."""
+    return np.minimum((centres * THIRDS).astype(np.int64), THIRDS - 1)
+
+
 def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
     """The tiny recipe's stand-in for the pre-trained EVA02-CLIP tower: the tiny ViT trained to
     tell each frame's colour, shape and position from every patch token (heads dropped after).
@@ -589,7 +601,7 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
     # global_pool="token": a final LayerNorm on every token, as EVA02-CLIP's trunk has.
     trunk = timm.create_model(config.vision_model, img_size=size, num_classes=0, depth=config.vision_depth,
                               global_pool="token")
-    heads = torch.nn.Linear(trunk.embed_dim, 5 + 5 + 2)
+    heads = torch.nn.Linear(trunk.embed_dim, _HEADS["down"].stop)
     params = list(trunk.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     schedule = _warmup_cosine(optimizer, config.vision_steps)
@@ -606,9 +618,15 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
         tokens = out.shape[1]
         shown = torch.from_numpy(classes[:, 1] < 4)
         colour, shape = (torch.from_numpy(classes[:, k]).repeat_interleave(tokens) for k in (0, 1))
-        loss = (F.cross_entropy(out[..., :5].reshape(-1, 5), colour)
-                + F.cross_entropy(out[..., 5:10].reshape(-1, 5), shape)
-                + 10 * F.mse_loss(out[shown, :, 10:], torch.from_numpy(centres)[shown, None].expand(-1, tokens, -1)))
+        third = torch.from_numpy(thirds(centres[classes[:, 1] < 4])).repeat_interleave(tokens, 0)
+        # Shape weighs double: the hardest of the three at this resolution. The third of the
+        # frame a shape is in, as classes, makes place as plain in every token as colour is: the
+        # LLM reads where a shape goes, and so which way it moves, as readily as its colour.
+        loss = (F.cross_entropy(out[..., _HEADS["colour"]].reshape(-1, 5), colour)
+                + 2 * F.cross_entropy(out[..., _HEADS["shape"]].reshape(-1, 5), shape)
+                + 2 * F.mse_loss(out[shown][..., _HEADS["centre"]], torch.from_numpy(centres)[shown, None].expand(-1, tokens, -1))
+                + 2 * sum(F.cross_entropy(out[shown][..., _HEADS[axis]].reshape(-1, THIRDS), third[:, k])
+                          for k, axis in enumerate(("across", "down"))))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -619,9 +637,13 @@ def _pretrain_vision(output: str, config: WorldConfig) -> dict[str, float]:
         frames, classes, centres = random_frames(256, config.size, rng)
         shown = classes[:, 1] < 4
         out = per_token(frames).numpy()
-        report = {"colour_accuracy": float((out[..., :5].argmax(-1) == classes[:, :1]).mean()),
-                  "shape_accuracy": float((out[..., 5:10].argmax(-1) == classes[:, 1:2]).mean()),
-                  "centre_error_px": float(np.abs(out[shown, :, 10:] - centres[shown, None]).mean() * config.size)}
+        third = thirds(centres[shown])
+        report = {"colour_accuracy": float((out[..., _HEADS["colour"]].argmax(-1) == classes[:, :1]).mean()),
+                  "shape_accuracy": float((out[..., _HEADS["shape"]].argmax(-1) == classes[:, 1:2]).mean()),
+                  "centre_error_px": float(np.abs(out[shown][..., _HEADS["centre"]] - centres[shown, None]).mean()
+                                           * config.size),
+                  "third_accuracy": float(np.mean([(out[shown][..., _HEADS[axis]].argmax(-1) == third[:, k, None]).mean()
+                                                   for k, axis in enumerate(("across", "down"))]))}
         _standardise_output(trunk, normalize(fit_frames(frames, size)))
     log.info("tiny ViT pre-trained on the world's frames: %s", report)
     save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, os.path.join(output, "vision.safetensors"))
