@@ -302,7 +302,7 @@ def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, 
         sections = load_stage_file(merged_path)
         print(f"[{stage.name}] preparing {split} data from {manifest}", flush=True)
         report = prepare_dataset(manifest, output, sections["data"].prepare, sections["model"].architecture,
-                                 workers=workers, overwrite=True)
+                                 workers=workers, overwrite=True, start_method="forkserver")
         print(report.summary(), flush=True)
 
 

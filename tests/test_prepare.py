@@ -155,3 +155,32 @@ def test_samples_are_written_in_a_seeded_shuffled_order_unless_asked_not_to(tmp_
     assert sorted(orders[True]) == sorted(ids) and orders[True] != ids
     first_half = orders[True][:20]
     assert 5 <= sum(i.startswith("a") for i in first_half) <= 15
+
+
+def test_forkserver_workers_write_the_same_records_and_the_start_method_is_put_back(tmp_path, stage_yaml):
+    # the recipe runner prepares ten datasets in a row with workers forked from one server
+    import multiprocessing
+
+    from kangaroo.config import load_stage_file
+    from kangaroo.data.prepare import prepare_dataset
+
+    for i in range(3):
+        random_video(tmp_path / f"v{i}.mp4", frames=20, fps=10, seed=i)
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"id": f"v{i}", "video": f"v{i}.mp4", "task": "caption", "caption": "A shape."})
+                            + "\n" for i in range(3)))
+    sections = load_stage_file(stage_yaml())
+    prepare, architecture = sections["data"].prepare, sections["model"].architecture
+    before = multiprocessing.get_start_method(allow_none=True)
+    with pytest.raises(ValueError, match="spawn or forkserver"):
+        prepare_dataset(str(path), str(tmp_path / "fork"), prepare, architecture, start_method="fork")
+    assert not (tmp_path / "fork").exists()
+    records = {}
+    for method in ("spawn", "forkserver", "forkserver"):
+        out = tmp_path / f"o-{method}"
+        report = prepare_dataset(str(path), str(out), prepare, architecture, start_method=method, overwrite=True)
+        assert report.prepared == 3 and multiprocessing.get_start_method(allow_none=True) == before
+        records[method] = list(StreamingDataset(str(out)))
+    for a, b in zip(records["spawn"], records["forkserver"], strict=True):
+        assert a["id"] == b["id"] and np.array_equal(a["input_ids"], b["input_ids"])
+        assert np.array_equal(np.asarray(a["pixels"]), np.asarray(b["pixels"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import random
 import tempfile
 from dataclasses import dataclass
@@ -12,6 +13,10 @@ from kangaroo.data.encode import PrepareConfig, SampleEncoder, read_rejects, wri
 from kangaroo.data.manifest import Reject, read_manifest
 
 REJECTS_FILE = "rejects.jsonl"
+FORKSERVER_PRELOAD = ["kangaroo.data.encode", "kangaroo.modules.builder", "litdata", "timm", "open_clip",
+                      "transformers.models.auto.tokenization_auto"]
+"""What a forkserver imports once: the encoder, the model code it builds the visual layout
+with (timm and open_clip name the vision trunk), LitData's worker and the tokenizer loader."""
 
 
 class NothingUsable(Exception):
@@ -46,16 +51,26 @@ def prepare_dataset(
     strict: bool = False,
     overwrite: bool = False,
     allowed_roots: list[str] | None = None,
+    start_method: str = "spawn",
 ) -> PrepareReport:
     """Validates ``manifest``, encodes every usable sample with LitData ``optimize`` into
     ``output`` (a local folder or an ``s3://`` prefix) and lists the rest in
     ``output/rejects.jsonl``.
+
+    Workers start with ``spawn`` (a clean interpreter each, seeing the caller's environment as
+    it is now). A process that prepares many datasets in a row, like the recipe runner, passes
+    ``forkserver``: one server imports torch, the tokenizer and the model code once and every
+    later worker forks from it, where each spawned worker spends seconds importing the same.
+    The server keeps the environment it started with, so that process must not change
+    credentials or endpoints between calls.
 
     Raises ``NothingUsable`` when no sample survives, and ``ValueError`` with ``strict`` when
     any sample is rejected or when ``output`` already holds data and ``overwrite`` is off.
     """
     from litdata import optimize
 
+    if start_method not in ("spawn", "forkserver"):
+        raise ValueError(f"start_method must be spawn or forkserver, got {start_method!r}")
     if storage.listdir(output):
         if not overwrite:
             raise ValueError(f"{output} is not empty; pass --overwrite to replace it")
@@ -77,9 +92,15 @@ def prepare_dataset(
         random.Random(f"{prepare.seed}:order").shuffle(samples)
     with tempfile.TemporaryDirectory(prefix="kangaroo-rejects-") as rejects_dir:
         encoder = SampleEncoder(prepare, model_config, rejects_dir)
-        # spawn, not fork: forking a process whose torch threads already ran can deadlock a worker.
-        optimize(fn=encoder, inputs=samples, output_dir=output, num_workers=workers, chunk_bytes="64MB",
-                 start_method="spawn", mode=None)
+        # never fork: forking a process whose torch threads already ran can deadlock a worker.
+        if start_method == "forkserver":
+            multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
+        previous = multiprocessing.get_start_method(allow_none=True)
+        try:
+            optimize(fn=encoder, inputs=samples, output_dir=output, num_workers=workers, chunk_bytes="64MB",
+                     start_method=start_method, mode=None)
+        finally:  # optimize sets the process-wide start method; later DataLoaders keep the caller's
+            multiprocessing.set_start_method(previous, force=True)
         rejects += read_rejects(rejects_dir)
     write_rejects(storage.join(output, REJECTS_FILE), rejects)
     report = PrepareReport(output, _count_samples(output), rejects)
