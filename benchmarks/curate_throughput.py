@@ -4,7 +4,7 @@ pipeline in 1 and in N processes.
     python benchmarks/curate_throughput.py
     python benchmarks/curate_throughput.py --copies 10 --workers 2
 
-The videos are the demo set (``kangaroo.curate.demo``: 192x144, 10 fps, 3-5 s H.264 clips,
+The videos are the demo set (``kangaroo.world.demo_clips``: 192x144, 10 fps, 3-5 s H.264 clips,
 one per case a filter looks for) written ``--copies`` times into a temporary folder. Each
 filter runs alone, in this process, over every item it applies to; its one-off start (loading
 a detection model or jieba's dictionary) is timed apart, on a first pass over one copy of the
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from kangaroo.curate import Item, curate, default_filters
-from kangaroo.curate.demo import write_demo_set
+from kangaroo.world.demo_clips import write_demo_set
 from kangaroo.curate.filters import DatasetFilter
 
 

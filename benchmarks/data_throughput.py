@@ -23,9 +23,9 @@ from kangaroo.data.datamodule import KangarooDataModule
 from kangaroo.data.encode import PrepareConfig, SampleEncoder
 from kangaroo.data.manifest import read_manifest
 from kangaroo.data.prepare import prepare_dataset
-from kangaroo.data.tiny_tokenizer import build_tiny_tokenizer
+from kangaroo.world.tokenizer import build_tiny_tokenizer
 from kangaroo.data.video import FrameSampling, write_video
-from kangaroo.modules import kangaroo_tiny_config
+from kangaroo.modules import kangaroo_tiny_config, visual_layout
 
 
 def make_world(root: str, videos: int, seconds: int) -> str:
@@ -58,9 +58,9 @@ def main() -> None:
         build_tiny_tokenizer(["A red square moves right, number. Describe the video."] * 50).save_pretrained(tokenizer_dir)
         prepare = PrepareConfig(tokenizer=tokenizer_dir, max_tokens=4096,
                                 sampling=FrameSampling("uniform", num_frames=args.frames, multiple_of=2))
-        model = kangaroo_tiny_config()
+        layout = visual_layout(kangaroo_tiny_config())
         start = time.perf_counter()
-        prepare_dataset(manifest, os.path.join(root, "chunks"), prepare, model)
+        prepare_dataset(manifest, os.path.join(root, "chunks"), prepare, layout)
         prepare_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -68,9 +68,9 @@ def main() -> None:
         streamed = sum(len(batch["sample_ids"]) for batch in module.train_dataloader())
         stream_seconds = time.perf_counter() - start
 
-        encoder = SampleEncoder(prepare, model, rejects_dir=root)
+        encoder = SampleEncoder(prepare, layout, rejects_dir=root)
         samples = list(read_manifest(manifest))
-        encoder.encode(samples[0])  # builds the tokenizer and layout once, as a worker would
+        encoder.encode(samples[0])  # loads the tokenizer once, as a worker would
         start = time.perf_counter()
         for sample in samples:
             encoder.encode(sample)

@@ -33,7 +33,7 @@ import torch
 from model_step import packed_batch  # benchmarks/ is on the path when run as a script
 from kangaroo.modules import KangarooConfig, LanguageModelConfig, PatchifyConfig, VisionTowerConfig, build_kangaroo
 from kangaroo.modules.sizes import LLAMA3_VISUAL_TOKENS, kangaroo_tiny
-from kangaroo.parallel import apply_activation_checkpointing
+from kangaroo.training.fsdp import apply_activation_checkpointing
 
 LLAMA32_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
               "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -46,7 +46,7 @@ PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 def config_1b(attention: str) -> KangarooConfig:
     return KangarooConfig(
         vision_tower=VisionTowerConfig("timm:eva02_large_patch14_clip_224", image_size=448),
-        language_model=LanguageModelConfig(architecture=dict(LLAMA32_1B), attn_implementation=attention),
+        language_model=LanguageModelConfig(transformers_config=dict(LLAMA32_1B), attn_implementation=attention),
         visual_tokens=LLAMA3_VISUAL_TOKENS, patchify=PatchifyConfig())
 
 

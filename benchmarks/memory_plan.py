@@ -90,7 +90,7 @@ class Stage:
 def load_stage(path: str) -> Stage:
     import yaml
 
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
 
     with open(path) as handle:  # the trainer section: the GPUs and the strategy's checkpointing
         trainer = yaml.safe_load(handle)["trainer"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import random
 
-from kangaroo.data.packing import SequencePacker, offline_best_fit_efficiency, packing_efficiency_bound
+from packing_bounds import offline_best_fit_efficiency, packing_efficiency_bound
+
+from kangaroo.data.packing import SequencePacker
 
 MIXES = {
     "stage 4 (16-64 frames, 10K budget)": (16, 64, 10 * 1024),

@@ -27,9 +27,11 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "kangaroo-tiny
 
 def prepare_all(method: str, scratch: str) -> dict[str, float]:
     """Seconds per dataset, in the runner's order, for one start method."""
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import prepare_dataset
-    from kangaroo.recipe import data_dir, ensure_world, load_recipe, merged_config
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.recipe.runner import ensure_world
+    from kangaroo.recipe.spec import data_dir, load_recipe, merged_config
 
     recipe = load_recipe(RECIPE)
     ensure_world(recipe.world)
@@ -42,7 +44,7 @@ def prepare_all(method: str, scratch: str) -> dict[str, float]:
         for split, manifest in stage.prepare.items():
             started = time.perf_counter()
             prepare_dataset(manifest, data_dir(scratch, stage, split), sections["data"].prepare,
-                            sections["model"].architecture, overwrite=True, start_method=method)
+                            visual_layout(sections["model"].architecture), overwrite=True, start_method=method)
             seconds[f"{stage.name}/{split}"] = time.perf_counter() - started
     return seconds
 

@@ -41,7 +41,7 @@ class BlankFrames:
 
 def finished_stage(workdir: str, stage: str):
     """The stage's module with its final weights, and its data module."""
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
 
     root = os.path.join(workdir, stage)
     sections = load_stage_file(os.path.join(root, "stage.yaml"))

@@ -14,12 +14,12 @@ FIT_COMMANDS = ("fit", "validate")
 
 
 def _summary_command(args: argparse.Namespace) -> int:
-    from kangaroo.summary import format_summary, model_summary, summarize_config
+    from kangaroo.modules.summary import format_summary, model_summary, summarize_config
 
     if args.config:
         import torch
 
-        from kangaroo.config import load_stage_file
+        from kangaroo.training.stage_file import load_stage_file
 
         stage = load_stage_file(args.config, ("model",))["model"]
         with torch.device("meta"):
@@ -38,8 +38,8 @@ def _summary_command(args: argparse.Namespace) -> int:
 
 def _prepare_command(args: argparse.Namespace) -> int:
     from kangaroo.data.prepare import NothingUsable, prepare_dataset
-
-    from kangaroo.config import load_stage_file
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.training.stage_file import load_stage_file
 
     sections = load_stage_file(args.config)
     stage, data = sections["model"], sections["data"]
@@ -49,7 +49,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
     if output is None:
         raise ValueError(f"{args.config}: no data.{args.split}_dir and no --output")
     try:
-        report = prepare_dataset(args.manifest, output, data.prepare, stage.architecture,
+        report = prepare_dataset(args.manifest, output, data.prepare, visual_layout(stage.architecture),
                                  workers=args.workers, strict=args.strict, overwrite=args.overwrite,
                                  allowed_roots=args.allowed_root)
     except NothingUsable as err:
@@ -60,7 +60,7 @@ def _prepare_command(args: argparse.Namespace) -> int:
 
 
 def _synth_command(args: argparse.Namespace) -> int:
-    from kangaroo.data.synth import WorldConfig, synthesize
+    from kangaroo.world import WorldConfig, synthesize
 
     info = synthesize(args.output, WorldConfig(seed=args.seed), overwrite=args.overwrite)
     for name, count in info["manifests"].items():
@@ -82,7 +82,7 @@ def _curate_command(args: argparse.Namespace) -> int:
 
 
 def _consolidate_command(args: argparse.Namespace) -> int:
-    from kangaroo.parallel import consolidate_checkpoint
+    from kangaroo.training.weights import consolidate_checkpoint
 
     output = args.output or os.path.splitext(args.checkpoint.rstrip("/"))[0] + ".safetensors"
     print(f"weights of {args.checkpoint} written to {consolidate_checkpoint(args.checkpoint, output)}")
@@ -94,7 +94,7 @@ def _recipe_workdir(recipe, args: argparse.Namespace) -> str:
 
 
 def _recipe_run_command(args: argparse.Namespace) -> int:
-    from kangaroo.checkpoints import PREEMPTED_EXIT_CODE
+    from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
     from kangaroo.recipe import Preempted, load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if words and words[0] in FIT_COMMANDS:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        from kangaroo.checkpoints import PREEMPTED_EXIT_CODE
-        from kangaroo.fit import KangarooCLI
+        from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
+        from kangaroo.training.fit import KangarooCLI
 
         try:
             KangarooCLI(args=argv)  # None: LightningCLI reads sys.argv itself

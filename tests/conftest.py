@@ -74,7 +74,7 @@ model:
   architecture:
     vision_tower: {{name: 'timm:eva02_tiny_patch14_224', image_size: 56}}
     language_model:
-      architecture: {{model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,
+      transformers_config: {{model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,
                      num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
     visual_tokens: {{placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}}
     patchify: {{kernel: [2, 2, 2]}}
@@ -92,7 +92,7 @@ data:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-    from kangaroo.data.tiny_tokenizer import build_tiny_tokenizer
+    from kangaroo.world.tokenizer import build_tiny_tokenizer
 
     corpus = ["A red circle moves left. A blue square appears.", "一个红色的圆向左移动。",
               "Describe the video. What happens in this video? Answer with the option's letter."] * 20

@@ -20,9 +20,9 @@ import lightning as L
 import torch
 
 from kangaroo.modules import IGNORE_INDEX, KangarooConfig, LanguageModelConfig, PatchifyConfig, VisionTowerConfig
-from kangaroo.modules.optim import OptimizerConfig
+from kangaroo.training.optim import OptimizerConfig
 from kangaroo.modules.sizes import TINY_VISUAL_TOKENS
-from kangaroo.modules.stage import KangarooStage
+from kangaroo.training.stage import KangarooStage
 
 TEXT_ONLY = {(1, 1)}
 """(step, sample) pairs without media."""
@@ -33,7 +33,7 @@ def architecture() -> KangarooConfig:
     return KangarooConfig(
         vision_tower=VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=IMAGE_SIZE,
                                        timm_kwargs={"depth": 2}),
-        language_model=LanguageModelConfig(architecture={
+        language_model=LanguageModelConfig(transformers_config={
             "model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}),
         visual_tokens=TINY_VISUAL_TOKENS,
@@ -104,7 +104,7 @@ def main() -> None:
                           optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-4))
     strategy = "auto"
     if args.devices > 1:
-        from kangaroo.parallel import FSDP2Strategy
+        from kangaroo.training.fsdp import FSDP2Strategy
 
         strategy = FSDP2Strategy(activation_checkpointing=True, param_dtype=args.param_dtype,
                                  timeout=timedelta(seconds=120))  # a hung collective fails, not hangs

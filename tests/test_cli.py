@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kangaroo.modules import kangaroo_tiny
-from kangaroo.summary import model_summary
+from kangaroo.modules.summary import model_summary
 
 
 def kangaroo(*args, check=True):
@@ -47,8 +47,8 @@ def test_summary_from_a_yaml_config(tmp_path):
         "  architecture:\n"
         "    vision_tower: {name: 'timm:eva02_tiny_patch14_224', image_size: 112}\n"
         "    language_model:\n"
-        "      architecture: {model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,\n"
-        "                     num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}\n"
+        "      transformers_config: {model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,\n"
+        "                            num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}\n"
         "    visual_tokens: {placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}\n"
         "    patchify: {kernel: [2, 2, 2]}\n"
         "    projector: {kind: mlp}\n"

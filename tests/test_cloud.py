@@ -99,13 +99,14 @@ def image_manifest(root: Path, count: int = 24) -> Path:
 
 @pytest.fixture
 def prepared_images(tmp_path, tiny_tokenizer_dir):
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
 
     sections = load_stage_file(str(STAGE))
     sections["data"].prepare.tokenizer = tiny_tokenizer_dir
     prepare_dataset(str(image_manifest(tmp_path / "images")), str(tmp_path / "prepared"), sections["data"].prepare,
-                    sections["model"].architecture)
+                    visual_layout(sections["model"].architecture))
     return str(tmp_path / "prepared"), tiny_tokenizer_dir
 
 
@@ -130,7 +131,7 @@ def wait_for_key(s3: S3Endpoint, prefix: str, suffix: str, process: subprocess.P
 
 def test_checkpoint_uploads_ride_out_an_outage_and_fail_clearly_past_the_retry_budget(s3, tmp_path, prepared_images,
                                                                                        monkeypatch):
-    from kangaroo.checkpoints import latest_checkpoint
+    from kangaroo.training.checkpoints import latest_checkpoint
 
     # Down for 10 s just after the step-2 checkpoint, longer than the S3 client's own retries:
     # the next upload is retried with backoff and the run goes on.
@@ -187,8 +188,8 @@ def test_tiny_recipe_runs_end_to_end_on_s3_and_continues_after_a_sigterm(s3, tmp
     Three stages: the chain of all five with a kill in stage 3 runs locally in test_recipe."""
     from test_recipe import SMALL_WORLD, chain_recipe
 
-    from kangaroo.checkpoints import PREEMPTED_EXIT_CODE
-    from kangaroo.data.synth import WorldConfig, synthesize
+    from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
+    from kangaroo.world import WorldConfig, synthesize
 
     synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
     recipe = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=12, count=3)

@@ -20,7 +20,7 @@ import yaml
 from kangaroo.curate import (CaptionRepetitionFilter, CategoryBalance, Item, SceneCut, StaticSceneFilter,
                              TextCoverageFilter, TextDetector, caption_repetition, curate, default_filters,
                              load_filters)
-from kangaroo.curate.demo import moving_frames, write_demo_set
+from kangaroo.world.demo_clips import moving_frames, write_demo_set
 from kangaroo.curate.pipeline import describe
 from kangaroo.data.video import FrameSampling, index_video, read_video, write_video
 

@@ -8,20 +8,20 @@ from kangaroo.modules.sizes import TINY_LLAMA
 
 
 def test_builds_from_inline_architecture_with_sdpa():
-    model = build_language_model(LanguageModelConfig(architecture=dict(TINY_LLAMA)))
+    model = build_language_model(LanguageModelConfig(transformers_config=dict(TINY_LLAMA)))
     assert model.config.hidden_size == 128 and model.config._attn_implementation == "sdpa"
 
 
 def test_loads_weights_from_a_local_directory(tmp_path):
     torch.manual_seed(0)
-    source = build_language_model(LanguageModelConfig(architecture=dict(TINY_LLAMA)))
+    source = build_language_model(LanguageModelConfig(transformers_config=dict(TINY_LLAMA)))
     source.save_pretrained(tmp_path)
-    loaded = build_language_model(LanguageModelConfig(architecture=dict(TINY_LLAMA), pretrained=str(tmp_path)),
+    loaded = build_language_model(LanguageModelConfig(transformers_config=dict(TINY_LLAMA), pretrained=str(tmp_path)),
                                   load_weights=True)
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
     # Without load_weights the same config gives a fresh random model.
-    fresh = build_language_model(LanguageModelConfig(architecture=dict(TINY_LLAMA), pretrained=str(tmp_path)))
+    fresh = build_language_model(LanguageModelConfig(transformers_config=dict(TINY_LLAMA), pretrained=str(tmp_path)))
     assert not torch.equal(fresh.lm_head.weight, source.lm_head.weight)
     # The config alone can come from the directory too.
     from_dir = build_language_model(LanguageModelConfig(pretrained=str(tmp_path)))
@@ -29,36 +29,36 @@ def test_loads_weights_from_a_local_directory(tmp_path):
 
 
 def test_weights_that_do_not_match_the_architecture(tmp_path):
-    build_language_model(LanguageModelConfig(architecture=dict(TINY_LLAMA))).save_pretrained(tmp_path)
+    build_language_model(LanguageModelConfig(transformers_config=dict(TINY_LLAMA))).save_pretrained(tmp_path)
     wider = dict(TINY_LLAMA, hidden_size=256)
     with pytest.raises(ValueError, match="hidden_size: config 256 vs weights 128"):
-        build_language_model(LanguageModelConfig(architecture=wider, pretrained=str(tmp_path)), load_weights=True)
+        build_language_model(LanguageModelConfig(transformers_config=wider, pretrained=str(tmp_path)), load_weights=True)
 
 
 def test_unknown_model_type():
     with pytest.raises(ValueError, match="unknown language model type 'llama99'"):
-        build_language_model(LanguageModelConfig(architecture={"model_type": "llama99"}))
+        build_language_model(LanguageModelConfig(transformers_config={"model_type": "llama99"}))
 
 
 def test_unknown_pretrained_source_names_it(tmp_path):
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(ValueError, match="no-such-model"):
-        build_language_model(LanguageModelConfig(architecture=dict(TINY_LLAMA), pretrained=missing), load_weights=True)
+        build_language_model(LanguageModelConfig(transformers_config=dict(TINY_LLAMA), pretrained=missing), load_weights=True)
     with pytest.raises(ValueError, match="no-such-model"):
         build_language_model(LanguageModelConfig(pretrained=missing))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
 def test_flash_attention_without_flash_attn_is_a_clear_error():
-    config = LanguageModelConfig(architecture=dict(TINY_LLAMA), attn_implementation="flash_attention_2")
+    config = LanguageModelConfig(transformers_config=dict(TINY_LLAMA), attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match="needs flash-attn"):
         build_language_model(config)
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="attn_implementation"):
-        LanguageModelConfig(architecture=dict(TINY_LLAMA), attn_implementation="flash")
+        LanguageModelConfig(transformers_config=dict(TINY_LLAMA), attn_implementation="flash")
     with pytest.raises(ValueError, match="model_type"):
-        LanguageModelConfig(architecture={"hidden_size": 8})
-    with pytest.raises(ValueError, match="architecture"):
+        LanguageModelConfig(transformers_config={"hidden_size": 8})
+    with pytest.raises(ValueError, match="transformers_config"):
         LanguageModelConfig()

@@ -7,8 +7,8 @@ from litdata import optimize
 
 from conftest import collate, make_sample
 from kangaroo.data.datamodule import KangarooDataModule
-from kangaroo.data.packing import (SequencePacker, collate_rows, offline_best_fit_efficiency, packing_efficiency_bound,
-                                   take_best_fit)
+from benchmarks.packing_bounds import offline_best_fit_efficiency, packing_efficiency_bound
+from kangaroo.data.packing import SequencePacker, collate_rows, take_best_fit
 from kangaroo.modules import IGNORE_INDEX
 
 

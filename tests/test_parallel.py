@@ -1,4 +1,4 @@
-"""FSDP2 sharding (kangaroo.parallel) on CPU processes with gloo: the same training as one
+"""FSDP2 sharding (kangaroo.training.fsdp) on CPU processes with gloo: the same training as one
 process, text-only ranks beside video ranks, sharded checkpoints that resume exactly and
 consolidate into weights one process loads."""
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kangaroo.checkpoints import COMPLETE_MARKER, latest_checkpoint
+from kangaroo.training.checkpoints import COMPLETE_MARKER, latest_checkpoint
 from kangaroo.modules import kangaroo_tiny
-from kangaroo.parallel import apply_activation_checkpointing, shard_model
+from kangaroo.training.fsdp import apply_activation_checkpointing, shard_model
 from test_resume import assert_same_run, fit_command, image_data, kill_at_a_random_step, steps_of  # noqa: F401
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-FSDP = ("--trainer.devices=2", "--trainer.strategy.class_path=kangaroo.parallel.FSDP2Strategy",
+FSDP = ("--trainer.devices=2", "--trainer.strategy.class_path=kangaroo.training.fsdp.FSDP2Strategy",
         "--trainer.strategy.init_args.activation_checkpointing=true")
 STEPS = 12  # a multiple of the checkpoint interval (3): the last checkpoint holds the final weights
 
@@ -103,8 +103,8 @@ def test_a_language_model_without_known_blocks_is_refused_before_sharding():
 
 def test_sharded_checkpoints_resume_exactly_with_two_processes_and_load_into_one(image_data, tmp_path):  # noqa: F811
     from kangaroo.cli import main
-    from kangaroo.config import load_stage_file
-    from kangaroo.modules.weights import load_weights
+    from kangaroo.training.stage_file import load_stage_file
+    from kangaroo.training.weights import load_weights
 
     steps = (f"--trainer.max_steps={STEPS}", f"--trainer.val_check_interval={STEPS}")
     reference = tmp_path / "uninterrupted"
@@ -158,7 +158,7 @@ def test_consolidating_a_folder_that_is_no_sharded_checkpoint_is_a_clear_error(t
     ({"reduce_dtype": "auto"}, "reduce_dtype must be one of"),
 ])
 def test_strategy_settings_that_mean_nothing_are_refused(kwargs, message):
-    from kangaroo.parallel import FSDP2Strategy
+    from kangaroo.training.fsdp import FSDP2Strategy
 
     with pytest.raises(ValueError) as err:
         FSDP2Strategy(**kwargs)
@@ -179,7 +179,7 @@ def own_environment():
 def _tiny_stage():
     from fsdp_worker import architecture
 
-    from kangaroo.modules.stage import KangarooStage
+    from kangaroo.training.stage import KangarooStage
 
     return KangarooStage(architecture(), trainable={"vision_tower": True, "patchify": True, "projector": True,
                                                     "language_model": True})
@@ -191,14 +191,14 @@ def test_a_plain_model_parallel_strategy_is_refused_for_leaving_the_model_unshar
 
     stage = _tiny_stage()
     stage.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False)
-    with pytest.raises(TypeError, match="use kangaroo.parallel.FSDP2Strategy"):
+    with pytest.raises(TypeError, match="use kangaroo.training.fsdp.FSDP2Strategy"):
         stage.configure_model()
 
 
 def test_sharded_checkpoints_on_an_object_store_are_refused_before_training(own_environment):
     import lightning as L
 
-    from kangaroo.parallel import FSDP2Strategy
+    from kangaroo.training.fsdp import FSDP2Strategy
 
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=1, logger=False,
                         default_root_dir="s3://kangaroo-runs/stage", enable_progress_bar=False)

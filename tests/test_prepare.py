@@ -112,22 +112,23 @@ def test_nothing_usable_exits_non_zero(tmp_path, stage_yaml):
 
 @pytest.mark.parametrize("overflow", ["drop_frames", "skip"])
 def test_samples_over_the_budget(tmp_path, stage_yaml, overflow):
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import NothingUsable, prepare_dataset
+    from kangaroo.modules.builder import visual_layout
 
     random_video(tmp_path / "v.mp4", frames=40, fps=10)
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"id": "long", "video": "v.mp4", "task": "caption", "caption": "A red circle."}) + "\n")
     sections = load_stage_file(stage_yaml(max_tokens=60, overflow=overflow))
-    prepare, architecture = sections["data"].prepare, sections["model"].architecture
+    prepare, layout = sections["data"].prepare, visual_layout(sections["model"].architecture)
     prepare.sampling.num_frames = 16  # 8 slots x (4 + 1) tokens: over a 60-token budget
     if overflow == "skip":
         with pytest.raises(NothingUsable):
-            prepare_dataset(str(path), str(tmp_path / "o"), prepare, architecture)
+            prepare_dataset(str(path), str(tmp_path / "o"), prepare, layout)
         reason = json.loads((tmp_path / "o" / "rejects.jsonl").read_text())["reason"]
         assert "over the budget of 60" in reason
         return
-    prepare_dataset(str(path), str(tmp_path / "o"), prepare, architecture)
+    prepare_dataset(str(path), str(tmp_path / "o"), prepare, layout)
     (record,) = list(StreamingDataset(str(tmp_path / "o")))
     assert record["num_tokens"] <= 60 and record["pixels"].shape[0] % 2 == 0 and record["pixels"].shape[0] < 16
     gaps = np.diff(record["timestamps"])
@@ -136,8 +137,9 @@ def test_samples_over_the_budget(tmp_path, stage_yaml, overflow):
 
 def test_samples_are_written_in_a_seeded_shuffled_order_unless_asked_not_to(tmp_path, stage_yaml):
     # LitData never shuffles across chunks: a manifest grouped by kind must not stream grouped.
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
 
     path = tmp_path / "m.jsonl"
     ids = [f"{kind}{i}" for kind in "ab" for i in range(20)]
@@ -145,11 +147,11 @@ def test_samples_are_written_in_a_seeded_shuffled_order_unless_asked_not_to(tmp_
                                                                    {"role": "assistant", "content": i}]}) + "\n"
                             for i in ids))
     sections = load_stage_file(stage_yaml())
-    prepare, architecture = sections["data"].prepare, sections["model"].architecture
+    prepare, layout = sections["data"].prepare, visual_layout(sections["model"].architecture)
     orders = {}
     for shuffle in (True, False):
         prepare.shuffle = shuffle
-        prepare_dataset(str(path), str(tmp_path / f"o{shuffle}"), prepare, architecture)
+        prepare_dataset(str(path), str(tmp_path / f"o{shuffle}"), prepare, layout)
         orders[shuffle] = [r["id"] for r in StreamingDataset(str(tmp_path / f"o{shuffle}"))]
     assert orders[False] == ids
     assert sorted(orders[True]) == sorted(ids) and orders[True] != ids
@@ -161,8 +163,9 @@ def test_forkserver_workers_write_the_same_records_and_the_start_method_is_put_b
     # the recipe runner prepares ten datasets in a row with workers forked from one server
     import multiprocessing
 
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
 
     for i in range(3):
         random_video(tmp_path / f"v{i}.mp4", frames=20, fps=10, seed=i)
@@ -170,15 +173,15 @@ def test_forkserver_workers_write_the_same_records_and_the_start_method_is_put_b
     path.write_text("".join(json.dumps({"id": f"v{i}", "video": f"v{i}.mp4", "task": "caption", "caption": "A shape."})
                             + "\n" for i in range(3)))
     sections = load_stage_file(stage_yaml())
-    prepare, architecture = sections["data"].prepare, sections["model"].architecture
+    prepare, layout = sections["data"].prepare, visual_layout(sections["model"].architecture)
     before = multiprocessing.get_start_method(allow_none=True)
     with pytest.raises(ValueError, match="spawn or forkserver"):
-        prepare_dataset(str(path), str(tmp_path / "fork"), prepare, architecture, start_method="fork")
+        prepare_dataset(str(path), str(tmp_path / "fork"), prepare, layout, start_method="fork")
     assert not (tmp_path / "fork").exists()
     records = {}
     for method in ("spawn", "forkserver", "forkserver"):
         out = tmp_path / f"o-{method}"
-        report = prepare_dataset(str(path), str(out), prepare, architecture, start_method=method, overwrite=True)
+        report = prepare_dataset(str(path), str(out), prepare, layout, start_method=method, overwrite=True)
         assert report.prepared == 3 and multiprocessing.get_start_method(allow_none=True) == before
         records[method] = list(StreamingDataset(str(out)))
     for a, b in zip(records["spawn"], records["forkserver"], strict=True):

@@ -25,7 +25,7 @@ def write_recipe(path: Path, stages: list[dict], name: str = "test-recipe", **ex
 
 
 def stage(number: int, init_from: str | None = None, **extra) -> dict:
-    name = sorted(p.stem for p in TINY.glob("*.yaml"))[number - 1]
+    name = sorted(p.stem for p in TINY.glob("[1-9]-*.yaml"))[number - 1]
     entry = {"name": name, "config": str(TINY / f"{name}.yaml")}
     if init_from:
         entry["init_from"] = init_from
@@ -80,9 +80,9 @@ def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int =
     """The tiny recipe's first ``count`` stages with a few steps each."""
     fast = {"trainer.val_check_interval": 2, "trainer.max_steps": 2, "data.prepare.tokenizer": "${world}/tokenizer",
             "trainer.enable_progress_bar": False,
-            "trainer.callbacks": [{"class_path": "kangaroo.checkpoints.StageCheckpoint",
+            "trainer.callbacks": [{"class_path": "kangaroo.training.checkpoints.StageCheckpoint",
                                    "init_args": {"every_n_train_steps": 1, "save_last": True}}]}
-    names = sorted(p.stem for p in TINY.glob("*.yaml"))[:count]
+    names = sorted(p.stem for p in TINY.glob("[1-9]-*.yaml"))[:count]
     stages = []
     for number, name in enumerate(names, 1):
         overrides = dict(fast)
@@ -99,7 +99,7 @@ def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int =
 def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
     from safetensors.torch import load_file
 
-    from kangaroo.data.synth import WorldConfig, synthesize
+    from kangaroo.world import WorldConfig, synthesize
 
     synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
     recipe_path = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=12)
@@ -165,7 +165,7 @@ def test_unknown_recipe_keys_are_named(tmp_path):
 
 
 def test_synth_refuses_a_folder_holding_another_world(tmp_path):
-    from kangaroo.data.synth import WorldConfig, synthesize
+    from kangaroo.world import WorldConfig, synthesize
 
     small = WorldConfig(**SMALL_WORLD)
     first = synthesize(str(tmp_path / "world"), small)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kangaroo.checkpoints import COMPLETE_MARKER, PREEMPTED_EXIT_CODE, AtomicCheckpointIO, latest_checkpoint
+from kangaroo.training.checkpoints import COMPLETE_MARKER, PREEMPTED_EXIT_CODE, AtomicCheckpointIO, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "configs" / "kangaroo-tiny" / "1-image-pretrain.yaml"
@@ -29,8 +29,9 @@ STEPS, EVERY = 14, 3
 def image_data(tmp_path_factory, tiny_tokenizer_dir):
     """30 captioned images prepared with stage 1's own ``data.prepare`` (shuffled and packed in
     training, so the packer's buffer and the epoch boundary are part of what must resume)."""
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
 
     root = tmp_path_factory.mktemp("resume-data")
     (root / "media").mkdir()
@@ -45,7 +46,7 @@ def image_data(tmp_path_factory, tiny_tokenizer_dir):
     sections = load_stage_file(str(STAGE))
     sections["data"].prepare.tokenizer = tiny_tokenizer_dir
     prepare_dataset(str(root / "images.jsonl"), str(root / "prepared"), sections["data"].prepare,
-                    sections["model"].architecture)
+                    visual_layout(sections["model"].architecture))
     assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"
     return str(root / "prepared"), tiny_tokenizer_dir
 
@@ -57,7 +58,7 @@ def fit_command(data: tuple[str, str], run: Path, *extra: str) -> list[str]:
             f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
             "--trainer.enable_progress_bar=false",  # the config's ModelCheckpoint, then one more callback:
             f"--trainer.callbacks.every_n_train_steps={EVERY}",
-            "--trainer.callbacks+=kangaroo.callbacks.SampleLog",
+            "--trainer.callbacks+=kangaroo.training.callbacks.SampleLog",
             f"--data.train_dir={prepared}", "--data.val_dir=null", "--data.packing=true", "--data.max_tokens=128",
             "--data.rows_per_batch=2", "--data.buffer_size=4", f"--data.prepare.tokenizer={tokenizer}",
             "--model.architecture.language_model.pretrained=null", "--model.architecture.vision_tower.pretrained=null",

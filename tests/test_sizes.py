@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kangaroo.modules import kangaroo_8b, kangaroo_tiny
-from kangaroo.summary import model_summary
+from kangaroo.modules.summary import model_summary
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,16 @@ def test_tiny_mirrors_the_8b_shapes():
     model = kangaroo_tiny()
     assert model.vision_tower.tokens_per_frame == 64 and model.tokens_per_frame == 8
     assert kangaroo_tiny(image_size=56, patchify=False).tokens_per_frame == 16
+
+
+@pytest.mark.parametrize("model", ["kangaroo-8b", "kangaroo-tiny"])
+def test_the_configs_language_model_is_the_named_size(model):
+    """The stage files' shared language-model.yaml and the named size describe one model."""
+    from pathlib import Path
+
+    import yaml
+
+    from kangaroo.modules import named_config
+
+    written = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / model / "language-model.yaml").read_text())
+    assert written["transformers_config"] == named_config(model).language_model.transformers_config

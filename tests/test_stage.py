@@ -13,14 +13,14 @@ from PIL import Image
 
 from conftest import random_video
 from kangaroo.modules import kangaroo_tiny
-from kangaroo.modules.freezing import apply_trainable
+from kangaroo.training.freezing import apply_trainable
 from kangaroo.modules.loss import first_answer_tokens
-from kangaroo.modules.optim import OptimizerConfig, parameter_groups, warmup_cosine
-from kangaroo.modules.weights import load_weights, save_weights
+from kangaroo.training.optim import OptimizerConfig, parameter_groups, warmup_cosine
+from kangaroo.training.weights import load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = sorted((ROOT / "configs" / "kangaroo-tiny").glob("*.yaml"))
-BIG = sorted((ROOT / "configs" / "kangaroo-8b").glob("*.yaml"))
+TINY = sorted((ROOT / "configs" / "kangaroo-tiny").glob("[1-9]-*.yaml"))  # stage files, not the shared model parts
+BIG = sorted((ROOT / "configs" / "kangaroo-8b").glob("[1-9]-*.yaml"))
 ALL_TRAINABLE = {"vision_tower": True, "patchify": True, "projector": True, "language_model": True}
 
 
@@ -121,8 +121,8 @@ def test_init_from_a_different_model_lists_what_does_not_match(tmp_path):
     from kangaroo.modules import build_kangaroo, kangaroo_tiny_config
 
     config = kangaroo_tiny_config()
-    config.language_model.architecture["hidden_size"] = 64
-    config.language_model.architecture["intermediate_size"] = 128
+    config.language_model.transformers_config["hidden_size"] = 64
+    config.language_model.transformers_config["intermediate_size"] = 128
     path = save_weights(build_kangaroo(config), str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError) as err:
         load_weights(kangaroo_tiny(), path)
@@ -167,14 +167,14 @@ def test_first_answer_tokens_in_a_packed_row_match_each_sample_alone(tiny_model)
 
 @pytest.mark.parametrize("path", TINY + BIG, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_stage_config_parses_and_instantiates(path):
-    from kangaroo.fit import KangarooCLI
+    from kangaroo.training.fit import KangarooCLI
 
     args = ["--config", str(path)]
     if "8b" in path.parent.name:
         args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
     cli = KangarooCLI(args=args, run=False)
     if "8b" in path.parent.name:  # sharded, with the activation memory plan of docs/memory.md
-        from kangaroo.parallel import FSDP2Strategy
+        from kangaroo.training.fsdp import FSDP2Strategy
 
         strategy = cli.trainer.strategy
         assert isinstance(strategy, FSDP2Strategy) and strategy.activation_checkpointing["language_model"]
@@ -216,7 +216,7 @@ def test_8b_summary_shows_the_trainable_parts_of_each_stage(path):
 
 
 def test_unknown_yaml_key_fails_before_training(tmp_path, capsys):
-    from kangaroo.fit import KangarooCLI
+    from kangaroo.training.fit import KangarooCLI
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY[0].read_text().replace("  packing: false", "  packing: false\n  shufle: true"))
@@ -234,8 +234,9 @@ CAPTIONS = ["A red circle moves left.", "A blue square appears.", "A green circl
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_tokenizer_dir):
     """Prepares a small dataset for each tiny stage with that stage's own ``data.prepare``."""
-    from kangaroo.config import load_stage_file
+    from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
 
     root = tmp_path_factory.mktemp("stage-data")
     (root / "media").mkdir()
@@ -256,7 +257,7 @@ def prepared(tmp_path_factory, tiny_tokenizer_dir):
         data["data"].prepare.tokenizer = tiny_tokenizer_dir
         dirs[path.stem] = str(root / path.stem)
         prepare_dataset(str(root / ("images.jsonl" if path.stem.startswith("1") else "videos.jsonl")), dirs[path.stem],
-                        data["data"].prepare, data["model"].architecture)
+                        data["data"].prepare, visual_layout(data["model"].architecture))
     llm = root / "llm"
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -281,7 +282,7 @@ def losses(log_dir: Path) -> list[float]:
 def test_every_tiny_stage_fits_from_the_previous_one_and_its_loss_falls(prepared, tmp_path):
     from safetensors.torch import load_file
 
-    from kangaroo.fit import KangarooCLI
+    from kangaroo.training.fit import KangarooCLI
 
     dirs, llm, vision, tokenizer = prepared
     previous = None

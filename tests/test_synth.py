@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from kangaroo.data.synth import (COLOURS, SHAPES, ZH, World, WorldConfig, _pretrain_llm, _pretrain_vision, thirds,
-                                 _write_tokenizer, COUNTS, DIRECTIONS, corpus_of, described_chats, description_of, long_question,
-                                 random_frames, stage_records)
+from kangaroo.world.pretrain import pretrain_llm, pretrain_vision, thirds
+from kangaroo.world.render import (COLOURS, COUNTS, DIRECTIONS, SHAPES, ZH, World, WorldConfig, corpus_of, described_chats,
+                                   description_of, long_question, random_frames, stage_records)
+from kangaroo.world.tokenizer import write_tokenizer
 
 SMALL = WorldConfig(images=4, short_videos=2, dense_videos=2, instruction_videos=3, long_videos=2, val_short=3,
                     val_long=3, vision_steps=3)
@@ -124,10 +125,10 @@ def test_tiny_llm_pretraining_reports_held_out_accuracy_per_group(tmp_path):
     from transformers import LlamaForCausalLM
 
     world, records, train = small_world(tmp_path)
-    tokenizer = _write_tokenizer(str(tmp_path), corpus_of(train))
+    tokenizer = write_tokenizer(str(tmp_path), corpus_of(train))
     held_out = records["5-long-video-tuning"]["val"]
     config = WorldConfig(llm_steps=3, llm_batch=4)
-    report = _pretrain_llm(str(tmp_path), tokenizer, described_chats(train, world.facts), config,
+    report = pretrain_llm(str(tmp_path), tokenizer, described_chats(train, world.facts), config,
                            list(zip(described_chats(held_out, world.facts), [r["meta"]["category"] for r in held_out])))
     assert set(report["accuracy"]) == {"short", "long"}
     assert all(0 <= v <= 1 for v in report["accuracy"].values()) and report["final_loss"] > 0
@@ -136,7 +137,7 @@ def test_tiny_llm_pretraining_reports_held_out_accuracy_per_group(tmp_path):
 
 
 def test_tiny_tokenizer_learns_chinese_characters_not_whole_sentences():
-    from kangaroo.data.tiny_tokenizer import build_tiny_tokenizer
+    from kangaroo.world.tokenizer import build_tiny_tokenizer
 
     corpus = ["一个黄色的圆环。", "一个红色的横条向左移动。", "A red ring moves left."] * 40
     tokenizer = build_tiny_tokenizer(corpus)
@@ -152,7 +153,7 @@ def test_pretrained_tiny_tower_loads_into_the_stage_tower(tmp_path, image_size):
 
     from kangaroo.modules.vision_tower import VisionTowerConfig, build_vision_tower
 
-    report = _pretrain_vision(str(tmp_path), SMALL)
+    report = pretrain_vision(str(tmp_path), SMALL)
     assert set(report) == {"colour_accuracy", "shape_accuracy", "centre_error_px", "third_accuracy"}
     assert all(0 <= report[k] <= 1 for k in ("colour_accuracy", "shape_accuracy", "third_accuracy"))
     saved = load_file(tmp_path / "vision.safetensors")
@@ -174,7 +175,7 @@ def test_pretrained_tower_tokens_come_out_standardised(tmp_path):
     from kangaroo.data.transforms import fit_frames, normalize
     from kangaroo.modules.vision_tower import VisionTowerConfig, build_vision_tower
 
-    _pretrain_vision(str(tmp_path), SMALL)
+    pretrain_vision(str(tmp_path), SMALL)
     config = VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=56, timm_kwargs={"depth": 4, "global_pool": "token"},
                                pretrained=str(tmp_path / "vision.safetensors"))
     tower = build_vision_tower(config, load_weights=True).eval()

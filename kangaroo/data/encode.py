@@ -17,6 +17,7 @@ from kangaroo.data.manifest import ManifestSample, Reject
 from kangaroo.data.tokenization import ChatEncoder
 from kangaroo.data.transforms import ResizeMode, fit_frames
 from kangaroo.data.video import FrameSampling, MediaError, read_video
+from kangaroo.modules.layout import VisualLayout
 
 
 @dataclass
@@ -60,15 +61,15 @@ class SampleEncoder:
     """Callable for LitData ``optimize``: a ``ManifestSample`` in, a record dict out, or ``None``
     after appending the reason to ``rejects_dir/rejects-<pid>.jsonl``.
 
-    The tokenizer and the meta-device model that fixes the visual layout are built lazily, once
-    per worker process.
+    ``layout`` (``kangaroo.modules.builder.visual_layout`` of the stage's model) fixes the frame
+    size and the visual tokens; the tokenizer is loaded lazily, once per worker process.
     """
 
-    def __init__(self, prepare: PrepareConfig, model_config, rejects_dir: str) -> None:
+    def __init__(self, prepare: PrepareConfig, layout: VisualLayout, rejects_dir: str) -> None:
         self.prepare = prepare
-        self.model_config = model_config
+        self.layout = layout
         self.rejects_dir = rejects_dir
-        self._state: tuple[Any, ChatEncoder] | None = None
+        self._chat: ChatEncoder | None = None
 
     def __call__(self, sample: ManifestSample) -> dict[str, Any] | None:
         try:
@@ -78,14 +79,14 @@ class SampleEncoder:
             return None
 
     def encode(self, sample: ManifestSample) -> dict[str, Any]:
-        geometry, chat = self._built()
+        chat = self._chat_encoder()
         media = self._load(sample)
-        size = geometry.vision_tower.image_size
+        size = self.layout.image_size
         if media is None:
             encoded = chat.encode(sample.conversations)
             pixels, timestamps = torch.zeros(0, 3, size, size, dtype=torch.uint8), np.zeros(0, np.float32)
         else:
-            keep, encoded = self._fit_budget(sample, media, geometry, chat)
+            keep, encoded = self._fit_budget(sample, media, chat)
             pixels = fit_frames(media.frames[keep], size, self.prepare.resize)
             timestamps = media.timestamps[keep]
         return {
@@ -99,14 +100,14 @@ class SampleEncoder:
             "category": str(sample.meta.get("category", "")),
         }
 
-    def _fit_budget(self, sample: ManifestSample, media: Media, geometry, chat: ChatEncoder):
+    def _fit_budget(self, sample: ManifestSample, media: Media, chat: ChatEncoder):
         """Indices of the frames kept and the encoding; drops frames evenly while over budget."""
         budget, n = self.prepare.max_tokens, len(media.frames)
         step = self.prepare.sampling.multiple_of if n > 1 else 1
         count = n
         while True:
             keep = np.linspace(0, n - 1, count).round().astype(int) if count < n else np.arange(n)
-            encoded = chat.encode(sample.conversations, geometry.placeholder_ids(count))
+            encoded = chat.encode(sample.conversations, self.layout.placeholder_ids(count))
             tokens = len(encoded.input_ids)
             if tokens <= budget:
                 return keep, encoded
@@ -139,17 +140,12 @@ class SampleEncoder:
     def _image_time(self, sample_id: str) -> float:
         return random.Random(f"{self.prepare.seed}:{sample_id}").uniform(0.0, self.prepare.image_max_time)
 
-    def _built(self):
-        if self._state is None:
+    def _chat_encoder(self) -> ChatEncoder:
+        if self._chat is None:
             from transformers import AutoTokenizer
 
-            from kangaroo.modules.builder import build_kangaroo
-
-            with torch.device("meta"):
-                geometry = build_kangaroo(self.model_config)
-            tokenizer = AutoTokenizer.from_pretrained(self.prepare.tokenizer)
-            self._state = (geometry, ChatEncoder(tokenizer, self.model_config.visual_tokens))
-        return self._state
+            self._chat = ChatEncoder(AutoTokenizer.from_pretrained(self.prepare.tokenizer), self.layout.tokens)
+        return self._chat
 
     def _reject(self, reject: Reject) -> None:
         path = os.path.join(self.rejects_dir, f"rejects-{os.getpid()}.jsonl")

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from kangaroo import storage
 from kangaroo.data.encode import PrepareConfig, SampleEncoder, read_rejects, write_rejects
 from kangaroo.data.manifest import Reject, read_manifest
+from kangaroo.modules.layout import VisualLayout
 
 REJECTS_FILE = "rejects.jsonl"
-FORKSERVER_PRELOAD = ["kangaroo.data.encode", "kangaroo.modules.builder", "litdata", "timm", "open_clip",
-                      "transformers.models.auto.tokenization_auto"]
-"""What a forkserver imports once: the encoder, the model code it builds the visual layout
-with (timm and open_clip name the vision trunk), LitData's worker and the tokenizer loader."""
+FORKSERVER_PRELOAD = ["kangaroo.data.encode", "litdata", "transformers.models.auto.tokenization_auto"]
+"""What a forkserver imports once: the encoder, LitData's worker and the tokenizer loader."""
 
 
 class NothingUsable(Exception):
@@ -46,7 +45,7 @@ def prepare_dataset(
     manifest: str,
     output: str,
     prepare: PrepareConfig,
-    model_config,
+    layout: VisualLayout,
     workers: int = 1,
     strict: bool = False,
     overwrite: bool = False,
@@ -55,7 +54,8 @@ def prepare_dataset(
 ) -> PrepareReport:
     """Validates ``manifest``, encodes every usable sample with LitData ``optimize`` into
     ``output`` (a local folder or an ``s3://`` prefix) and lists the rest in
-    ``output/rejects.jsonl``.
+    ``output/rejects.jsonl``. ``layout`` is the stage model's visual layout
+    (``kangaroo.modules.builder.visual_layout(config)``).
 
     Workers start with ``spawn`` (a clean interpreter each, seeing the caller's environment as
     it is now). A process that prepares many datasets in a row, like the recipe runner, passes
@@ -91,7 +91,7 @@ def prepare_dataset(
     if prepare.shuffle:
         random.Random(f"{prepare.seed}:order").shuffle(samples)
     with tempfile.TemporaryDirectory(prefix="kangaroo-rejects-") as rejects_dir:
-        encoder = SampleEncoder(prepare, model_config, rejects_dir)
+        encoder = SampleEncoder(prepare, layout, rejects_dir)
         # never fork: forking a process whose torch threads already ran can deadlock a worker.
         if start_method == "forkserver":
             multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kangaroo.data.manifest import MEDIA_MARKERS
-from kangaroo.modules.loss import IGNORE_INDEX
-from kangaroo.modules.model import VisualTokens
+from kangaroo.modules.layout import IGNORE_INDEX, VisualTokens
 
 _MEDIA_SLOT = "\uFFFCmedia\uFFFC"  # stands for the media in rendered text until it becomes token ids
 
@@ -41,7 +40,7 @@ class ChatEncoder:
             )
 
     def encode(self, conversations: list[dict[str, str]], media_ids: list[int] | None = None) -> EncodedConversation:
-        """``media_ids``: the visual layout of the sample's media (``KangarooModel.placeholder_ids``),
+        """``media_ids``: the visual layout of the sample's media (``VisualLayout.placeholder_ids``),
         placed at the ``<video>``/``<image>`` marker or before the first user turn's text."""
         messages = _place_media(conversations) if media_ids else _strip_markers(conversations)
         ids: list[int] = []

@@ -1,9 +1,12 @@
-"""Model parts of Kangaroo; each is usable alone and composed by ``KangarooModel``."""
+"""Model parts of Kangaroo; each is usable alone and composed by ``KangarooModel``. Nothing
+here trains: the stage module, optimizer groups, freezing and weight I/O live in
+``kangaroo.training``. ``layout`` describes the visual tokens without a model, for data code."""
 
-from kangaroo.modules.builder import KangarooConfig, build_kangaroo
+from kangaroo.modules.builder import KangarooConfig, build_kangaroo, visual_layout
 from kangaroo.modules.language_model import LanguageModelConfig, build_language_model
-from kangaroo.modules.loss import IGNORE_INDEX, labelled_token_loss
-from kangaroo.modules.model import PART_NAMES, KangarooModel, KangarooOutput, VisualTokens
+from kangaroo.modules.layout import IGNORE_INDEX, VisualLayout, VisualTokens
+from kangaroo.modules.loss import labelled_token_loss
+from kangaroo.modules.model import PART_NAMES, KangarooModel, KangarooOutput
 from kangaroo.modules.patchify import PatchifyConfig, SpatialTemporalPatchify
 from kangaroo.modules.projector import ProjectorConfig, build_projector
 from kangaroo.modules.sizes import (
@@ -31,6 +34,7 @@ __all__ = [
     "TemporalPositionEmbedding",
     "VisionTower",
     "VisionTowerConfig",
+    "VisualLayout",
     "VisualTokens",
     "build_kangaroo",
     "build_language_model",
@@ -42,4 +46,5 @@ __all__ = [
     "kangaroo_tiny_config",
     "labelled_token_loss",
     "named_config",
+    "visual_layout",
 ]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from kangaroo.modules.language_model import LanguageModelConfig, build_language_model
-from kangaroo.modules.model import KangarooModel, VisualTokens
+from kangaroo.modules.layout import VisualLayout, VisualTokens
+from kangaroo.modules.model import KangarooModel
 from kangaroo.modules.patchify import PatchifyConfig, SpatialTemporalPatchify
 from kangaroo.modules.projector import ProjectorConfig, build_projector
 from kangaroo.modules.temporal_embedding import TemporalPositionEmbedding
@@ -48,3 +51,12 @@ def build_kangaroo(config: KangarooConfig, load_weights: bool = False) -> Kangar
         visual_tokens=config.visual_tokens,
         loss_chunk_size=config.loss_chunk_size,
     )
+
+
+def visual_layout(config: KangarooConfig) -> VisualLayout:
+    """The visual token layout a model of ``config`` has, read from its vision tower built on the
+    meta device (no memory, no weights): what data preparation needs of the model."""
+    with torch.device("meta"):
+        tower = build_vision_tower(config.vision_tower)
+    kernel = config.patchify.kernel if config.patchify is not None else None
+    return VisualLayout(tower.image_size, tower.grid, kernel, config.visual_tokens)

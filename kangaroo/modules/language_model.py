@@ -15,11 +15,11 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 @dataclass
 class LanguageModelConfig:
-    """The architecture is given inline so that the model builds without any file; the weights
-    come from ``pretrained`` only when they are loaded."""
+    """The architecture is given inline (``transformers_config``) so that the model builds without
+    any file; the weights come from ``pretrained`` only when they are loaded."""
 
-    architecture: dict[str, Any] | None = None
-    """``transformers`` config fields with a ``model_type`` (e.g. ``{"model_type": "llama",
+    transformers_config: dict[str, Any] | None = None
+    """The fields of the LLM's ``transformers`` config with a ``model_type`` (e.g. ``{"model_type": "llama",
     "hidden_size": 4096, ...}``). ``None``: read the config from ``pretrained``."""
     pretrained: str | None = None
     """A Hugging Face model id or a local directory (``save_pretrained`` layout)."""
@@ -34,10 +34,10 @@ class LanguageModelConfig:
     """Further keyword arguments for ``from_pretrained`` / ``from_config``."""
 
     def __post_init__(self) -> None:
-        if self.architecture is None and self.pretrained is None:
-            raise ValueError("language_model needs `architecture`, `pretrained`, or both")
-        if self.architecture is not None and "model_type" not in self.architecture:
-            raise ValueError(f"language_model.architecture needs a 'model_type' key, got keys {sorted(self.architecture)}")
+        if self.transformers_config is None and self.pretrained is None:
+            raise ValueError("language_model needs `transformers_config`, `pretrained`, or both")
+        if self.transformers_config is not None and "model_type" not in self.transformers_config:
+            raise ValueError(f"language_model.transformers_config needs a 'model_type' key, got keys {sorted(self.transformers_config)}")
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"language_model.attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
@@ -49,7 +49,7 @@ def build_language_model(config: LanguageModelConfig, load_weights: bool = False
     """Builds an ``AutoModelForCausalLM`` on the current default device.
 
     With ``load_weights`` and a ``pretrained`` source the weights are read (safetensors);
-    otherwise the model is randomly initialised from the architecture.
+    otherwise the model is randomly initialised from ``transformers_config``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -66,19 +66,19 @@ def build_language_model(config: LanguageModelConfig, load_weights: bool = False
 
 
 def resolve_llm_config(config: LanguageModelConfig):
-    """The ``transformers`` config object of the language model, from the inline architecture or
+    """The ``transformers`` config object of the language model, from ``transformers_config`` or
     from ``pretrained`` (a local directory, or the hub cache)."""
     from transformers import AutoConfig, CONFIG_MAPPING
 
-    if config.architecture is None:
+    if config.transformers_config is None:
         try:
             return AutoConfig.from_pretrained(config.pretrained, trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError) as err:
             raise ValueError(f"could not read a language model config from {config.pretrained!r}: {err}") from err
-    fields = dict(config.architecture)
+    fields = dict(config.transformers_config)
     model_type = fields.pop("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"unknown language model type {model_type!r} in language_model.architecture")
+        raise ValueError(f"unknown language model type {model_type!r} in language_model.transformers_config")
     return CONFIG_MAPPING[model_type](**fields)
 
 
@@ -91,22 +91,22 @@ def _from_pretrained(config: LanguageModelConfig, common: dict[str, Any]) -> nn.
     except (OSError, ValueError) as err:
         where = "local directory" if os.path.isdir(config.pretrained) else "model id or directory"
         raise ValueError(f"could not load language model weights from {where} {config.pretrained!r}: {err}") from err
-    if config.architecture is not None:
-        _check_matches_architecture(model.config, config.architecture, config.pretrained)
+    if config.transformers_config is not None:
+        _check_matches_architecture(model.config, config.transformers_config, config.pretrained)
     return model
 
 
-def _check_matches_architecture(loaded, architecture: dict[str, Any], source: str) -> None:
-    """An inline architecture next to pretrained weights must describe those weights."""
+def _check_matches_architecture(loaded, fields: dict[str, Any], source: str) -> None:
+    """An inline ``transformers_config`` next to pretrained weights must describe those weights."""
     shape_keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
     mismatched = {
-        key: (architecture[key], getattr(loaded, key, None))
+        key: (fields[key], getattr(loaded, key, None))
         for key in shape_keys
-        if key in architecture and architecture[key] != getattr(loaded, key, None)
+        if key in fields and fields[key] != getattr(loaded, key, None)
     }
     if mismatched:
         details = ", ".join(f"{k}: config {a} vs weights {b}" for k, (a, b) in mismatched.items())
-        raise ValueError(f"language model weights at {source!r} do not match language_model.architecture ({details})")
+        raise ValueError(f"language model weights at {source!r} do not match language_model.transformers_config ({details})")
 
 
 def _check_attention(implementation: str) -> None:

@@ -7,43 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kangaroo.modules.layout import VisualLayout, VisualTokens
 from kangaroo.modules.loss import first_answer_tokens, labelled_token_loss
 from kangaroo.modules.patchify import SpatialTemporalPatchify
 from kangaroo.modules.temporal_embedding import TemporalPositionEmbedding
 from kangaroo.modules.vision_tower import VisionTower
 
 PART_NAMES = ("vision_tower", "temporal_embedding", "patchify", "projector", "language_model")
-
-
-@dataclass
-class VisualTokens:
-    """Token ids of the visual layout ``<vi_start> F1 <eof> F2 <eof> ... Fn <eov> <vi_end>``.
-
-    ``placeholder`` fills each ``Fi`` once per visual token and is replaced by the projected
-    features; the others are ordinary (trainable) embeddings of the language model.
-    """
-
-    placeholder: int
-    vi_start: int
-    eof: int
-    eov: int
-    vi_end: int
-
-    def __post_init__(self) -> None:
-        ids = [self.placeholder, self.vi_start, self.eof, self.eov, self.vi_end]
-        if len(set(ids)) != len(ids) or min(ids) < 0:
-            raise ValueError(f"visual token ids must be distinct and non-negative, got {self}")
-
-    def layout(self, slots: int, tokens_per_slot: int) -> list[int]:
-        """Token ids for ``slots`` temporal slots of ``tokens_per_slot`` visual tokens each."""
-        if slots < 1:
-            raise ValueError(f"a visual layout needs at least one slot, got {slots}")
-        ids = [self.vi_start]
-        for slot in range(slots):
-            ids += [self.placeholder] * tokens_per_slot
-            ids.append(self.eof if slot < slots - 1 else self.eov)
-        ids.append(self.vi_end)
-        return ids
 
 
 @dataclass
@@ -103,29 +73,27 @@ class KangarooModel(nn.Module):
 
     # -- visual token arithmetic -------------------------------------------------------------
 
+    @property
+    def layout(self) -> VisualLayout:
+        """The visual token layout of this model (all data code needs of it)."""
+        kernel = self.patchify.kernel if self.patchify is not None else None
+        return VisualLayout(self.vision_tower.image_size, self.vision_tower.grid, kernel, self.visual_tokens)
+
     def visual_grid(self, frames: int) -> tuple[int, int, int]:
         """``(slots, h, w)`` of the token grid the LLM sees for ``frames`` frames."""
-        if frames < 1:
-            raise ValueError(f"a media item needs at least one frame, got {frames}")
-        h, w = self.vision_tower.grid
-        if self.patchify is None:
-            return frames, h, w
-        return self.patchify.output_grid(frames, h, w)
+        return self.layout.visual_grid(frames)
 
     def num_visual_tokens(self, frames: int) -> int:
-        slots, h, w = self.visual_grid(frames)
-        return slots * h * w
+        return self.layout.num_visual_tokens(frames)
 
     @property
     def tokens_per_frame(self) -> int:
         """Visual tokens per video frame at this resolution (128 at 448 with patchify)."""
-        kt = self.patchify.kernel[0] if self.patchify is not None else 1
-        return self.num_visual_tokens(kt) // kt
+        return self.layout.tokens_per_frame
 
     def placeholder_ids(self, frames: int) -> list[int]:
         """The visual layout of one media item of ``frames`` frames, as token ids."""
-        slots, h, w = self.visual_grid(frames)
-        return self.visual_tokens.layout(slots, h * w)
+        return self.layout.placeholder_ids(frames)
 
     # -- forward -----------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kangaroo.modules.layout import patchified_grid
+
 
 @dataclass
 class PatchifyConfig:
@@ -51,19 +53,7 @@ class SpatialTemporalPatchify(nn.Module):
         A single frame (an image) is repeated to fill the temporal kernel. Any other size the
         kernel does not divide is an error, never a silent crop.
         """
-        kt, kh, kw = self.kernel
-        if frames == 1:
-            frames = kt
-        if frames % kt:
-            raise ValueError(
-                f"patchify needs a frame count divisible by its temporal kernel {kt} (or a single image), got {frames} frames"
-            )
-        if height % kh or width % kw:
-            raise ValueError(
-                f"patchify kernel {kh}x{kw} does not divide the token grid {height}x{width}; pick a resolution "
-                f"whose patch grid is a multiple of the kernel"
-            )
-        return frames // kt, height // kh, width // kw
+        return patchified_grid(self.kernel, frames, height, width)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """``grid``: ``(t, h, w, c)`` tokens of one video. Returns ``(t/kt, h/kh, w/kw, c)``."""

@@ -6,7 +6,8 @@ from typing import Callable
 
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
 from kangaroo.modules.language_model import LanguageModelConfig
-from kangaroo.modules.model import KangarooModel, VisualTokens
+from kangaroo.modules.layout import VisualTokens
+from kangaroo.modules.model import KangarooModel
 from kangaroo.modules.patchify import PatchifyConfig
 from kangaroo.modules.vision_tower import VisionTowerConfig
 
@@ -52,7 +53,7 @@ def kangaroo_8b_config(image_size: int = 448, patchify: bool = True) -> Kangaroo
     return KangarooConfig(
         vision_tower=VisionTowerConfig("EVA02-L-14", image_size=image_size, pretrained="merged2b_s4b_b131k"),
         language_model=LanguageModelConfig(
-            architecture=dict(LLAMA3_8B_INSTRUCT), pretrained="meta-llama/Meta-Llama-3-8B-Instruct"
+            transformers_config=dict(LLAMA3_8B_INSTRUCT), pretrained="meta-llama/Meta-Llama-3-8B-Instruct"
         ),
         visual_tokens=LLAMA3_VISUAL_TOKENS,
         patchify=PatchifyConfig() if patchify else None,
@@ -64,7 +65,7 @@ def kangaroo_tiny_config(image_size: int = 112, patchify: bool = True) -> Kangar
     ``image_size=56, patchify=False``; stages 3-5: the defaults."""
     return KangarooConfig(
         vision_tower=VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=image_size),
-        language_model=LanguageModelConfig(architecture=dict(TINY_LLAMA)),
+        language_model=LanguageModelConfig(transformers_config=dict(TINY_LLAMA)),
         visual_tokens=TINY_VISUAL_TOKENS,
         patchify=PatchifyConfig() if patchify else None,
     )

@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from kangaroo import storage
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+DCP_METADATA = ".metadata"
+"""The metadata file of a torch distributed checkpoint (a sharded checkpoint folder)."""
 
 
 def save_weights(model: nn.Module, path: str) -> str:
@@ -51,8 +54,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     folder (written by any number of processes), or a Lightning/torch checkpoint
     (``weights_only=True``; its ``state_dict``, with the module's ``model.`` prefix removed).
     ``path`` may be an ``s3://`` URL."""
-    from kangaroo.parallel import is_distributed_checkpoint, read_distributed_weights
-
     if is_distributed_checkpoint(path):
         return read_distributed_weights(path)
     if storage.isdir(path):
@@ -146,3 +147,32 @@ def _resample_position_table(model: nn.Module, key: str, value: torch.Tensor, sh
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"{len(keys)} key(s): {shown}" + (", ..." if len(keys) > limit else "")
+
+
+def is_distributed_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_METADATA))
+
+
+def read_distributed_weights(path: str) -> dict[str, torch.Tensor]:
+    """The model weights of a sharded checkpoint folder, read whole into this one process
+    (any number of processes may have written it). Keys lose the stage's ``model.`` prefix."""
+    # torch's public DCP loader needs a state dict of the right shapes to fill; reading without
+    # one is what torch's own ``dcp_to_torch_save`` does, through these two names.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if not is_distributed_checkpoint(path):
+        raise ValueError(f"{path} is not a sharded checkpoint folder (no {DCP_METADATA})")
+    loaded: dict[str, Any] = {}
+    _load_state_dict(loaded, storage_reader=FileSystemReader(path),
+                     planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
+    state = loaded.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"sharded checkpoint {path} holds no model state_dict")
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+
+def consolidate_checkpoint(path: str, output: str) -> str:
+    """Writes the weights of the sharded checkpoint ``path`` to the safetensors file ``output``."""
+    return save_state_dict(read_distributed_weights(path), output)

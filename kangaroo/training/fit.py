@@ -6,9 +6,9 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
 from kangaroo import storage
-from kangaroo.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint, latest_checkpoint
+from kangaroo.training.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint, latest_checkpoint
 from kangaroo.data.datamodule import KangarooDataModule
-from kangaroo.modules.stage import KangarooStage
+from kangaroo.training.stage import KangarooStage
 
 AUTO_RESUME = "auto"
 """``--ckpt_path=auto``: resume from the newest whole checkpoint under the stage's

@@ -25,7 +25,7 @@ Sharded checkpoints are torch distributed checkpoints (a folder: one file per pr
 metadata, Lightning's ``meta.pt``), loadable into any number of processes; the folder gets its
 ``COMPLETE`` marker after every process has written its part, and only such folders are resumed
 from. The stage still writes the consolidated ``model.safetensors`` at its end for the next stage.
-``consolidate_checkpoint`` turns a sharded checkpoint into one safetensors file offline.
+``kangaroo.training.weights.consolidate_checkpoint`` turns a sharded checkpoint into one safetensors file offline.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from kangaroo import storage
+from kangaroo.training.checkpoints import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
 
 SHARDED_PARTS = ("vision_tower", "language_model")
 """Parts with blocks: activation checkpointing is set per part for these."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DCP_METADATA = ".metadata"
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -130,8 +130,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from kangaroo.checkpoints import COMPLETE_MARKER
-
         _refuse_remote_sharded(str(filepath))
         path = Path(self.broadcast(str(filepath)))
         if self.global_rank == 0 and path.is_dir():
@@ -249,34 +247,3 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def is_distributed_checkpoint(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_METADATA))
-
-
-def read_distributed_weights(path: str) -> dict[str, torch.Tensor]:
-    """The model weights of a sharded checkpoint folder, read whole into this one process
-    (any number of processes may have written it). Keys lose the stage's ``model.`` prefix."""
-    # torch's public DCP loader needs a state dict of the right shapes to fill; reading without
-    # one is what torch's own ``dcp_to_torch_save`` does, through these two names.
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    if not is_distributed_checkpoint(path):
-        raise ValueError(f"{path} is not a sharded checkpoint folder (no {DCP_METADATA})")
-    loaded: dict[str, Any] = {}
-    _load_state_dict(loaded, storage_reader=FileSystemReader(path),
-                     planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
-    state = loaded.get("state_dict")
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"sharded checkpoint {path} holds no model state_dict")
-    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
-
-
-def consolidate_checkpoint(path: str, output: str) -> str:
-    """Writes the weights of the sharded checkpoint ``path`` to the safetensors file ``output``."""
-    from kangaroo.modules.weights import save_state_dict
-
-    return save_state_dict(read_distributed_weights(path), output)

@@ -7,10 +7,11 @@ model and this tokenizer agree by construction.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 from kangaroo.data.tokenization import LLAMA3_STYLE_TEMPLATE
-from kangaroo.modules.model import VisualTokens
+from kangaroo.modules.layout import VisualTokens
 from kangaroo.modules.sizes import TINY_VISUAL_TOKENS, TINY_VOCAB
 
 TEXT_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -52,3 +53,10 @@ def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB,
         if fast.convert_tokens_to_ids(name) != token_id:
             raise RuntimeError(f"tiny tokenizer put {name} at {fast.convert_tokens_to_ids(name)}, not {token_id}")
     return fast
+
+
+def write_tokenizer(output: str, texts: list[str]):
+    """Trains the tiny tokenizer on ``texts`` and saves it in ``output/tokenizer``."""
+    tokenizer = build_tiny_tokenizer(texts)
+    tokenizer.save_pretrained(os.path.join(output, "tokenizer"))
+    return tokenizer

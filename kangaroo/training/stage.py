@@ -17,11 +17,11 @@ from torchmetrics import MeanMetric
 from kangaroo import storage
 from kangaroo.distributed import own_entry, per_rank
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
-from kangaroo.modules.freezing import apply_trainable, check_trainable_spec, format_table
+from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
-from kangaroo.modules.optim import OptimizerConfig, parameter_groups, warmup_cosine
-from kangaroo.modules.weights import WEIGHTS_NAME, load_weights, save_state_dict, save_weights
-from kangaroo.parallel import FSDP2Strategy, full_state_dict, is_sharded
+from kangaroo.training.optim import OptimizerConfig, parameter_groups, warmup_cosine
+from kangaroo.training.weights import WEIGHTS_NAME, load_weights, save_state_dict, save_weights
+from kangaroo.training.fsdp import FSDP2Strategy, full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class KangarooStage(L.LightningModule):
         if isinstance(strategy, FSDP2Strategy):
             strategy.parallelize(model)
         elif isinstance(strategy, ModelParallelStrategy):
-            raise TypeError("use kangaroo.parallel.FSDP2Strategy as the trainer strategy: it knows how to shard "
+            raise TypeError("use kangaroo.training.fsdp.FSDP2Strategy as the trainer strategy: it knows how to shard "
                             f"this model (got {type(strategy).__name__}, which would leave it unsharded)")
         elif strategy is not None and strategy.world_size > 1:
             model.always_run_vision = True  # DDP: text-only ranks still produce the tower's gradients

@@ -1,0 +1,187 @@
+"""Running a recipe: the state file, the plan (skip done stages, resume interrupted ones), each
+stage as its own ``kangaroo fit`` process, and the summary at the end. The recipe file itself is
+described in ``kangaroo.recipe.spec``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from kangaroo import storage
+from kangaroo.recipe.spec import (Recipe, RecipeError, Stage, config_hash, data_dir, local_stage_dir, merged_config,
+                                  stage_dir)
+from kangaroo.recipe.summary import format_summary, write_summary
+from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE, latest_checkpoint
+from kangaroo.training.stage import METRICS_NAME
+from kangaroo.training.weights import WEIGHTS_NAME
+
+STATE_NAME = "recipe-state.json"
+
+
+# -- the state file -------------------------------------------------------------------------
+
+def read_state(workdir: str, recipe: Recipe) -> dict[str, Any]:
+    path = storage.join(workdir, STATE_NAME)
+    if not storage.exists(path):
+        return {"recipe": recipe.name, "recipe_path": recipe.path,
+                "stages": {s.name: {"status": "pending"} for s in recipe.stages}}
+    state = json.loads(storage.read_text(path))
+    if state.get("recipe") != recipe.name:
+        raise RecipeError(f"{workdir} belongs to recipe {state.get('recipe')!r} ({state.get('recipe_path')}), "
+                          f"not {recipe.name!r}; use another --workdir")
+    for stage in recipe.stages:
+        state["stages"].setdefault(stage.name, {"status": "pending"})
+    return state
+
+
+def write_state(workdir: str, state: dict[str, Any]) -> None:
+    storage.write_text(storage.join(workdir, STATE_NAME), json.dumps(state, indent=2))
+
+
+# -- running ----------------------------------------------------------------------------------
+
+def select_stages(recipe: Recipe, only: str | None, until: str | None, restart_from: str | None) -> list[Stage]:
+    stages = recipe.stages
+    if only is not None:
+        return [recipe.stage(only)]
+    if until is not None:
+        stages = stages[: recipe.index(until) + 1]
+    if restart_from is not None:
+        recipe.stage(restart_from)
+    return stages
+
+
+def plan(recipe: Recipe, workdir: str, state: dict[str, Any], stages: list[Stage], restart_from: str | None) -> list[Stage]:
+    """Stages to run, after every check that needs no training: changed configs, missing
+    checkpoints of stages this run starts from."""
+    restart_index = recipe.index(restart_from) if restart_from else None
+    todo = []
+    for stage in stages:
+        entry = state["stages"][stage.name]
+        merged = merged_config(recipe, stage, workdir)
+        if restart_index is not None and recipe.index(stage.name) >= restart_index:
+            entry.clear()
+            entry["status"] = "pending"
+        if entry.get("status") == "done":
+            if entry.get("config_hash") != config_hash(merged):
+                raise RecipeError(
+                    f"stage {stage.name!r} is done but its config changed since (hash {entry.get('config_hash')} -> "
+                    f"{config_hash(merged)}); it is neither redone nor kept silently: pass --restart-from {stage.name} "
+                    "to redo it and the stages after it, or restore the config")
+            if not storage.exists(storage.join(stage_dir(workdir, stage), WEIGHTS_NAME)):
+                raise RecipeError(f"stage {stage.name!r} is marked done but {stage_dir(workdir, stage)}/{WEIGHTS_NAME} "
+                                  f"is missing; pass --restart-from {stage.name}")
+            continue
+        todo.append(stage)
+    planned = {s.name for s in todo}
+    for stage in todo:
+        if stage.init_from is not None and stage.init_from not in planned:
+            weights = storage.join(stage_dir(workdir, recipe.stage(stage.init_from)), WEIGHTS_NAME)
+            if not storage.exists(weights):
+                raise RecipeError(f"stage {stage.name!r} starts from {stage.init_from!r}, whose checkpoint {weights} "
+                                  "does not exist; run that stage first")
+    return todo
+
+
+class Preempted(RuntimeError):
+    """A stage stopped for SIGTERM with its checkpoint saved (``kangaroo recipe run`` exits 75)."""
+
+
+def _run_forwarding_sigterm(command: list[str]) -> int:
+    """Runs a stage's fit. A SIGTERM to the runner is passed on to the fit, which finishes its
+    step, saves a checkpoint and exits with ``PREEMPTED_EXIT_CODE``; the runner waits for that
+    instead of dying first and leaving the state file at "running"."""
+    process = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, workers: int) -> None:
+    from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.training.stage_file import load_stage_file
+
+    for split, manifest in stage.prepare.items():
+        output = data_dir(workdir, stage, split)
+        if storage.exists(storage.join(output, "index.json")):
+            continue
+        sections = load_stage_file(merged_path)
+        print(f"[{stage.name}] preparing {split} data from {manifest}", flush=True)
+        report = prepare_dataset(manifest, output, sections["data"].prepare,
+                                 visual_layout(sections["model"].architecture),
+                                 workers=workers, overwrite=True, start_method="forkserver")
+        print(report.summary(), flush=True)
+
+
+def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str | None = None,
+               restart_from: str | None = None, prepare_workers: int = 1) -> dict[str, Any]:
+    workdir = storage.absolute(workdir)
+    state = read_state(workdir, recipe)
+    write_state(workdir, state)  # claims the workdir for this recipe
+    stages = select_stages(recipe, only, until, restart_from)
+    todo = plan(recipe, workdir, state, stages, restart_from)
+    write_state(workdir, state)
+    if recipe.world is not None and todo:
+        ensure_world(recipe.world)
+    for stage in todo:
+        entry = state["stages"][stage.name]
+        root, local_root = stage_dir(workdir, stage), local_stage_dir(workdir, stage)
+        os.makedirs(local_root, exist_ok=True)  # the stage folder itself for a local workdir
+        merged = merged_config(recipe, stage, workdir)
+        merged_path = os.path.join(local_root, "stage.yaml")
+        with open(merged_path, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(merged, handle, sort_keys=False)
+        resume = latest_checkpoint(root) if entry.get("status") in ("running", "failed", "preempted") else None
+        if entry.get("status") in (None, "pending"):
+            for stale in storage.find(root, ".ckpt"):
+                storage.remove(stale)  # a restarted stage never resumes from its previous run
+        entry.update(status="running", config_hash=config_hash(merged), checkpoint=None,
+                     started=entry.get("started") or time.time())
+        write_state(workdir, state)
+        prepare_stage(recipe, stage, workdir, merged_path, prepare_workers)
+        command = [sys.executable, "-m", "kangaroo.cli", "fit", "--config", merged_path]
+        if resume:
+            command.append(f"--ckpt_path={resume}")
+            print(f"[{stage.name}] resuming from {resume}", flush=True)
+        print(f"[{stage.name}] {' '.join(command[2:])}", flush=True)
+        started = time.time()
+        returncode = _run_forwarding_sigterm(command)
+        if local_root != root:  # the config and logs beside the stage's checkpoints
+            storage.upload(local_root, root)
+        if returncode == PREEMPTED_EXIT_CODE:
+            entry.update(status="preempted", returncode=returncode)
+            write_state(workdir, state)
+            raise Preempted(f"stage {stage.name!r} stopped for SIGTERM after saving a checkpoint; run the recipe "
+                            "again to continue from it")
+        if returncode != 0:
+            entry.update(status="failed", returncode=returncode)
+            write_state(workdir, state)
+            raise RuntimeError(f"stage {stage.name!r} failed with exit code {returncode}; "
+                               f"logs in {root}. Running the recipe again resumes it from its last checkpoint")
+        metrics = json.loads(storage.read_text(storage.join(root, METRICS_NAME)))
+        entry.update(status="done", checkpoint=storage.join(root, WEIGHTS_NAME),
+                     seconds=round(entry.get("seconds", 0.0) + time.time() - started, 1),
+                     metrics={k: metrics[k] for k in ("steps", "final_loss", "eval_accuracy", "eval")})
+        write_state(workdir, state)
+    summary = write_summary(recipe, workdir, state)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def ensure_world(path: str) -> None:
+    if os.path.exists(os.path.join(path, "world.json")):
+        return
+    from kangaroo.world import synthesize
+
+    print(f"generating the synthetic world in {path}", flush=True)
+    synthesize(path)

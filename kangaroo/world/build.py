@@ -1,0 +1,67 @@
+"""The tiny world written whole: its media and manifests (``render``), its tokenizer
+(``tokenizer``) and the pre-trained stand-ins the tiny recipe starts from (``pretrain``).
+
+Everything is drawn from one seed, so the same ``--seed`` gives the same files. Held-out media
+are rendered from a different seed stream than the training media, so no held-out clip is a
+training clip. The answers need the pixels: a question's wording never gives its answer away,
+and the options are always listed in the same order, so the text alone is no better than chance.
+
+Layout of ``DIR``::
+
+    media/{train,val}/...           mp4 clips and png images
+    <stage>-{train,val}.jsonl       one manifest per curriculum stage and split
+    tokenizer/                      a byte-level BPE trained on the world's text
+    llm/                            the tiny language model, pre-trained on the world's chats
+    vision.safetensors              the tiny ViT, pre-trained on the world's frames
+    world.json                      seed, sizes and counts: what was generated
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Any
+
+from kangaroo.world.pretrain import pretrain_llm, pretrain_vision
+from kangaroo.world.render import STAGES, World, WorldConfig, corpus_of, described_chats, manifest_path, stage_records
+from kangaroo.world.tokenizer import write_tokenizer
+
+
+def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Writes the whole tiny world into ``output`` (see the module docstring). Refuses a folder
+    that already holds a different world unless ``overwrite``."""
+    from tqdm.auto import tqdm
+
+    config = config or WorldConfig()
+    marker = os.path.join(output, "world.json")
+    if os.path.exists(marker):
+        existing = json.load(open(marker, encoding="utf-8"))
+        if existing.get("config") == json.loads(json.dumps(asdict(config))):  # tuples read back as lists
+            return existing
+        if not overwrite:
+            raise ValueError(f"{output} holds a world made with other settings; pass --overwrite to replace it")
+    for split in ("train", "val"):
+        os.makedirs(os.path.join(output, "media", split), exist_ok=True)
+    world = World(output, config)
+    total = (config.images + config.short_videos + config.dense_videos + config.instruction_videos
+             + config.long_videos + config.val_short + config.val_long)
+    with tqdm(total=total, desc="rendering the tiny world", unit="media") as bar:
+        records = stage_records(world, bar.update)
+    counts = {}
+    for stage, splits in records.items():
+        for split, lines in splits.items():
+            with open(manifest_path(output, stage, split), "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            counts[f"{stage}/{split}"] = len(lines)
+    train_records = [r for splits in records.values() for r in splits["train"]]
+    tokenizer = write_tokenizer(output, corpus_of(train_records))
+    held_out = records[STAGES[-1]]["val"]
+    language = pretrain_llm(output, tokenizer, described_chats(train_records, world.facts), config,
+                             list(zip(described_chats(held_out, world.facts), [r["meta"]["category"] for r in held_out])))
+    vision = pretrain_vision(output, config)
+    info = {"config": json.loads(json.dumps(asdict(config))), "manifests": counts,
+            "llm_pretraining": language, "vision_pretraining": vision}
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2)
+    return info
