@@ -59,7 +59,9 @@ def test_two_sharded_processes_follow_the_one_process_loss_curve(worker_runs):
 def test_bf16_compute_follows_the_fp32_loss_curve(worker_runs):
     """bf16 gathered weights with fp32 master weights and reductions (the 8B configs' setting)."""
     fp32, bf16 = (json.loads((worker_runs[key] / "losses.json").read_text()) for key in (1, "bf16"))
-    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=0, atol=2e-2)
+    # bf16 keeps 8 significant bits (a relative rounding of 2**-8 = 0.4%); six steps of updates in
+    # it stay within about two of those of the fp32 curve, whatever the loss's own scale
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=1e-2, atol=0)
     assert bf16 != fp32, "the bf16 run computed in bf16"
     assert load_file(worker_runs["bf16"] / "model.safetensors")["projector.weight"].dtype == torch.float32
 
