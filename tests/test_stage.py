@@ -4,6 +4,7 @@ tiny stage config fitted for real on prepared data, each from the previous stage
 import argparse
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,7 @@ def test_unknown_yaml_key_fails_before_training(tmp_path, capsys):
     from kangaroo.training.fit import KangarooCLI
 
     bad = tmp_path / "bad.yaml"
+    shutil.copy(TINY[0].with_name("language-model.yaml"), tmp_path)  # the file the stage names, beside it
     bad.write_text(TINY[0].read_text().replace("  packing: false", "  packing: false\n  shufle: true"))
     with pytest.raises(SystemExit):
         KangarooCLI(args=["--config", str(bad)], run=False)
