@@ -17,6 +17,16 @@ import torch
 from kangaroo.modules import IGNORE_INDEX, KangarooModel, kangaroo_tiny
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, counted in pytest's summary, where no CUDA device is."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @dataclass
 class Sample:
     """One training sample as the data pipeline will hand it to the model."""

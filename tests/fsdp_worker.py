@@ -5,8 +5,13 @@ running this file again). Every step's global batch is the same whatever the num
 processes: two samples, packed into one row on 1 process, one row per process on 2. At steps 1
 and 4 the second sample is text only, so on 2 processes rank 1 has no video while rank 0 has one.
 
+With ``--media-mix`` the processes hold different numbers of media items in the same steps
+instead (``MEDIA_MIX``: 0, 1 or 3 items, images and clips of 2 and 4 frames), which a sharded
+part that ran once per media item would turn into mismatched collectives.
+
 Writes ``OUT/losses.json`` (the stage's global-batch loss per step), ``OUT/media.rank{r}.json``
-(steps at which the rank's batch held frames) and ``OUT/model.safetensors``.
+(steps at which the rank's batch held frames), ``OUT/media_counts.rank{r}.json`` (media items
+per step) and ``OUT/model.safetensors``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from kangaroo.training.stage import KangarooStage
 TEXT_ONLY = {(1, 1)}
 """(step, sample) pairs without media."""
 IMAGE_SIZE, FRAMES = 28, 2
+MEDIA_MIX = [([0], [2, 4, 1]), ([4], [0, 0]), ([2, 1, 2], [4])]
+"""Per step (in turn): the frame counts of rank 0's samples and of rank 1's (0: text only, 1: an
+image). One process holds all of them; rank totals of media items: 0/3, 1/0, 3/1."""
 
 
 def architecture() -> KangarooConfig:
@@ -41,18 +49,21 @@ def architecture() -> KangarooConfig:
     )
 
 
-def sample(step: int, index: int, placeholder_ids) -> dict:
-    """Three global batches in turn, so that the loss falls within a few steps."""
+def sample(step: int, index: int, placeholder_ids, frames: int | None = None) -> dict:
+    """Three global batches in turn, so that the loss falls within a few steps. ``frames``: the
+    sample's frame count (0: text only); by default ``FRAMES``, or none at ``TEXT_ONLY``."""
     step = step % 3
     g = torch.Generator().manual_seed(1000 * step + index)
     answer = torch.randint(1, 1000, (3 + 4 * index + step % 3,), generator=g).tolist()  # unequal counts per rank
     prompt = torch.randint(1, 1000, (4,), generator=g).tolist()
-    if (step, index) in TEXT_ONLY:
+    if frames is None:
+        frames = 0 if (step, index) in TEXT_ONLY else FRAMES
+    if not frames:
         ids, pixels, times = prompt, None, None
     else:
-        ids = prompt[:2] + placeholder_ids(FRAMES) + prompt[2:]
-        pixels = torch.randn(FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-        times = torch.tensor([0.5 * step, 0.5 * step + 1.25])
+        ids = prompt[:2] + placeholder_ids(frames) + prompt[2:]
+        pixels = torch.randn(frames, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        times = 0.5 * step + 1.25 * torch.arange(frames, dtype=torch.float32)
     return {"ids": ids + answer, "labels": [IGNORE_INDEX] * len(ids) + answer, "pixels": pixels, "times": times}
 
 
@@ -66,14 +77,24 @@ def pack(samples: list[dict]) -> dict:
     if with_media:
         batch.update(pixel_values=torch.cat([s["pixels"] for s in with_media]),
                      timestamps=torch.cat([s["times"] for s in with_media]),
-                     frame_counts=torch.tensor([FRAMES] * len(with_media)))
+                     frame_counts=torch.tensor([len(s["pixels"]) for s in with_media]))
     return batch
 
 
 class FixedBatches(L.LightningDataModule):
-    def __init__(self, steps: int, out: str) -> None:
+    def __init__(self, steps: int, out: str, media_mix: bool = False) -> None:
         super().__init__()
-        self.steps, self.out = steps, out
+        self.steps, self.out, self.media_mix = steps, out, media_mix
+
+    def samples(self, step: int, layout) -> list[list[dict]]:
+        """The step's samples, grouped by the rank that holds them on 2 processes."""
+        if not self.media_mix:
+            return [[sample(step, i, layout)] for i in range(2)]
+        groups, index = [], 0
+        for counts in MEDIA_MIX[step % len(MEDIA_MIX)]:
+            groups.append([sample(step, index + k, layout, frames) for k, frames in enumerate(counts)])
+            index += len(counts)
+        return groups
 
     def train_dataloader(self):
         trainer = self.trainer
@@ -81,10 +102,12 @@ class FixedBatches(L.LightningDataModule):
         rank, world = trainer.global_rank, trainer.world_size
         batches = []
         for step in range(self.steps):
-            samples = [sample(step, i, layout) for i in range(2)]
-            mine = samples if world == 1 else samples[rank::world]
-            batches.append(pack(mine))
+            groups = self.samples(step, layout)
+            batches.append(pack(sum(groups, []) if world == 1 else groups[rank]))
         media = [step for step, b in enumerate(batches) if "pixel_values" in b]
+        counts = [len(b["frame_counts"]) if "frame_counts" in b else 0 for b in batches]
+        with open(os.path.join(self.out, f"media_counts.rank{rank}.json"), "w") as handle:
+            json.dump(counts, handle)
         with open(os.path.join(self.out, f"media.rank{rank}.json"), "w") as handle:
             json.dump(media, handle)
         return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
@@ -96,6 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", required=True)
     parser.add_argument("--param-dtype", default="auto", help="FSDP2 compute dtype (2 processes)")
+    parser.add_argument("--media-mix", action="store_true", help="ranks hold 0, 1 or 3 media items per step")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     L.seed_everything(0)
@@ -112,7 +136,7 @@ def main() -> None:
                         gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=args.out, limit_val_batches=0)
-    trainer.fit(stage, FixedBatches(args.steps, args.out))
+    trainer.fit(stage, FixedBatches(args.steps, args.out, args.media_mix))
     if trainer.is_global_zero:
         with open(os.path.join(args.out, "losses.json"), "w") as handle:
             json.dump([loss for _, loss in stage.loss_history], handle)

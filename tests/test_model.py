@@ -117,3 +117,86 @@ def test_visual_token_ids_must_fit_the_vocabulary():
 def test_visual_token_ids_must_be_distinct():
     with pytest.raises(ValueError, match="distinct"):
         VisualTokens(1, 2, 3, 3, 4)
+
+
+# -- packed attention for every implementation a config can name --------------------------------
+
+ATTENTION_CASES = [("sdpa", None), ("sdpa", True), ("eager", None), ("flex_attention", None),
+                   pytest.param("flash_attention_2", None, marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="module")
+def models_by_attention():
+    """One tiny model per attention implementation, the same weights in each (flex attention
+    compiles on its first call: built once, shared by its cases)."""
+    built = {}
+
+    def get(implementation: str):
+        if implementation not in built:
+            config = kangaroo_tiny_config(image_size=56)
+            config.language_model.attn_implementation = implementation
+            torch.manual_seed(0)
+            model = build_kangaroo(config).eval()
+            if implementation == "flash_attention_2":
+                model = model.to("cuda", torch.bfloat16)
+            built[implementation] = model
+        return built[implementation]
+
+    return get
+
+
+def rows_of(samples: list, rows: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """``samples`` packed into ``rows`` rows (the first rows hold two samples, the rest one), each
+    padded to the longest, padding positions restarting at 0 as the collate does."""
+    groups = [samples[:2], *([s] for s in samples[2:])] if rows > 1 else [samples]
+    assert len(groups) == rows
+    length = max(sum(len(s.input_ids) for s in group) for group in groups)
+    batch = {"input_ids": [], "labels": [], "position_ids": []}
+    for group in groups:
+        ids = sum((s.input_ids for s in group), [])
+        positions = sum((list(range(len(s.input_ids))) for s in group), [])
+        pad = length - len(ids)
+        batch["input_ids"].append(ids + [pad_id] * pad)
+        batch["labels"].append(sum((s.labels for s in group), []) + [IGNORE_INDEX] * pad)
+        batch["position_ids"].append(positions + list(range(pad)))
+    batch = {key: torch.tensor(value) for key, value in batch.items()}
+    batch.update(pixel_values=torch.cat([s.pixel_values for s in samples]),
+                 timestamps=torch.cat([s.timestamps for s in samples]),
+                 frame_counts=torch.tensor([s.pixel_values.shape[0] for s in samples]))
+    return batch
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("implementation, flatten", ATTENTION_CASES,
+                         ids=["sdpa", "sdpa-one-sequence", "eager", "flex_attention", "flash_attention_2"])
+def test_packed_rows_give_each_sample_its_own_logits(models_by_attention, implementation, flatten, rows):
+    model = models_by_attention(implementation)
+    model.flatten_rows = flatten
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    samples = [make_sample(model, 2, 6, seed=11), make_sample(model, 1, 4, seed=12), make_sample(model, 4, 9, seed=13)]
+    move = lambda batch: {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}  # noqa: E731
+    # Each sample alone needs no mask at all: on the CPU the reference is sdpa's, the same weights
+    # (so flex attention compiles for the two packed shapes only). Static shapes: recompiling
+    # flex attention for a second shape with dynamic shapes fails in Inductor's CPU code
+    # generation on torch 2.14.1 (a C++ compile error, not a wrong result).
+    reference = model if device.type == "cuda" else models_by_attention("sdpa")
+    assert torch.equal(reference.projector.weight.cpu().to(dtype), model.projector.weight.cpu()), "the same weights"
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        packed = model(**move(rows_of(samples, rows)), return_logits=True).logits.float()
+        alone = [reference(**move(collate([s])), return_logits=True).logits[0].float() for s in samples]
+    model.flatten_rows = None
+    groups = [[0, 1], [2]] if rows == 2 else [[0, 1, 2]]
+    tolerance = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=1e-4)
+    for row, members in enumerate(groups):
+        start = 0
+        for index in members:
+            end = start + len(samples[index].input_ids)
+            torch.testing.assert_close(packed[row, start:end], alone[index], **tolerance,
+                                       msg=lambda m: f"row {row}, sample {index}: {m}")
+            start = end
+
+
+def test_an_attention_mask_beside_packed_rows_is_refused(tiny_model):
+    batch = collate([make_sample(tiny_model, 2, 3, seed=14), make_sample(tiny_model, 1, 3, seed=15)])
+    with pytest.raises(ValueError, match="attention_mask was given with packed rows"):
+        tiny_model(**batch, attention_mask=torch.ones_like(batch["input_ids"]))

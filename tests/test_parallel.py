@@ -5,7 +5,9 @@ consolidate into weights one process loads."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +28,17 @@ STEPS = 12  # a multiple of the checkpoint interval (3): the last checkpoint hol
 
 
 def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs ``command``; a hung collective fails the test at ``timeout`` instead of hanging it."""
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    """Runs ``command``; a hung collective fails the test at ``timeout`` instead of hanging it,
+    and every process the command started (the other ranks) is killed with it."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ... did not finish within {timeout} s:\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -71,6 +82,26 @@ def test_a_text_only_rank_beside_a_video_rank_finishes_its_steps(worker_runs):
     assert media[0] == [0, 1, 2, 3, 4, 5]
     assert media[1] == [0, 2, 3, 5], "rank 1 had text only at steps 1 and 4"
     assert len(json.loads((worker_runs[2] / "losses.json").read_text())) == 6, "every step finished"
+
+
+def test_ranks_holding_different_numbers_of_media_items_train_like_one_process(tmp_path):
+    """Patchify is sharded like every part: ranks with 0, 1 and 3 media items (text-only rows,
+    images and clips of 2 and 4 frames) in the same steps issue the same collectives, and the
+    run ends with the weights of one process holding every row."""
+    outs = {}
+    for devices in (1, 2):
+        outs[devices] = tmp_path / f"mix-{devices}"
+        run([sys.executable, str(WORKER), "--devices", str(devices), "--out", str(outs[devices]), "--media-mix"],
+            timeout=240)
+    counts = [json.loads((outs[2] / f"media_counts.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert counts == [[0, 1, 3, 0, 1, 3], [3, 0, 1, 3, 0, 1]]
+    one, two = (json.loads((outs[n] / "losses.json").read_text()) for n in (1, 2))
+    assert len(one) == len(two) == 6
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
+    weights = [load_file(outs[n] / "model.safetensors") for n in (1, 2)]
+    assert set(weights[0]) == set(weights[1])
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -207,3 +238,71 @@ def test_sharded_checkpoints_on_an_object_store_are_refused_before_training(own_
     with pytest.raises(ValueError, match="sharded checkpoints are written to a local or shared file system, "
                                          "not s3://kangaroo-runs/stage"):
         trainer.fit(_tiny_stage(), train_dataloaders=torch.utils.data.DataLoader([]))
+
+
+# -- validation on several processes ------------------------------------------------------------
+
+QUESTION_TOKENS = 256
+
+
+@pytest.fixture(scope="module")
+def held_out_questions(tmp_path_factory, tiny_tokenizer_dir):
+    """15 image questions prepared with stage 1's own ``data.prepare``: one batch each, so two
+    processes hold 8 and 7 validation batches."""
+    from PIL import Image
+
+    from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.training.stage_file import load_stage_file
+
+    root = tmp_path_factory.mktemp("held-out")
+    (root / "media").mkdir()
+    rng = torch.Generator().manual_seed(0)
+    with open(root / "questions.jsonl", "w") as manifest:
+        for i in range(15):
+            pixels = torch.randint(0, 255, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / "media" / f"{i}.png")
+            manifest.write(json.dumps({"id": f"q-{i}", "image": f"media/{i}.png", "task": "mcq",
+                                       "question": "Which colour?", "options": ["red", "green", "blue", "yellow"],
+                                       "answer": "ABCD"[i % 4]}) + "\n")
+    sections = load_stage_file(str(Path(__file__).resolve().parents[1] / "configs/kangaroo-tiny/1-image-pretrain.yaml"))
+    sections["data"].prepare.tokenizer = tiny_tokenizer_dir
+    sections["data"].prepare.max_tokens = QUESTION_TOKENS  # the question's words take more than a caption's
+    prepare_dataset(str(root / "questions.jsonl"), str(root / "prepared"), sections["data"].prepare,
+                    visual_layout(sections["model"].architecture))
+    assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every question fits the budget"
+    return str(root / "prepared")
+
+
+def validate_command(image_data, questions: str, run: Path, *extra: str) -> list[str]:  # noqa: F811
+    prepared, tokenizer = image_data
+    return [sys.executable, "-m", "kangaroo.cli", "validate", "--config",
+            str(Path(__file__).resolve().parents[1] / "configs/kangaroo-tiny/1-image-pretrain.yaml"),
+            f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+            "--trainer.enable_progress_bar=false", f"--data.train_dir={prepared}", f"--data.val_dir={questions}",
+            "--data.rows_per_batch=1", f"--data.prepare.tokenizer={tokenizer}", f"--data.max_tokens={QUESTION_TOKENS}",
+            f"--data.prepare.max_tokens={QUESTION_TOKENS}",
+            "--model.architecture.language_model.pretrained=null", "--model.architecture.vision_tower.pretrained=null",
+            *extra]
+
+
+def validation_metrics(run: Path) -> dict[str, float]:
+    import csv
+
+    rows = list(csv.DictReader((next(run.rglob("metrics.csv"))).open()))
+    return {key: float(value) for row in rows for key, value in row.items() if key.startswith("val/") and value}
+
+
+@pytest.mark.parametrize("strategy", [("--trainer.strategy=ddp",), FSDP[1:]], ids=["ddp", "fsdp2"])
+def test_validation_on_uneven_shares_finishes_with_the_one_process_metrics(image_data, held_out_questions,  # noqa: F811
+                                                                         tmp_path, strategy):
+    one = tmp_path / "one"
+    run(validate_command(image_data, held_out_questions, one), timeout=240)
+    two = tmp_path / "two"
+    run(validate_command(image_data, held_out_questions, two, "--trainer.devices=2", *strategy), timeout=240)
+    expected, measured = validation_metrics(one), validation_metrics(two)
+    assert set(expected) >= {"val/loss", "val/accuracy"}
+    assert all(math.isfinite(expected[key]) for key in ("val/loss", "val/accuracy")), expected
+    assert measured.keys() == expected.keys()
+    for key, value in expected.items():  # the groups hold no question here: nan in both
+        assert measured[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key

@@ -351,3 +351,27 @@ def test_print_config_runs_again_unchanged_and_fits(prepared, tmp_path):
     kangaroo("fit", "--config", str(printed), "--trainer.max_steps=2", "--trainer.val_check_interval=2")
     assert (tmp_path / "model.safetensors").exists()
     assert list(tmp_path.rglob("config.yaml"))  # LightningCLI saved the config of the run
+
+
+def test_checkpoints_keep_one_loss_per_optimizer_step_and_last_links_the_newest(prepared, tmp_path):
+    """With accumulation the stage's loss history grows per optimizer step, not per micro-batch,
+    and ``last.ckpt`` (``save_last: link`` in every stage config) is a link, not a second copy."""
+    import os
+
+    import torch
+
+    from kangaroo.training.fit import KangarooCLI
+
+    dirs, _, _, tokenizer = prepared
+    stage = TINY[1]
+    KangarooCLI(args=["fit", "--config", str(stage), "--trainer.max_steps=4", "--trainer.accumulate_grad_batches=2",
+                      "--trainer.val_check_interval=8", "--trainer.callbacks.every_n_train_steps=2",
+                      f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                      "--trainer.enable_progress_bar=false", f"--data.train_dir={dirs[stage.stem]}",
+                      f"--data.val_dir={dirs[stage.stem]}", f"--data.prepare.tokenizer={tokenizer}",
+                      "--model.init_from=null"])
+    history = json.loads((tmp_path / "stage-metrics.json").read_text())["loss_history"]
+    assert [step for step, _ in history] == [1, 2, 3, 4], "one entry per optimizer step over 8 micro-batches"
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last).endswith("step=4.ckpt"), os.readlink(last)
+    assert len(torch.load(last, weights_only=True)["loss_history"]) == 4

@@ -7,12 +7,14 @@ from typing import Any, Iterator
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
 from kangaroo.data.encode import PrepareConfig
 from kangaroo.data.packing import SequencePacker, collate_rows
 from kangaroo.distributed import own_entry, per_rank
+from kangaroo.modules.layout import IGNORE_INDEX
 
 
 class IndexedStreamingDataset(StreamingDataset):
@@ -97,6 +99,47 @@ class PackedBatches:
             self.loader.load_state_dict(state["loader"])
 
 
+class EvenBatches:
+    """Validation batches, as many on every process: a process whose share ran out yields a
+    filler batch (one row of padding, no labels, no samples) while any other still has one.
+
+    Held-out shares differ in size (the last partial batch is kept, and packing makes the count
+    of batches depend on the samples), but every validation step is a collective under FSDP2
+    (each unit gathers its parameters) and the metrics sync at the end: a process that stopped
+    early would wait in the sync while another waits in a gather. The filler runs the model
+    (text only: the vision tower on its blank frame) and adds nothing to any metric. Deciding
+    whether to go on is itself one small all-reduce per step, made by every process.
+    """
+
+    def __init__(self, batches: Any, pad_id: int = 0) -> None:
+        self.batches = batches
+        self.pad_id = pad_id
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterator = iter(self.batches)
+        while True:
+            batch = next(iterator, None)
+            if not _any_process(batch is not None):
+                return
+            yield batch if batch is not None else self.filler()
+
+    def filler(self) -> dict[str, Any]:
+        return {"input_ids": torch.full((1, 2), self.pad_id, dtype=torch.long),
+                "labels": torch.full((1, 2), IGNORE_INDEX, dtype=torch.long),
+                "position_ids": torch.arange(2).unsqueeze(0), "sample_ids": [], "tasks": [], "categories": [],
+                "num_tokens": 0}
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (a collective call: every process makes it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class KangarooDataModule(L.LightningDataModule):
     """Prepared chunks (``kangaroo data prepare``) for one stage.
 
@@ -142,10 +185,10 @@ class KangarooDataModule(L.LightningDataModule):
             self._pending_state = None
         return self._train
 
-    def val_dataloader(self) -> PackedBatches | list:
+    def val_dataloader(self) -> EvenBatches | list:
         if self.hparams.val_dir is None:
             return []
-        return self._batches(self.hparams.val_dir, shuffle=False)
+        return EvenBatches(self._batches(self.hparams.val_dir, shuffle=False), self.hparams.pad_id)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs when a batch is about to be trained on (after the trainer's read-ahead).

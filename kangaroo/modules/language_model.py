@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 
 
 @dataclass
@@ -24,8 +24,10 @@ class LanguageModelConfig:
     pretrained: str | None = None
     """A Hugging Face model id or a local directory (``save_pretrained`` layout)."""
     attn_implementation: str = "sdpa"
-    """``sdpa`` (default, packing-safe with restarting ``position_ids``), ``eager``, or
-    ``flash_attention_2`` (needs the ``gpu`` extra)."""
+    """``sdpa`` (default; with packed rows transformers builds a dense block-diagonal mask from the
+    restarting ``position_ids``), ``eager`` (the same mask), ``flex_attention`` (a document mask
+    compiled on first use), or ``flash_attention_2`` (the ``gpu`` extra; rows go in as one
+    sequence, see ``KangarooModel.hidden_states``). Each keeps packed samples apart."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: it runs arbitrary code."""
     torch_dtype: str | None = None

@@ -14,6 +14,8 @@ from kangaroo.modules.temporal_embedding import TemporalPositionEmbedding
 from kangaroo.modules.vision_tower import VisionTower
 
 PART_NAMES = ("vision_tower", "temporal_embedding", "patchify", "projector", "language_model")
+SINGLE_ROW_PACKING = ("flash_attention_2",)
+"""Attention implementations that treat a batch as packed samples only when it holds one row."""
 
 
 @dataclass
@@ -60,6 +62,7 @@ class KangarooModel(nn.Module):
         self.language_model = language_model
         self.visual_tokens = visual_tokens
         self.loss_chunk_size = loss_chunk_size
+        self._flatten_rows: bool | None = None
         self.always_run_vision = False
         """Run the vision tower on a blank frame when the inputs hold no media, its output
         multiplied by zero: set under data parallelism, where a rank whose batch is text only
@@ -100,19 +103,30 @@ class KangarooModel(nn.Module):
     def get_visual_features(
         self, pixel_values: torch.Tensor, timestamps: torch.Tensor, frame_counts: torch.Tensor
     ) -> torch.Tensor:
-        """Returns ``(V, d_llm)`` projected visual tokens, media after media, slot-major."""
+        """Returns ``(V, d_llm)`` projected visual tokens, media after media, slot-major.
+
+        Every part runs once per call, whatever the number of media items: under FSDP2 each part
+        is a unit whose parameters are gathered per call, so a per-media loop would make the
+        number of collectives depend on a rank's data (one rank gathering patchify again while
+        another has moved on to the projector). Patchify takes every media item of the batch in
+        one call: its kernel equals its stride, so media laid end to end in time, each a
+        multiple of the temporal kernel long (an image repeated to fill it), never share a window.
+        """
         counts = [int(c) for c in frame_counts.tolist()]
         if sum(counts) != pixel_values.shape[0]:
             raise ValueError(f"frame_counts sum to {sum(counts)} but pixel_values holds {pixel_values.shape[0]} frames")
         features = self.temporal_embedding(self.vision_tower(pixel_values), timestamps)
         h, w = self.vision_tower.grid
-        tokens = []
-        for media in torch.split(features, counts):
-            grid = media.reshape(media.shape[0], h, w, -1)
-            if self.patchify is not None:
-                grid = self.patchify(grid)
-            tokens.append(grid.reshape(-1, grid.shape[-1]))
-        return self.projector(torch.cat(tokens))
+        grid = features.reshape(features.shape[0], h, w, -1)
+        if self.patchify is not None:
+            kt = self.patchify.kernel[0]
+            for count in counts:
+                self.layout.visual_grid(count)  # a frame count the kernel does not divide is an error
+            if any(count == 1 for count in counts) and kt > 1:  # images fill the temporal kernel
+                grid = torch.cat([media.expand(kt, -1, -1, -1) if len(media) == 1 else media
+                                  for media in torch.split(grid, counts)])
+            grid = self.patchify(grid)
+        return self.projector(grid.reshape(-1, grid.shape[-1]))
 
     def embed_inputs(
         self,
@@ -153,12 +167,39 @@ class KangarooModel(nn.Module):
         frame_counts: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Last hidden states ``(b, s, d)`` of the language model, before the output head."""
+        """Last hidden states ``(b, s, d)`` of the language model, before the output head.
+
+        Packed rows (``position_ids`` restarting at 0 inside a row) are told apart by their
+        positions alone: transformers derives the per-sample attention from them when no mask is
+        given, so a mask beside packed rows is refused rather than silently overriding it. An
+        implementation that treats only a single row as packed (``flash_attention_2``, whose
+        varlen kernel takes the sample boundaries of one sequence) gets the rows laid end to end
+        as one sequence; every row starts at position 0, so the rows stay apart.
+        """
         embeds = self.embed_inputs(input_ids, pixel_values, timestamps, frame_counts)
-        decoder = self.language_model.base_model
-        return decoder(
+        packed = position_ids is not None and bool((position_ids[:, 1:] == 0).any())
+        if packed and attention_mask is not None:
+            raise ValueError("an attention_mask was given with packed rows (position_ids restart inside a row): "
+                             "packed samples are kept apart by their position_ids alone; pass no attention_mask")
+        rows, length = input_ids.shape
+        flatten = rows > 1 and position_ids is not None and self.flatten_rows
+        if flatten:
+            embeds, position_ids = embeds.reshape(1, rows * length, -1), position_ids.reshape(1, -1)
+        hidden = self.language_model.base_model(
             inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
+        return hidden.reshape(rows, length, -1) if flatten else hidden
+
+    @property
+    def flatten_rows(self) -> bool:
+        """Whether several rows go to the language model as one sequence (see ``hidden_states``)."""
+        if self._flatten_rows is not None:
+            return self._flatten_rows
+        return getattr(self.language_model.config, "_attn_implementation", None) in SINGLE_ROW_PACKING
+
+    @flatten_rows.setter
+    def flatten_rows(self, value: bool | None) -> None:
+        self._flatten_rows = value
 
     @property
     def output_head(self) -> nn.Module:

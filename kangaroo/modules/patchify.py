@@ -56,7 +56,9 @@ class SpatialTemporalPatchify(nn.Module):
         return patchified_grid(self.kernel, frames, height, width)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """``grid``: ``(t, h, w, c)`` tokens of one video. Returns ``(t/kt, h/kh, w/kw, c)``."""
+        """``grid``: ``(t, h, w, c)`` tokens of one video, or of several laid end to end in time
+        when each is a multiple of ``kt`` frames long (windows never straddle two of them).
+        Returns ``(t/kt, h/kh, w/kw, c)``."""
         t, h, w, _ = grid.shape
         self.output_grid(t, h, w)  # validates
         if t == 1:

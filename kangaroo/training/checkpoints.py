@@ -29,7 +29,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from kangaroo import storage
 
@@ -66,6 +66,16 @@ class StageCheckpoint(ModelCheckpoint):
     like its uploads (``kangaroo.storage.with_retries``), so that an outage of a few seconds
     does not end the run between two checkpoints. Every stage config uses it; its arguments
     are ``ModelCheckpoint``'s."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # ``save_last: link`` (the stage configs): ``last.ckpt`` is a link to the newest
+        # checkpoint, not a second copy of it. An object store has no links, and Lightning
+        # refuses the setting there: ``last.ckpt`` is then written whole, as with ``true``.
+        root = self.dirpath or trainer.default_root_dir
+        if self.save_last == "link" and storage.is_remote(str(root)):
+            rank_zero_info(f"checkpoints on {root}: an object store has no links, so last.ckpt is a full copy")
+            self.save_last = True
+        super().setup(trainer, pl_module, stage)
 
     def file_exists(self, filepath, trainer) -> bool:
         if not storage.is_remote(str(filepath)):

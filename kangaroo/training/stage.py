@@ -154,7 +154,10 @@ class KangarooStage(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
         rows = batch["input_ids"].shape[0]
-        if outputs is not None:  # the global batch's mean loss
+        # one entry per optimizer step (the last micro-batch's loss of an accumulation window):
+        # the history, stored in every checkpoint, grows with the steps, not the micro-batches
+        recorded = self.loss_history[-1][0] if self.loss_history else 0
+        if outputs is not None and self.global_step > recorded:
             self.loss_history.append((self.global_step, float(self._shown_loss)))
         if elapsed > 0 and "num_tokens" in batch:
             self.log("train/tokens_per_s", batch["num_tokens"] / elapsed, prog_bar=True, batch_size=rows)
@@ -174,11 +177,12 @@ class KangarooStage(L.LightningModule):
         if len(tasks) != len(predicted):
             raise RuntimeError(f"{len(tasks)} samples in the batch but {len(predicted)} answered")
         correct = (predicted == target).float()
-        mcq = torch.tensor([t == "mcq" for t in tasks], device=correct.device)
+        # dtype given: a batch without samples (another process's filler, see EvenBatches) has none
+        mcq = torch.tensor([t == "mcq" for t in tasks], dtype=torch.bool, device=correct.device)
         if mcq.any():
             self.val_accuracy.update(correct[mcq])
         for name, metric in self.group_accuracy.items():
-            chosen = mcq & torch.tensor([g == name for g in groups], device=correct.device)
+            chosen = mcq & torch.tensor([g == name for g in groups], dtype=torch.bool, device=correct.device)
             if chosen.any():
                 metric.update(correct[chosen])
 
