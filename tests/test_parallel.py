@@ -275,9 +275,15 @@ def held_out_questions(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def validate_command(image_data, questions: str, run: Path, *extra: str) -> list[str]:  # noqa: F811
+    """Two training steps, then validation inside the fit, where a sharded model under FSDP2 meets
+    its held-out set (a `kangaroo validate` alone did not hang before the fix). The learning rate
+    is far below fp32's resolution of the weights, so one process and two validate the same
+    weights, and their metrics must agree."""
     prepared, tokenizer = image_data
-    return [sys.executable, "-m", "kangaroo.cli", "validate", "--config",
+    return [sys.executable, "-m", "kangaroo.cli", "fit", "--config",
             str(Path(__file__).resolve().parents[1] / "configs/kangaroo-tiny/1-image-pretrain.yaml"),
+            "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.optimizer.lr=1e-12",
+            "--model.optimizer.min_lr=1e-13", "--model.optimizer.warmup_steps=0",
             f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
             "--trainer.enable_progress_bar=false", f"--data.train_dir={prepared}", f"--data.val_dir={questions}",
             "--data.rows_per_batch=1", f"--data.prepare.tokenizer={tokenizer}", f"--data.max_tokens={QUESTION_TOKENS}",
