@@ -299,7 +299,8 @@ def validation_metrics(run: Path) -> dict[str, float]:
     return {key: float(value) for row in rows for key, value in row.items() if key.startswith("val/") and value}
 
 
-@pytest.mark.parametrize("strategy", [("--trainer.strategy=ddp",), FSDP[1:]], ids=["ddp", "fsdp2"])
+# FSDP2 with its default settings, as in the run that hung before every process got as many batches
+@pytest.mark.parametrize("strategy", [("--trainer.strategy=ddp",), FSDP[1:2]], ids=["ddp", "fsdp2"])
 def test_validation_on_uneven_shares_finishes_with_the_one_process_metrics(image_data, held_out_questions,  # noqa: F811
                                                                          tmp_path, strategy):
     one = tmp_path / "one"
