@@ -78,3 +78,13 @@ def test_summary_counts_frozen_parameters():
     vision = summary["parts"]["vision_tower"]
     assert vision["trainable"] == 0 and vision["params"] > 0
     assert summary["trainable"] == summary["total"] - vision["params"]
+
+
+def test_a_stage_file_naming_a_missing_model_file_is_a_clear_error(tmp_path):
+    from kangaroo.training.stage_file import load_stage_file
+
+    config = tmp_path / "stage.yaml"
+    config.write_text("model:\n  architecture:\n    language_model: nowhere.yaml\n")
+    with pytest.raises(ValueError, match=r"model.architecture.language_model names the config file nowhere.yaml, "
+                                         r"which does not exist"):
+        load_stage_file(str(config), ("model",))

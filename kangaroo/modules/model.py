@@ -119,9 +119,9 @@ class KangarooModel(nn.Module):
         h, w = self.vision_tower.grid
         grid = features.reshape(features.shape[0], h, w, -1)
         if self.patchify is not None:
-            kt = self.patchify.kernel[0]
+            kt, layout = self.patchify.kernel[0], self.layout
             for count in counts:
-                self.layout.visual_grid(count)  # a frame count the kernel does not divide is an error
+                layout.visual_grid(count)  # a frame count the kernel does not divide is an error
             if any(count == 1 for count in counts) and kt > 1:  # images fill the temporal kernel
                 grid = torch.cat([media.expand(kt, -1, -1, -1) if len(media) == 1 else media
                                   for media in torch.split(grid, counts)])
