@@ -5,8 +5,8 @@ one inside open_clip's EVA02-L-14) with patchify, and a Llama-3.2-1B shaped LLM,
 The batch: one packed 10,240-token row, as in stage 4 (two 32-frame clips, 4,096 visual tokens
 each, and labelled answers filling the rest). Each step is forward, backward and AdamW, in bf16
 autocast over fp32 weights, with activation checkpointing on both towers, timed after warm-up
-with CUDA synchronisation. Printed per attention implementation (``sdpa``, and
-``flash_attention_2`` where flash-attn is installed): step time, tokens/s (LLM tokens), model
+with CUDA synchronisation. Printed per attention implementation (``sdpa``, ``flex_attention``,
+and ``flash_attention_2`` where flash-attn is installed): step time, tokens/s (LLM tokens), model
 TFLOP/s and MFU against the GPU's dense bf16 peak.
 
 Model FLOPs count useful work only (no recomputation): 6 x parameters x tokens for every matmul
@@ -156,9 +156,9 @@ def main() -> None:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = peak_tflops(name)
-    attentions = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+    attentions = ["sdpa", "flex_attention"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
     print(f"{name}, torch {torch.__version__}; bf16 peak {peak or 'unknown'} TFLOP/s; "
-          f"flash-attn {'installed' if len(attentions) > 1 else 'not installed'}")
+          f"flash-attn {'installed' if 'flash_attention_2' in attentions else 'not installed'}")
     for attention in attentions:
         torch.manual_seed(0)
         model = build_kangaroo(config_1b(attention))

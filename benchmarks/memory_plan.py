@@ -85,11 +85,17 @@ class Stage:
     loss_chunk: int
     ac_llm: bool
     ac_vit: bool
+    image_size: int
+    attention: str
+    head_dim: int
+    max_positions: int
+    rope: str
 
 
 def load_stage(path: str) -> Stage:
     import yaml
 
+    from kangaroo.modules.language_model import position_limit
     from kangaroo.training.stage_file import load_stage_file
 
     with open(path) as handle:  # the trainer section: the GPUs and the strategy's checkpointing
@@ -127,10 +133,25 @@ def load_stage(path: str) -> Stage:
         vit_block_params=sum(p.numel() for p in block.parameters()), hidden=cfg.hidden_size,
         intermediate=cfg.intermediate_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
         vit_width=model.vision_tower.width, vit_mlp=block.mlp.fc2.in_features, vocab=cfg.vocab_size,
-        loss_chunk=model.loss_chunk_size, ac_llm=bool(ac.get("language_model")), ac_vit=bool(ac.get("vision_tower")))
+        loss_chunk=model.loss_chunk_size, ac_llm=bool(ac.get("language_model")), ac_vit=bool(ac.get("vision_tower")),
+        image_size=model.vision_tower.image_size, attention=stage.architecture.language_model.attn_implementation,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads, max_positions=position_limit(cfg)[0],
+        rope=position_limit(cfg)[1])
 
 
-def plan(s: Stage, checkpointing: bool = True, sharded: bool = True) -> dict[str, float]:
+def attention_memory(s: Stage, dense: bool) -> float:
+    """What the attention path holds besides the activations counted per token. flash-attn's
+    varlen kernel (what ``attn_implementation: auto`` runs on a GPU with flash-attn): the fp32
+    log-sum-exp per head and token that the recomputed layer keeps for its backward, and the
+    sample boundaries. ``sdpa`` (the fallback): the dense S x S boolean mask per row that
+    transformers derives from the restarting positions, and the bf16 bias the kernel takes
+    it as, per layer call."""
+    if dense:
+        return s.rows * s.tokens * s.tokens * (1 + BF16)
+    return FP32 * s.heads * s.rows * s.tokens
+
+
+def plan(s: Stage, checkpointing: bool = True, sharded: bool = True, dense: bool = False) -> dict[str, float]:
     n = s.devices if sharded else 1
     total = sum(s.parts.values())
     trained = sum(s.trainable.values())
@@ -164,6 +185,11 @@ def plan(s: Stage, checkpointing: bool = True, sharded: bool = True) -> dict[str
             else s.vit_blocks * per_block
     rows["vision tower activations"] = vit_act
     rows["loss chunk (fp32 logits and their gradient)"] = 2 * FP32 * s.loss_chunk * s.vocab
+    rows["attention: mask or kernel state"] = attention_memory(s, dense or s.attention not in ("auto", "flash_attention_2"))
+    # fp32 from the collate, and the bf16 copy the tower computes on
+    rows["pixel tensors (fp32 input + bf16 copy)"] = (FP32 + BF16) * s.rows * s.frames_per_row * 3 * s.image_size ** 2
+    # the cos/sin tables of the LLM's RoPE over the row (the scaled RoPE of stages 4-5 is no larger)
+    rows["RoPE cos/sin (fp32)"] = 2 * FP32 * s.rows * s.tokens * s.head_dim
     rows["total"] = sum(rows.values())
     return rows
 
@@ -188,6 +214,8 @@ def render(stages: list[Stage], gpu_gb: float) -> str:
         ("frames per row (ViT tokens per frame)", lambda s: f"{s.frames_per_row} ({s.vit_tokens_per_frame})"),
         ("trainable parameters", lambda s: f"{sum(s.trainable.values()) / 1e9:.2f} B of {sum(s.parts.values()) / 1e9:.2f} B"),
         ("activation checkpointing (ViT, LLM)", lambda s: f"{'on' if s.ac_vit else 'off'}, {'on' if s.ac_llm else 'off'}"),
+        ("attention", lambda s: "flash-attn varlen" if s.attention in ("auto", "flash_attention_2") else s.attention),
+        ("LLM positions (RoPE)", lambda s: f"{s.max_positions} ({s.rope})"),
     ]
     for label, value in shapes:
         lines.append(f"| {label} | " + " | ".join(value(s) for s in stages) + " |")
@@ -204,6 +232,9 @@ def render(stages: list[Stage], gpu_gb: float) -> str:
     lines.append("| activation checkpointing (total) | " + " | ".join(f"{p['total'] / GB:.0f}" for p in no_ac) + " |")
     lines.append("| sharding: every GPU holds the whole state (total) | "
                  + " | ".join(f"{p['total'] / GB:.0f}" for p in no_shard) + " |")
+    dense = [plan(s, dense=True) for s in stages]
+    lines.append("| flash-attn: sdpa's dense mask instead (total; the portable fallback) | "
+                 + " | ".join(f"{p['total'] / GB:.1f}" for p in dense) + " |")
     lines += [
         "",
         "- Stage 5 fits 22K tokens because the decoder layers keep only their 4096-wide inputs",
@@ -211,8 +242,19 @@ def render(stages: list[Stage], gpu_gb: float) -> str:
         "  materialises the 22,528 x 128,256 logits (`labelled_token_loss`: one chunk of 1,024 rows).",
         "- The frozen ViT of stage 5 saves nothing for a backward pass; its peak is one block's forward",
         "  over every frame of the row.",
-        "- Each process builds the model whole on the CPU before sharding (fp32: about 33 GB of host",
-        "  memory per process, 8 per node) and reads `init_from` there.",
+        "- `attn_implementation: auto` (the 8B language model) runs flash-attn's varlen kernel where it",
+        "  is installed (`pip install 'kangaroo[gpu]'`): attention memory and work follow the samples of",
+        "  a row. Without it the stage falls back to sdpa with the dense mask (the last line above).",
+        "- Rows of stages 4 and 5 pass Llama-3's 8,192 positions: those stages state Llama-3.1-style RoPE",
+        "  scaling to 32,768 positions (`language_model_overrides`), which changes no tensor's size.",
+        "- Host memory at start-up (stages 2-5 start from `init_from`): each process builds the vision",
+        "  tower and the LLM without parameter memory, shards them and reads the file tensor by tensor",
+        "  (`FSDP2Strategy.init_on_meta`): about 33 GB / 8 of fp32 shards per process plus one whole",
+        "  tensor (the 2.1 GB embedding table) at a time, where building whole and reading the file",
+        "  whole took about 33 + 33 GB per process (`benchmarks/startup_memory.py` measures it). That",
+        "  holds for a local safetensors file, which is what a stage hands the next; an `s3://` file or",
+        "  a sharded checkpoint folder as `init_from` is still read whole into every process. Stage 1",
+        "  reads the pre-trained Llama and EVA02 with their libraries' loaders, whole in every process.",
         "",
     ]
     return "\n".join(lines)
@@ -223,7 +265,7 @@ def main() -> None:
     parser.add_argument("--gpu-gb", type=float, default=80.0)
     parser.add_argument("--output", help="also write the plan to this markdown file")
     args = parser.parse_args()
-    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "kangaroo-8b", "*.yaml")))
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "kangaroo-8b", "[1-9]-*.yaml")))
     stages = [load_stage(p) for p in paths]
     text = render(stages, args.gpu_gb)
     print(text)

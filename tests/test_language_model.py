@@ -62,3 +62,37 @@ def test_config_validation():
         LanguageModelConfig(transformers_config={"hidden_size": 8})
     with pytest.raises(ValueError, match="transformers_config"):
         LanguageModelConfig()
+
+
+def test_auto_attention_is_sdpa_without_a_gpu_and_flash_attention_with_one(monkeypatch):
+    from kangaroo.modules.language_model import resolve_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = build_language_model(LanguageModelConfig(transformers_config=dict(TINY_LLAMA), attn_implementation="auto"))
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert resolve_attention("auto") == "flash_attention_2"
+    assert resolve_attention("eager") == "eager", "a named implementation is kept"
+
+
+def test_a_rope_override_keeps_the_base_models_rope_theta(tmp_path):
+    """Llama-3 pre-trained with rope_theta 500,000: a stage's rope_scaling without a theta must not
+    fall back to transformers' default of 10,000 (inline v4 and v5 configs, and a pretrained one)."""
+    from kangaroo.modules.language_model import resolve_llm_config
+
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    overrides = {"max_position_embeddings": 32768, "rope_scaling": scaling}
+    v4 = {**TINY_LLAMA, "rope_theta": 500000.0}
+    v5 = {k: v for k, v in TINY_LLAMA.items() if k != "rope_theta"}
+    v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    build_language_model(LanguageModelConfig(transformers_config=v4)).save_pretrained(tmp_path)
+    for config in (LanguageModelConfig(transformers_config=v4), LanguageModelConfig(transformers_config=v5),
+                   LanguageModelConfig(pretrained=str(tmp_path))):
+        resolved = resolve_llm_config(config, overrides)
+        assert resolved.rope_parameters["rope_type"] == "llama3" and resolved.max_position_embeddings == 32768
+        assert resolved.rope_parameters["rope_theta"] == 500000.0, config
+    assert "rope_theta" not in scaling, "the caller's override is left as it was"
+    loaded = build_language_model(LanguageModelConfig(pretrained=str(tmp_path)), load_weights=True, overrides=overrides)
+    assert loaded.config.rope_parameters["rope_theta"] == 500000.0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from kangaroo.modules.language_model import LanguageModelConfig, build_language_model
 from kangaroo.modules.layout import VisualLayout, VisualTokens
@@ -30,17 +32,53 @@ class KangarooConfig:
     """Base of the sinusoidal temporal position embedding (paper eq. 3)."""
     loss_chunk_size: int = 1024
     """Labelled tokens per chunk of the output head in the loss (bounds logits memory)."""
+    language_model_overrides: dict | None = None
+    """Fields of the LLM's ``transformers`` config this model changes, applied over
+    ``language_model`` (inline or pretrained), e.g. stage 5's ``max_position_embeddings`` and
+    ``rope_scaling`` for rows of 22,528 positions. A sibling of ``language_model`` so that a
+    stage file naming the shared ``language-model.yaml`` can still state them."""
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be positive, got {self.loss_chunk_size}")
 
 
-def build_kangaroo(config: KangarooConfig, load_weights: bool = False) -> KangarooModel:
+SKELETON_PARTS = ("vision_tower", "language_model")
+"""The parts ``build_kangaroo(skeleton=True)`` builds without parameter memory: the big ones."""
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory) while their
+    buffers are real: the RoPE frequencies and other non-persistent buffers, which no weights
+    file holds, keep the values their constructors computed. (accelerate's
+    ``init_empty_weights(include_buffers=False)`` does the same; it is not a dependency here.)"""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_kangaroo(config: KangarooConfig, load_weights: bool = False, skeleton: bool = False) -> KangarooModel:
     """Builds every part on the current default device (``torch.device('meta')`` builds the 8B
-    model in seconds). Pretrained weights are read only with ``load_weights``."""
-    vision = build_vision_tower(config.vision_tower, load_weights)
-    llm = build_language_model(config.language_model, load_weights)
+    model in seconds). Pretrained weights are read only with ``load_weights``.
+
+    ``skeleton``: the vision tower and the LLM get their parameters on the meta device (buffers
+    real, see ``parameters_on_meta``), to be sharded and then filled from a weights file
+    (``kangaroo.training.fsdp.materialize``); the small parts are built whole."""
+    if skeleton and load_weights:
+        raise ValueError("a skeleton build has no parameters to read pretrained weights into")
+    with parameters_on_meta() if skeleton else nullcontext():
+        vision = build_vision_tower(config.vision_tower, load_weights)
+        llm = build_language_model(config.language_model, load_weights, config.language_model_overrides)
     llm_width = llm.get_input_embeddings().embedding_dim
     return KangarooModel(
         vision_tower=vision,

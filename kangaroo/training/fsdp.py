@@ -65,6 +65,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             gathers a full checkpoint into one file on rank 0.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPUs by default.
         timeout: of collectives; a hung rank fails the run after it.
+        init_on_meta: with the stage's ``init_from``, build the vision tower and the LLM
+            without parameter memory, shard them, then read the file tensor by tensor into
+            each process's shards: a process holds its shards plus one whole tensor at a time,
+            not the whole fp32 model plus the whole file. ``False``: build whole, load, shard.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
+        init_on_meta: bool = True,
     ) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
@@ -94,6 +99,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
+        self.init_on_meta = init_on_meta
         self.units: list[str] = []
 
     def setup_environment(self) -> None:
@@ -201,6 +207,32 @@ def shard_model(
     units.append("(root)")
     model.always_run_vision = True  # a rank with text-only rows still joins the tower's collectives
     return units
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device | str) -> int:
+    """Gives the meta-device parameters of a sharded skeleton (``build_kangaroo(skeleton=True)``
+    then ``shard_model``) memory for this process's shards only, uninitialised: the caller fills
+    them (``load_weights``). Every tensor that was real (buffers, the small parts' parameters)
+    keeps its value. Returns the number of tensors materialised."""
+    from torch.distributed.tensor import DTensor
+
+    def is_meta(tensor: torch.Tensor) -> bool:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return local.device.type == "meta"
+
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    empty = [name for name, tensor in tensors.items() if is_meta(tensor)]
+    if not empty:
+        return 0
+    keep = {name: tensor.detach().clone() for name, tensor in tensors.items() if not is_meta(tensor)}
+    model.to_empty(device=device)  # FSDP2's documented way to materialise a sharded meta model
+    after = dict(model.named_parameters())
+    after.update(model.named_buffers())
+    for name, value in keep.items():
+        after[name].copy_(value)
+    return len(empty)
 
 
 def _cast_block_buffers(block: nn.Module, dtype: torch.dtype) -> None:

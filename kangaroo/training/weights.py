@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -79,31 +80,88 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Weights:
+    """The tensors of an ``init_from`` source by name, read when asked for.
+
+    A local safetensors file is read one tensor at a time with plain reads at the offsets its
+    header gives, so a process never holds the whole file beside the model. (Not through
+    ``safetensors.safe_open``: it maps the file, and every page a process reads through the map
+    stays in its resident set, the whole file by the end of the load, in every process.) Any
+    other source (a checkpoint, a sharded folder, an object store) is read whole, as before."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self._header, self._state = path, None, None
+        local = path
+        if storage.isdir(path) and not is_distributed_checkpoint(path):
+            local = storage.join(path, WEIGHTS_NAME)
+        if local.endswith(".safetensors") and not storage.is_remote(local) and os.path.isfile(local):
+            self._local = local
+            with open(local, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            self._start = 8 + size
+            self._header = header
+            if any(entry["dtype"] not in _SAFETENSORS_DTYPES for entry in header.values()):
+                self._header, self._state = None, read_state_dict(path)
+        else:
+            self._state = read_state_dict(path)
+
+    def keys(self) -> list[str]:
+        return list(self._header) if self._header is not None else list(self._state)
+
+    def shape(self, key: str) -> torch.Size:
+        if self._header is not None:
+            return torch.Size(self._header[key]["shape"])
+        return self._state[key].shape
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._header is None:
+            return self._state[key]
+        entry = self._header[key]
+        begin, end = entry["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        with open(self._local, "rb") as handle:
+            handle.seek(self._start + begin)
+            data = bytearray(handle.read(end - begin))
+        if not data:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+
+
 def load_weights(model: nn.Module, path: str, new_parts: list[str] | tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """Loads ``path`` into ``model`` strictly.
+    """Loads ``path`` into ``model`` strictly, one tensor at a time.
 
     Keys missing from the file are allowed only under ``new_parts`` (a part introduced in this
     stage, such as ``patchify`` in stage 3: it keeps its own initialisation). The ViT's absolute
     position table is resampled when the resolution changed (stage 2 at 224 -> stage 3 at 448).
-    Any other missing, unexpected or mis-shaped key is an error that lists them. Returns
+    Any other missing, unexpected or mis-shaped key is an error that lists them. The model may
+    be sharded (FSDP2): each process then copies only its own shard of every tensor, and holds
+    at most one whole tensor of the file at a time besides its shards. Returns
     ``{"new": [...], "resized": [...]}``.
     """
-    state = read_state_dict(path)
-    own = model.state_dict()
+    source = _Weights(path)
+    keys = set(source.keys())
+    own = model.state_dict(keep_vars=True)  # the parameters and buffers themselves, filled in place
     aliases = _aliases(model)
-    missing = [k for k in own if k not in state and not any(a in state for a in aliases.get(k, ()))]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in keys and not any(a in keys for a in aliases.get(k, ()))]
+    unexpected = sorted(k for k in keys if k not in own)
     allowed = tuple(f"{part}." for part in new_parts)
     new = [k for k in missing if k.startswith(allowed)]
     missing = [k for k in missing if not k.startswith(allowed)]
     resized, mismatched = [], []
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            if key.endswith("pos_embed") and value.ndim == 3:
-                state[key] = _resample_position_table(model, key, value, own[key].shape)
-                resized.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
+    for key in sorted(keys & set(own)):
+        shape = source.shape(key)
+        if own[key].shape != shape:
+            if key.endswith("pos_embed") and len(shape) == 3:
+                resized.append(key)
             else:
-                mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}")
+                mismatched.append(f"{key}: file {tuple(shape)}, model {tuple(own[key].shape)}")
     problems = []
     if missing:
         problems.append(f"missing from the file: {_listing(missing)} (allowed new parts: {list(new_parts)})")
@@ -113,24 +171,39 @@ def load_weights(model: nn.Module, path: str, new_parts: list[str] | tuple[str, 
         problems.append(f"shape mismatch: {_listing(mismatched)}")
     if problems:
         raise ValueError(f"init_from {path} does not match the model; " + "; ".join(problems))
-    for key, names in aliases.items():
-        if key not in state:
-            present = [a for a in names if a in state]
-            if present:
-                state[key] = state[present[0]]
-    model.load_state_dict(state, strict=False)
-    for key in resized:
-        log.info("init_from: resampled %s", key)
-    return {"new": new, "resized": resized}
+    for key, target in own.items():
+        name = key if key in keys else next((a for a in aliases.get(key, ()) if a in keys), None)
+        if name is None:
+            continue  # a new part's key
+        value = source.get(name)
+        if key in resized:
+            value = _resample_position_table(model, key, value, target.shape)
+            log.info("init_from: resampled %s %s -> %s", key, tuple(source.shape(name)), tuple(target.shape))
+        _copy_into(target, value)
+        del value
+    return {"new": new, "resized": [f"{k} {tuple(source.shape(k))} -> {tuple(own[k].shape)}" for k in resized]}
+
+
+@torch.no_grad()
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copies ``value`` (whole) into a model tensor in place: into this process's shard when the
+    tensor is sharded (a DTensor), cast to the tensor's dtype."""
+    value = value.to(dtype=target.dtype)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        # every process read the same file: each takes its own shard, no communication
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
-    """Keys sharing storage (tied embeddings): each maps to the others."""
-    by_storage = defaultdict(list)
+    """Keys naming one tensor (tied embeddings): each maps to the others. By identity, so that
+    it holds before a model's parameters exist (the meta device) and once they are sharded."""
+    by_tensor = defaultdict(list)
     for key, value in model.state_dict(keep_vars=True).items():
-        if value.device.type != "meta":
-            by_storage[value.data_ptr()].append(key)
-    return {k: [o for o in keys if o != k] for keys in by_storage.values() if len(keys) > 1 for k in keys}
+        by_tensor[id(value)].append(key)
+    return {k: [o for o in keys if o != k] for keys in by_tensor.values() if len(keys) > 1 for k in keys}
 
 
 def _resample_position_table(model: nn.Module, key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
