@@ -9,6 +9,11 @@ With ``--media-mix`` the processes hold different numbers of media items in the 
 instead (``MEDIA_MIX``: 0, 1 or 3 items, images and clips of 2 and 4 frames), which a sharded
 part that ran once per media item would turn into mismatched collectives.
 
+With ``--accumulate K`` every optimizer step's global batch is ``UNITS`` (four groups of samples
+whose answers hold 1 to 40 tokens) split over processes and micro-batches: unit ``i`` goes to
+rank ``i % devices``, micro-batch ``(i // devices) % K``; one process with ``K = 1`` holds all
+four in one batch. ``OUT/grad_norms.json`` holds each step's gradient norm before clipping.
+
 Writes ``OUT/losses.json`` (the stage's global-batch loss per step), ``OUT/media.rank{r}.json``
 (steps at which the rank's batch held frames), ``OUT/media_counts.rank{r}.json`` (media items
 per step) and ``OUT/model.safetensors``.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from datetime import timedelta
 
@@ -37,10 +43,14 @@ MEDIA_MIX = [([0], [2, 4, 1]), ([4], [0, 0]), ([2, 1, 2], [4])]
 image). One process holds all of them; rank totals of media items: 0/3, 1/0, 3/1."""
 
 
+UNITS = [(1, 0), (40, 2), (2, 2), (20, 4)]
+"""Per unit of an accumulation step: the answer's token count and the frame count (0: text only)."""
+
+
 def architecture() -> KangarooConfig:
     return KangarooConfig(
         vision_tower=VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=IMAGE_SIZE,
-                                       timm_kwargs={"depth": 2}),
+                                       timm_kwargs={"depth": 2, "global_pool": "token"}),
         language_model=LanguageModelConfig(transformers_config={
             "model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}),
@@ -49,12 +59,13 @@ def architecture() -> KangarooConfig:
     )
 
 
-def sample(step: int, index: int, placeholder_ids, frames: int | None = None) -> dict:
+def sample(step: int, index: int, placeholder_ids, frames: int | None = None, answer: int | None = None) -> dict:
     """Three global batches in turn, so that the loss falls within a few steps. ``frames``: the
     sample's frame count (0: text only); by default ``FRAMES``, or none at ``TEXT_ONLY``."""
     step = step % 3
     g = torch.Generator().manual_seed(1000 * step + index)
-    answer = torch.randint(1, 1000, (3 + 4 * index + step % 3,), generator=g).tolist()  # unequal counts per rank
+    length = answer if answer is not None else 3 + 4 * index + step % 3  # unequal counts per rank
+    answer = torch.randint(1, 1000, (length,), generator=g).tolist()
     prompt = torch.randint(1, 1000, (4,), generator=g).tolist()
     if frames is None:
         frames = 0 if (step, index) in TEXT_ONLY else FRAMES
@@ -82,9 +93,17 @@ def pack(samples: list[dict]) -> dict:
 
 
 class FixedBatches(L.LightningDataModule):
-    def __init__(self, steps: int, out: str, media_mix: bool = False) -> None:
+    def __init__(self, steps: int, out: str, media_mix: bool = False, accumulate: int | None = None) -> None:
         super().__init__()
-        self.steps, self.out, self.media_mix = steps, out, media_mix
+        self.steps, self.out, self.media_mix, self.accumulate = steps, out, media_mix, accumulate
+
+    def micro_batches(self, step: int, layout, rank: int, world: int) -> list[dict]:
+        """This rank's micro-batches of an accumulation step (see the module docstring)."""
+        held: list[list[dict]] = [[] for _ in range(self.accumulate)]
+        for i, (answer, frames) in enumerate(UNITS):
+            if i % world == rank:
+                held[(i // world) % self.accumulate].append(sample(step, i, layout, frames, answer))
+        return [pack(samples) for samples in held]
 
     def samples(self, step: int, layout) -> list[list[dict]]:
         """The step's samples, grouped by the rank that holds them on 2 processes."""
@@ -102,6 +121,9 @@ class FixedBatches(L.LightningDataModule):
         rank, world = trainer.global_rank, trainer.world_size
         batches = []
         for step in range(self.steps):
+            if self.accumulate:
+                batches.extend(self.micro_batches(step, layout, rank, world))
+                continue
             groups = self.samples(step, layout)
             batches.append(pack(sum(groups, []) if world == 1 else groups[rank]))
         media = [step for step, b in enumerate(batches) if "pixel_values" in b]
@@ -113,6 +135,20 @@ class FixedBatches(L.LightningDataModule):
         return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
 
 
+class RecordingStage(KangarooStage):
+    """The stage, noting each step's gradient norm once the window's gradients are normalised."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.grad_norms: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for p in self.model.parameters() if p.grad is not None]
+        self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
@@ -120,26 +156,39 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--param-dtype", default="auto", help="FSDP2 compute dtype (2 processes)")
     parser.add_argument("--media-mix", action="store_true", help="ranks hold 0, 1 or 3 media items per step")
+    parser.add_argument("--accumulate", type=int, help="micro-batches per optimizer step over UNITS")
+    parser.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2", help="on 2 processes")
+    parser.add_argument("--init-from", help="the stage's init_from (patchify a new part)")
+    parser.add_argument("--init-on-meta", type=int, default=1, help="FSDP2Strategy.init_on_meta")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.makedirs(args.out, exist_ok=True)
     L.seed_everything(0)
-    stage = KangarooStage(architecture(), trainable={"vision_tower": True, "patchify": True, "projector": True,
+    stage = RecordingStage(architecture(), trainable={"vision_tower": True, "patchify": True, "projector": True,
                                                      "language_model": True},
-                          optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-4))
+                          optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-4), init_from=args.init_from,
+                          new_parts=["patchify"] if args.init_from else None)
     strategy = "auto"
-    if args.devices > 1:
+    if args.devices > 1 and args.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(timeout=timedelta(seconds=120))
+    elif args.devices > 1:
         from kangaroo.training.fsdp import FSDP2Strategy
 
         strategy = FSDP2Strategy(activation_checkpointing=True, param_dtype=args.param_dtype,
-                                 timeout=timedelta(seconds=120))  # a hung collective fails, not hangs
+                                 timeout=timedelta(seconds=120),  # a hung collective fails, not hangs
+                                 init_on_meta=bool(args.init_on_meta))
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
                         gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        default_root_dir=args.out, limit_val_batches=0)
-    trainer.fit(stage, FixedBatches(args.steps, args.out, args.media_mix))
+                        default_root_dir=args.out, limit_val_batches=0, accumulate_grad_batches=args.accumulate or 1)
+    trainer.fit(stage, FixedBatches(args.steps, args.out, args.media_mix, args.accumulate))
     if trainer.is_global_zero:
         with open(os.path.join(args.out, "losses.json"), "w") as handle:
             json.dump([loss for _, loss in stage.loss_history], handle)
+        with open(os.path.join(args.out, "grad_norms.json"), "w") as handle:
+            json.dump(stage.grad_norms, handle)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from kangaroo.modules import kangaroo_tiny
 from kangaroo.modules.summary import model_summary

@@ -5,7 +5,7 @@ import pytest
 import torch
 from litdata import optimize
 
-from conftest import collate, make_sample
+from conftest import make_sample
 from kangaroo.data.datamodule import KangarooDataModule
 from benchmarks.packing_bounds import offline_best_fit_efficiency, packing_efficiency_bound
 from kangaroo.data.packing import SequencePacker, collate_rows, take_best_fit

@@ -43,6 +43,15 @@ def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess
     return result
 
 
+def assert_same_weights(out: Path, reference: Path, what: object = "") -> None:
+    """The stage weights two runs wrote agree: the same keys, and values within float32 drift
+    over a few optimizer steps (AdamW's normalisation amplifies last-bit differences)."""
+    mine, final = (load_file(Path(run) / "model.safetensors") for run in (out, reference))
+    assert set(mine) == set(final)
+    for name, value in final.items():
+        torch.testing.assert_close(mine[name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{what} {name}: {m}")
+
+
 @pytest.fixture(scope="module")
 def worker_runs(tmp_path_factory):
     """tests/fsdp_worker.py on 1 process (plain), on 2 (FSDP2 with activation checkpointing), and
@@ -61,10 +70,7 @@ def test_two_sharded_processes_follow_the_one_process_loss_curve(worker_runs):
     assert len(one) == len(two) == 6
     assert one[-1] < one[0] - 0.5, f"the runs train: {one}"
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
-    weights = [load_file(worker_runs[n] / "model.safetensors") for n in (1, 2)]
-    assert set(weights[0]) == set(weights[1])
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert_same_weights(worker_runs[2], worker_runs[1])
 
 
 def test_bf16_compute_follows_the_fp32_loss_curve(worker_runs):
@@ -98,10 +104,56 @@ def test_ranks_holding_different_numbers_of_media_items_train_like_one_process(t
     one, two = (json.loads((outs[n] / "losses.json").read_text()) for n in (1, 2))
     assert len(one) == len(two) == 6
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
-    weights = [load_file(outs[n] / "model.safetensors") for n in (1, 2)]
-    assert set(weights[0]) == set(weights[1])
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert_same_weights(outs[2], outs[1])
+
+
+def test_accumulated_micro_batches_weigh_by_tokens_like_one_batch(tmp_path):
+    """An optimizer step over micro-batches (and processes) whose answers hold 1 to 40 tokens
+    trains like one batch holding them all: the same loss, gradient norm and weights. The
+    mean of per-micro-batch means (one 3-token micro-batch weighing as much as a 60-token
+    one) gives a gradient norm about 2.5 times this one."""
+    runs = {}
+    for devices, accumulate, strategy in ((1, 1, "fsdp2"), (1, 2, "fsdp2"), (2, 2, "fsdp2"), (2, 2, "ddp")):
+        out = tmp_path / f"{devices}x{accumulate}-{strategy}"
+        run([sys.executable, str(WORKER), "--devices", str(devices), "--accumulate", str(accumulate),
+             "--strategy", strategy, "--steps", "3", "--out", str(out)], timeout=240)
+        runs[devices, accumulate, strategy] = out
+    reference = runs.pop((1, 1, "fsdp2"))
+    one = {name: json.loads((reference / name).read_text()) for name in ("losses.json", "grad_norms.json")}
+    assert len(one["losses.json"]) == len(one["grad_norms.json"]) == 3
+    for key, out in runs.items():
+        for name, expected in one.items():
+            torch.testing.assert_close(torch.tensor(json.loads((out / name).read_text())), torch.tensor(expected),
+                                       rtol=1e-4, atol=0, msg=lambda m: f"{key} {name}: {m}")
+        assert_same_weights(out, reference, key)
+
+
+def test_a_sharded_start_from_init_from_trains_like_a_whole_one(worker_runs, tmp_path):
+    """FSDP2's lean start (init_on_meta: the big parts built without parameter memory, sharded,
+    then filled from the file tensor by tensor) starts from exactly the file's weights: the
+    same losses and final weights as building whole on 2 processes and on 1. The file has no
+    patchify (a new part, kept as built)."""
+    init = tmp_path / "init.safetensors"
+    from safetensors.torch import save_file
+
+    weights = load_file(worker_runs[1] / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("patchify.")}, init)
+    runs, logs = {}, {}
+    for devices, on_meta in ((2, 1), (2, 0), (1, 1)):
+        out = tmp_path / f"{devices}-{on_meta}"
+        result = run([sys.executable, str(WORKER), "--devices", str(devices), "--init-from", str(init),
+                      "--init-on-meta", str(on_meta), "--steps", "3", "--out", str(out)], timeout=240)
+        runs[devices, on_meta], logs[devices, on_meta] = out, result.stderr
+    assert "into the shards of" in logs[2, 1], "the lean start ran"
+    assert "into the shards of" not in logs[2, 0] + logs[1, 1]
+    assert "new parts kept as built: ['patchify.conv.weight', 'patchify.conv.bias']" in logs[2, 1]
+    one = json.loads((runs[1, 1] / "losses.json").read_text())
+    before = json.loads((worker_runs[1] / "losses.json").read_text())
+    assert one[0] < before[0] - 0.1, "the runs start from the trained weights, not from scratch"
+    for key in ((2, 1), (2, 0)):
+        losses = json.loads((runs[key] / "losses.json").read_text())
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(one), rtol=1e-5, atol=1e-5)
+        assert_same_weights(runs[key], runs[1, 1], key)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -219,3 +219,141 @@ def test_a_checkpoint_from_another_number_of_processes_is_refused_with_a_message
     assert own_entry(per_rank({"buffer": [3]}), "data positions") == {"buffer": [3]}
     with pytest.raises(ValueError, match="holds the data positions of 2 processes, but this run has 1: resume with 2"):
         own_entry([{"buffer": [3]}, {"buffer": [4]}], "data positions")
+
+
+ACCUMULATE = ("--trainer.accumulate_grad_batches=2", "--data.num_workers=2")
+"""Two micro-batches per optimizer step, read by two loader workers: SampleLog writes a line per
+micro-batch, both lines of a window carrying the window's step."""
+
+
+def windows_of(run: Path) -> dict[int, list[list[str]]]:
+    """Each optimizer step's micro-batches (sample ids), as the run (and its resume) trained them:
+    a window cut off by a kill is logged in part and then again whole, so its last two count."""
+    by_step: dict[int, list[list[str]]] = {}
+    for line in steps_of(run):
+        by_step.setdefault(line["step"], []).append(line["ids"])
+    return {step: ids[-2:] for step, ids in by_step.items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accumulating(image_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted-accumulating")
+    result = subprocess.run(fit_command(image_data, run, *ACCUMULATE), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    windows = windows_of(run)
+    assert sorted(windows) == list(range(STEPS)) and all(len(w) == 2 for w in windows.values())
+    assert len(steps_of(run)) == 2 * STEPS, "two micro-batches per step"
+    return windows, weights(run)
+
+
+def start_and_signal_inside_a_window(command: list[str], run: Path, sig: int) -> subprocess.Popen:
+    """Starts ``command`` and sends ``sig`` to its processes while an accumulation window past the
+    first checkpoint is half done (an odd number of micro-batches started). Tries again (a new
+    run) when the signal landed between windows; returns the signalled process."""
+    for _ in range(3):
+        micro = 2 * random.Random().randint(EVERY + 1, STEPS - 2) + 1
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.time() + 300
+        while len(steps_of(run)) < micro and process.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert process.poll() is None, "the run ended before the signal: " + process.stderr.read().decode()[-2000:]
+        os.killpg(process.pid, sig)
+        started = len(steps_of(run))
+        if sig == signal.SIGKILL:
+            process.wait()
+        if started % 2 == 1:
+            print(f"signalled inside window {started // 2} (micro-batch {started} started)")
+            return process
+        process.wait()
+        for path in run.iterdir():  # landed between windows: start over
+            subprocess.run(["rm", "-rf", str(path)], check=True)
+    pytest.fail("no signal landed inside an accumulation window in three tries")
+
+
+def assert_same_windows(run: Path, reference) -> None:
+    windows, final = reference
+    mine = windows_of(run)
+    assert sorted(mine) == list(range(STEPS))
+    assert [mine[s] for s in range(STEPS)] == [windows[s] for s in range(STEPS)], \
+        "every step trained on the same two micro-batches as the uninterrupted run"
+    ids = [i for s in range(STEPS) for batch in mine[s] for i in batch]
+    assert len(set(ids[:30])) == 30, "no sample twice in an epoch"
+    current = weights(run)
+    for name in final:
+        torch.testing.assert_close(current[name], final[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_sigkill_inside_an_accumulation_window_resumes_as_if_uninterrupted(image_data, uninterrupted_accumulating,
+                                                                           tmp_path):
+    command = fit_command(image_data, tmp_path, *ACCUMULATE)
+    start_and_signal_inside_a_window(command, tmp_path, signal.SIGKILL)
+    checkpoint = latest_checkpoint(str(tmp_path))
+    resumed_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert resumed_at >= EVERY
+    result = subprocess.run([*command, "--ckpt_path=auto"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_windows(tmp_path, uninterrupted_accumulating)
+
+
+def test_sigterm_inside_an_accumulation_window_finishes_the_window_then_saves(image_data, uninterrupted_accumulating,
+                                                                              tmp_path):
+    command = fit_command(image_data, tmp_path, *ACCUMULATE)
+    process = start_and_signal_inside_a_window(command, tmp_path, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT_CODE, stderr.decode()[-3000:]
+    preempted = next(tmp_path.rglob("preempted.ckpt"))
+    stopped_at = torch.load(preempted, weights_only=False)["global_step"]
+    assert len(steps_of(tmp_path)) == 2 * stopped_at, "the window finished, and no micro-batch of the next began"
+    result = subprocess.run([*command, "--ckpt_path=auto"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_windows(tmp_path, uninterrupted_accumulating)
+
+
+GRACE_S = 15
+
+
+def test_sigterm_ends_a_run_stuck_in_a_collective_within_its_grace(image_data, tmp_path):
+    """Process 1 hangs at step 7; process 0 waits for it inside the gradient all-reduce, where the
+    stage never gets to act on SIGTERM. The watchdog ends both GRACE_S after the signal with the
+    preemption exit code, and the newest checkpoint (step 6) is whole and loads."""
+    command = fit_command(image_data, tmp_path, "--trainer.devices=2", "--trainer.strategy=ddp",
+                          "--trainer.callbacks+=stuck_rank.StuckRank", "--trainer.callbacks.at_step=7",
+                          "--trainer.callbacks+=kangaroo.training.checkpoints.PreemptionCheckpoint",
+                          f"--trainer.callbacks.grace_s={GRACE_S}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                               env=env)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "stuck").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None, "the run ended before it hung: " + process.stderr.read().decode()[-2000:]
+        time.sleep(2)  # process 0 is inside the all-reduce of step 7 by now
+        assert process.poll() is None
+        os.killpg(process.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = process.communicate(timeout=GRACE_S + 60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    took = time.monotonic() - signalled
+    assert process.returncode == PREEMPTED_EXIT_CODE, stderr.decode()[-3000:]
+    assert GRACE_S - 1 <= took <= GRACE_S + 30, f"ended {took:.0f} s after SIGTERM (grace {GRACE_S} s)"
+    assert "after SIGTERM (stuck in a collective?)" in stderr.decode()
+    assert not list(tmp_path.rglob("preempted.ckpt")), "a stuck process cannot save"
+    checkpoint = latest_checkpoint(str(tmp_path))
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["global_step"] == 6
+    from kangaroo.modules import build_kangaroo
+    from kangaroo.training.stage_file import load_stage_file
+
+    model = build_kangaroo(load_stage_file(str(STAGE))["model"].architecture, load_weights=False)
+    state = {k.removeprefix("model."): v for k, v in saved["state_dict"].items()}
+    model.load_state_dict(state, strict=True)
+    stuck = Path("/proc") / (tmp_path / "stuck").read_text() / "stat"
+    for _ in range(50):  # the hung process ended too (gone, or a zombie no one has reaped yet)
+        if not stuck.exists() or stuck.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the hung process is still alive 5 s after the run ended")

@@ -375,3 +375,90 @@ def test_checkpoints_keep_one_loss_per_optimizer_step_and_last_links_the_newest(
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_symlink() and os.readlink(last).endswith("step=4.ckpt"), os.readlink(last)
     assert len(torch.load(last, weights_only=True)["loss_history"]) == 4
+
+
+def test_samples_past_the_position_limit_are_refused_unless_the_stage_states_a_rope_choice(prepared, tmp_path):
+    """Stage 5's shape: rows longer than the LLM's max_position_embeddings. Without a choice the
+    fit stops before the first step (before init_from is even read), naming both numbers; with
+    Llama-3.1-style RoPE scaling stated in language_model_overrides it trains."""
+    from kangaroo.modules.sizes import TINY_LLAMA
+    from kangaroo.training.fit import KangarooCLI
+
+    dirs, _, _, tokenizer = prepared
+    stage = TINY[4]
+    common = ["fit", "--config", str(stage), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+              "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+              f"--data.train_dir={dirs[stage.stem]}", f"--data.val_dir={dirs[stage.stem]}",
+              f"--data.prepare.tokenizer={tokenizer}"]
+    with pytest.raises(ValueError, match=r"data.prepare.max_tokens lets a sample reach 1024 positions, past the "
+                                         r"language model's limit of 256 \(max_position_embeddings; rope_type default"):
+        KangarooCLI(args=[*common, "--model.init_from=/nonexistent/weights.safetensors",
+                          '--model.architecture.language_model_overrides={"max_position_embeddings": 256}'])
+    assert not (tmp_path / "model.safetensors").exists()
+    scaled = {"max_position_embeddings": 1024, "rope_scaling": {
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256}}
+    cli = KangarooCLI(args=[*common, "--model.init_from=null",
+                            f"--model.architecture.language_model_overrides={json.dumps(scaled)}"])
+    llm = cli.model.model.language_model
+    assert llm.config.max_position_embeddings == 1024 and llm.config.rope_parameters["rope_type"] == "llama3"
+    from transformers import LlamaConfig
+
+    default = type(llm.model.rotary_emb)(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
+    assert not torch.allclose(llm.model.rotary_emb.inv_freq, default.inv_freq), "the scaled RoPE is the one used"
+    assert json.loads((tmp_path / "stage-metrics.json").read_text())["steps"] == 2
+
+
+def test_the_position_check_reads_the_sample_budget_not_the_row_budget():
+    """Samples of at most ``data.prepare.max_tokens`` packed into longer rows: positions restart
+    per sample, so only the sample budget meets the LLM's limit."""
+    from types import SimpleNamespace
+
+    from fsdp_worker import architecture
+
+    from kangaroo.data.datamodule import KangarooDataModule
+    from kangaroo.data.encode import PrepareConfig
+    from kangaroo.training.stage import KangarooStage, check_positions
+
+    stage = KangarooStage(architecture(), trainable={"vision_tower": False, "patchify": True, "projector": True,
+                                                     "language_model": True})
+    limit = (8192, "rope_type default")
+    for prepare, expected in ((4096, (4096, "data.prepare.max_tokens lets a sample reach")),
+                              (None, (16384, "data.max_tokens lets a sample reach"))):
+        data = KangarooDataModule("unused", max_tokens=16384, packing=True,
+                                  prepare=PrepareConfig(tokenizer="unused", max_tokens=prepare) if prepare else None)
+        stage._trainer = SimpleNamespace(datamodule=data)
+        assert stage._longest_sample() == expected
+    check_positions(4096, "data.prepare.max_tokens lets a sample reach", limit)  # 16K rows of 4K samples: fine
+    with pytest.raises(ValueError, match="lets a sample reach 16384 positions, past the language model's limit of 8192"):
+        check_positions(16384, "data.max_tokens lets a sample reach", limit)
+
+
+def test_tiny_stage_4_on_two_sharded_processes_trains_and_validates(prepared, tmp_path):
+    """The user's path at scale, on CPU: the tiny stage-4 config on data prepared by its own
+    ``data.prepare`` (videos and questions, packed), 2 processes under FSDP2 with patchify,
+    accumulation and validation on, where ranks hold different numbers of media items and of
+    validation batches."""
+    import sys
+
+    from test_parallel import run
+
+    dirs, _, _, tokenizer = prepared
+    stage = TINY[3]
+    assert stage.stem == "4-instruction-tuning"
+    run([sys.executable, "-m", "kangaroo.cli", "fit", "--config", str(stage), "--trainer.devices=2",
+         "--trainer.strategy.class_path=kangaroo.training.fsdp.FSDP2Strategy",
+         "--trainer.max_steps=4", "--trainer.accumulate_grad_batches=2",
+         "--trainer.val_check_interval=4", "--trainer.callbacks.every_n_train_steps=2",
+         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+         "--trainer.enable_progress_bar=false", f"--data.train_dir={dirs[stage.stem]}",
+         f"--data.val_dir={dirs[stage.stem]}", f"--data.prepare.tokenizer={tokenizer}", "--model.init_from=null"],
+        timeout=420)
+    metrics = json.loads((tmp_path / "stage-metrics.json").read_text())
+    assert metrics["steps"] == 4 and len(metrics["loss_history"]) == 4
+    assert all(np.isfinite(loss) for _, loss in metrics["loss_history"])
+    assert metrics["eval"]["val/loss"] is not None and metrics["eval_accuracy"] is not None, metrics["eval"]
+    assert (tmp_path / "model.safetensors").exists()
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*step=4.ckpt")  # epoch=E-step=4: the small set repeats
+    assert (checkpoint / "COMPLETE").exists(), "a sharded checkpoint, whole"

@@ -43,7 +43,8 @@ class PackedBatches:
         # Its own generator: starting an iterator never draws from the global one, whose state a
         # resumed run restores for the model's own randomness (dropout, drop path).
         self.loader = StreamingDataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=list,
-                                          generator=torch.Generator().manual_seed(dataset.seed))
+                                          generator=torch.Generator().manual_seed(dataset.seed),
+                                          worker_init_fn=_ignore_sigterm if num_workers else None)
         self.packer = SequencePacker(budget, buffer_size, packing)
         self.rows_per_batch = rows_per_batch
         self.pad_id = pad_id
@@ -97,6 +98,16 @@ class PackedBatches:
         self._buffer_to_restore = list(state.get("buffer", []))
         if state:
             self.loader.load_state_dict(state["loader"])
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM. A preemption signals every process of the job (a process
+    group, a container, a Slurm step): a worker ended by it would end the run with "DataLoader
+    worker killed" before the stage could finish its step and save. The training process
+    stops its workers itself, and a worker whose parent is gone exits on its own."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EvenBatches:

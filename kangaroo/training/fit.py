@@ -21,7 +21,8 @@ class KangarooCLI(LightningCLI):
 
     Checkpoints go to ``<default_root_dir>/checkpoints`` unless a ``ModelCheckpoint`` names its
     ``dirpath``. Every fit writes checkpoints atomically (``AtomicCheckpointIO``, unless the config names
-    another checkpoint IO plugin), saves one on SIGTERM (``PreemptionCheckpoint``), and takes
+    another checkpoint IO plugin), saves one on SIGTERM (``PreemptionCheckpoint``, unless the config
+    lists its own under ``trainer.callbacks``), and takes
     ``--ckpt_path=auto``."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs) -> None:
@@ -31,6 +32,12 @@ class KangarooCLI(LightningCLI):
         super().__init__(KangarooStage, KangarooDataModule, args=args, run=run, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if any(isinstance(callback, PreemptionCheckpoint) for callback in callbacks):
+            # the config's own (e.g. another ``grace_s``) replaces the default one
+            self.trainer_defaults["callbacks"] = [c for c in self.trainer_defaults.get("callbacks", [])
+                                                  if not isinstance(c, PreemptionCheckpoint)]
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -16,12 +16,13 @@ from torchmetrics import MeanMetric
 
 from kangaroo import storage
 from kangaroo.distributed import own_entry, per_rank
-from kangaroo.modules.builder import KangarooConfig, build_kangaroo
+from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
+from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
 from kangaroo.training.optim import OptimizerConfig, parameter_groups, warmup_cosine
 from kangaroo.training.weights import WEIGHTS_NAME, load_weights, save_state_dict, save_weights
-from kangaroo.training.fsdp import FSDP2Strategy, full_state_dict, is_sharded
+from kangaroo.training.fsdp import FSDP2Strategy, full_state_dict, is_sharded, materialize
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class KangarooStage(L.LightningModule):
         self.group_accuracy = torch.nn.ModuleDict({g: MeanMetric() for g in self.accuracy_groups})
         self._step_started = 0.0
         self._shown_loss = torch.tensor(float("nan"))
+        self._window: torch.Tensor | None = None  # (loss sum, label count) of the running accumulation window
         self.trainable_rows: list[dict] = []
         self.loss_history: list[tuple[int, float]] = []
 
@@ -96,21 +98,47 @@ class KangarooStage(L.LightningModule):
             return
         on_meta = torch.empty(0).device.type == "meta"  # a shape-only build (model summary)
         load_pretrained = self.load_pretrained and self.init_from is None and not on_meta
-        model = build_kangaroo(self.architecture, load_weights=load_pretrained)
-        if self.init_from is not None and not on_meta:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        sharded = isinstance(strategy, FSDP2Strategy)
+        # Under FSDP2 with init_from: the vision tower and the LLM are built without parameter
+        # memory, sharded, and only then filled from the file, shard by shard, so that no
+        # process ever holds the whole model (nor the whole file beside it).
+        lean = (sharded and strategy.init_on_meta and self.init_from is not None and not on_meta
+                and not set(self.new_parts) & set(SKELETON_PARTS))
+        model = build_kangaroo(self.architecture, load_weights=load_pretrained, skeleton=lean)
+        longest = self._longest_sample()
+        if longest is not None:  # before init_from is read: a long wait for an error otherwise
+            check_positions(*longest, position_limit(model.language_model.config))
+        if self.init_from is not None and not on_meta and not lean:
             loaded = load_weights(model, self.init_from, self.new_parts)
             log.info("initialised from %s (new parts kept as built: %s)", self.init_from, loaded["new"] or "none")
         self.trainable_rows = apply_trainable(model, self.trainable, self.trainable_patterns)
         model.train()  # from_pretrained hands back eval mode
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDP2Strategy):
+        if sharded:
             strategy.parallelize(model)
+            if lean:
+                count = materialize(model, strategy.root_device)
+                loaded = load_weights(model, self.init_from, self.new_parts)
+                log.info("initialised from %s into the shards of %d tensors (new parts kept as built: %s)",
+                         self.init_from, count, loaded["new"] or "none")
         elif isinstance(strategy, ModelParallelStrategy):
             raise TypeError("use kangaroo.training.fsdp.FSDP2Strategy as the trainer strategy: it knows how to shard "
                             f"this model (got {type(strategy).__name__}, which would leave it unsharded)")
         elif strategy is not None and strategy.world_size > 1:
             model.always_run_vision = True  # DDP: text-only ranks still produce the tower's gradients
         self.model = model
+
+    def _longest_sample(self) -> tuple[int, str] | None:
+        """The most positions one sample of the stage's data can reach, by its data module's
+        budgets: ``data.prepare.max_tokens`` (every prepared sample fits it) within the row's
+        ``data.max_tokens``; None for a data module without them."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        hparams = getattr(datamodule, "hparams", None) or {}
+        row = hparams.get("max_tokens")
+        prepare = getattr(getattr(datamodule, "prepare", None), "max_tokens", None)
+        if prepare is not None and (row is None or prepare <= row):
+            return int(prepare), "data.prepare.max_tokens lets a sample reach"
+        return (int(row), "data.max_tokens lets a sample reach") if row is not None else None
 
     def on_fit_start(self) -> None:
         rank_zero_info(f"trainable parts:\n{format_table(self.trainable_rows)}")
@@ -130,31 +158,42 @@ class KangarooStage(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         output = self._forward(batch)
-        loss_sum, count = output.loss_sum, output.num_label_tokens
+        # The loss of an optimizer step is the sum over every labelled token of every
+        # micro-batch on every process, divided by the step's total count of them. That count
+        # is known only once the accumulation window has run, so each micro-batch returns its
+        # plain sum and ``on_before_optimizer_step`` scales the accumulated gradients by
+        # ``accumulate * world / total`` (Lightning divides each returned loss by
+        # ``accumulate_grad_batches``; DDP and FSDP2 average gradients over processes). A
+        # micro-batch holding one answer token weighs one token, not one micro-batch.
+        sums = torch.stack([output.loss_sum.detach().float(), output.num_label_tokens.detach().float()])
+        self._window = sums if self._window is None else self._window + sums
+        if "packing_efficiency" in batch:
+            rows = batch["input_ids"].shape[0]
+            self.log("train/packing_efficiency", float(batch["packing_efficiency"]), batch_size=rows)
+        return output.loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Normalises the gradients of the accumulation window (see ``training_step``) and logs
+        the step's loss; every process runs it once per optimizer step (one all-reduce)."""
+        totals = self._window if self._window is not None else torch.zeros(2, device=self.device)
+        self._window = None
         world = self.trainer.world_size
         if world > 1:
-            # The mean over the labelled tokens of the global batch: data parallelism averages
-            # gradients over processes, so each one scales its sum by world / global count.
-            # Ranks holding more answer tokens weigh more, exactly as in one process.
-            total = self.trainer.strategy.reduce(count.detach().float(), reduce_op="sum")
-            loss = loss_sum * world / total.clamp(min=1)
-            shown = self.trainer.strategy.reduce(loss_sum.detach().clone(), reduce_op="sum") / total.clamp(min=1)
-        else:
-            total = count.float()
-            loss = loss_sum / count.clamp(min=1)
-            shown = loss.detach()
-        rows = batch["input_ids"].shape[0]
-        self.log("train/loss", shown, prog_bar=True, batch_size=rows)
-        self.log("train/label_tokens", total, batch_size=rows)
-        self._shown_loss = shown
-        if "packing_efficiency" in batch:
-            self.log("train/packing_efficiency", float(batch["packing_efficiency"]), batch_size=rows)
-        return loss
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_sum, tokens = totals[0], totals[1].clamp(min=1)
+        scale = self.trainer.accumulate_grad_batches * world / float(tokens)
+        for parameter in self.model.parameters():
+            if parameter.grad is not None:  # sharded (DTensor) gradients under FSDP2
+                parameter.grad.mul_(scale)
+        shown = (loss_sum / tokens).detach()
+        self.log("train/loss", shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/label_tokens", totals[1], on_step=True, on_epoch=False, batch_size=1)
+        self._shown_loss = shown.cpu()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
         rows = batch["input_ids"].shape[0]
-        # one entry per optimizer step (the last micro-batch's loss of an accumulation window):
+        # one entry per optimizer step (the window's loss, see ``on_before_optimizer_step``):
         # the history, stored in every checkpoint, grows with the steps, not the micro-batches
         recorded = self.loss_history[-1][0] if self.loss_history else 0
         if outputs is not None and self.global_step > recorded:
@@ -246,6 +285,20 @@ class KangarooStage(L.LightningModule):
                    "eval_accuracy": metrics.get("val/accuracy"), "eval": metrics,
                    "loss_history": self.loss_history}
         storage.write_text(storage.join(root, METRICS_NAME), json.dumps(summary, indent=1))
+
+
+def check_positions(longest: int, what: str, limit: tuple[int, str]) -> None:
+    """Refuses samples of ``longest`` positions past ``limit`` (``position_limit`` of the LLM's
+    config): positions past ``max_position_embeddings`` are an extrapolation of its RoPE that it
+    was never trained for, which transformers computes without a word."""
+    most, rope = limit
+    if longest > most:
+        raise ValueError(
+            f"{what} {longest} positions, past the language model's limit of {most} "
+            f"(max_position_embeddings; {rope}). State how the model reaches them in the stage config, "
+            "under model.architecture.language_model_overrides (e.g. Llama-3.1-style RoPE scaling in "
+            "rope_parameters with a larger max_position_embeddings, as configs/kangaroo-8b/5-long-video-tuning.yaml "
+            "does), or give the stage a smaller sample budget")
 
 
 def rng_states() -> dict[str, Any]:
