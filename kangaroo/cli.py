@@ -121,6 +121,79 @@ def _recipe_show_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_command(args: argparse.Namespace) -> int:
+    from kangaroo.inference.folder import export_model
+
+    print(f"model folder written to {export_model(args.source, args.output, args.config, args.overwrite)}")
+    return 0
+
+
+def _load_generator(args: argparse.Namespace):
+    from kangaroo.inference import Generator, load_pretrained
+
+    return Generator(load_pretrained(args.model, device=args.device, dtype=args.dtype))
+
+
+def _chat_command(args: argparse.Namespace) -> int:
+    from kangaroo.inference.chat import run_chat
+
+    generator = _load_generator(args)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "top_k": args.top_k}
+    return run_chat(generator, args.video or args.image, args.query, args.history, **options)
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    from kangaroo.evaluation import evaluate_shard, format_results, read_benchmark, summarize
+    from kangaroo.evaluation.run import frame_sampling, launch_shards
+
+    questions = read_benchmark(args.benchmark, args.data)
+    videos = args.videos or os.path.dirname(os.path.abspath(args.data))
+    if args.devices > 1 and args.shard is None:
+        launch_shards(_without_option(args.argv, "--devices"), args.devices)
+        shards = args.devices
+    else:
+        index, count = _parse_shard(args.shard)
+        generator = _load_generator(args)
+        generator.encoder.prepare.sampling = frame_sampling(generator.encoder.prepare.sampling, args.frames, args.fps)
+        evaluate_shard(generator, questions, videos, args.output, args.mode, (index, count), progress=not args.quiet)
+        if args.no_summary:
+            return 0
+        shards = count
+    print(format_results(summarize(questions, args.output, shards, args.benchmark, args.mode)))
+    return 0
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == name:
+            skip = True
+        elif not word.startswith(name + "="):
+            kept.append(word)
+    return kept
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: K must lie in 0..N-1")
+    return index, count
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a model folder (kangaroo export, or a recipe's last stage)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", help="cast the weights, e.g. bfloat16 on a GPU (default: as stored)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kangaroo", description="Training recipes for Kangaroo video LMMs.",
@@ -184,6 +257,52 @@ def build_parser() -> argparse.ArgumentParser:
                              "step=1000.ckpt -> step=1000.safetensors)")
     consolidate.set_defaults(handler=_consolidate_command)
 
+    export = commands.add_parser("export", help="write a self-contained model folder from a stage or checkpoint",
+                                 description="Writes config, safetensors weights, tokenizer with chat template, "
+                                             "preprocessing and generation defaults into --output.")
+    export.add_argument("source", help="a stage folder, a checkpoint file or a sharded checkpoint folder")
+    export.add_argument("--output", required=True, help="the model folder to write")
+    export.add_argument("--config", help="the stage file that trained it (default: the stage folder's stage.yaml)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    export.set_defaults(handler=_export_command)
+
+    chat = commands.add_parser("chat", help="talk to a model folder about a video, tokens streamed",
+                               description="Interactive unless --query is given. Inside a session: /video PATH, "
+                                           "/image PATH, /reset, /quit.")
+    _add_model_arguments(chat)
+    media = chat.add_mutually_exclusive_group()
+    media.add_argument("--video", help="the video to talk about")
+    media.add_argument("--image", help="an image instead")
+    chat.add_argument("--query", help="ask this, print the answer and exit")
+    chat.add_argument("--history", help="a JSON file that keeps the conversation; resumed when it exists")
+    chat.add_argument("--max-new-tokens", type=int, help="default: the model folder's")
+    chat.add_argument("--temperature", type=float, help="0 decodes greedily (default: the model folder's)")
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--top-k", type=int)
+    chat.set_defaults(handler=_chat_command)
+
+    from kangaroo.evaluation.benchmarks import READERS
+
+    evaluate = commands.add_parser("eval", help="score a model folder on a video benchmark",
+                                   description="Greedy decoding, at most 16 new tokens, the option letter read from "
+                                               "the reply (none: wrong, listed). Writes OUT/results.json and "
+                                               "OUT/samples.jsonl; a rerun resumes.")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--benchmark", required=True, choices=sorted(READERS),
+                          help="the data file's layout (manifest: the project's task: mcq lines)")
+    evaluate.add_argument("--data", required=True, help="the questions: a JSON list or JSON lines")
+    evaluate.add_argument("--videos", help="the folder video paths are relative to (default: the data file's)")
+    evaluate.add_argument("--output", required=True, help="folder for results.json and samples.jsonl")
+    evaluate.add_argument("--mode", choices=("generate", "likelihood"), default="generate",
+                          help="generate a reply (default) or score each option letter")
+    evaluate.add_argument("--frames", type=int, help="sample this many frames uniformly (default: the model folder's)")
+    evaluate.add_argument("--fps", type=float, help="sample at this rate instead")
+    evaluate.add_argument("--devices", type=int, default=1, help="processes splitting the questions (default 1)")
+    evaluate.add_argument("--shard", help=argparse.SUPPRESS)
+    evaluate.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=_eval_command, argv=None)
+
     recipe = commands.add_parser("recipe", help="run or inspect a chain of stages").add_subparsers(
         dest="recipe_command", required=True)
     run = recipe.add_parser("run", help="run the stages in order; re-running skips done stages and resumes")
@@ -222,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     args = build_parser().parse_args(words)
+    if getattr(args, "command", None) == "eval":
+        args.argv = words[1:]
     try:
         return args.handler(args)
     except ValueError as err:

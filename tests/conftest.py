@@ -133,3 +133,38 @@ def random_video(path, frames: int = 20, size: tuple[int, int] = (48, 64), seed:
     rng = np.random.default_rng(seed)
     write_video(str(path), (rng.random((frames, *size, 3)) * 255).astype("uint8"), **kwargs)
     return str(path)
+
+
+# -- model folders -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def random_model_folder(tmp_path_factory, tiny_tokenizer_dir):
+    """A model folder of a randomly initialised tiny model (112 px, patchify), and that model."""
+    from transformers import AutoTokenizer
+
+    from kangaroo.data.video import FrameSampling
+    from kangaroo.inference import Preprocessing, write_model_folder
+    from kangaroo.modules import build_kangaroo, kangaroo_tiny_config
+
+    torch.manual_seed(0)
+    config = kangaroo_tiny_config()
+    model = build_kangaroo(config)
+    folder = tmp_path_factory.mktemp("folder") / "model"
+    write_model_folder(str(folder), config, model.state_dict(), AutoTokenizer.from_pretrained(tiny_tokenizer_dir),
+                       Preprocessing(image_size=112, sampling=FrameSampling("uniform", num_frames=4, multiple_of=2)))
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def random_eval_folder(random_model_folder):
+    return random_model_folder[0]
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """One short real training run shared by every test that needs a model that learned
+    something (tests/trained.py)."""
+    from trained import train_colour_model
+
+    return train_colour_model(tmp_path_factory.mktemp("trained"))

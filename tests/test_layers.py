@@ -5,6 +5,8 @@ one way, lowest first, and no module imports itself back through others.
     modules                model parts only
     data                   decoding, tokenizing, prepare, packing, streams; of modules only the layout
     training, curate       the stage runtime; curation (beside each other, neither imports the other)
+    inference              the model folder (read with training's weight I/O), generation, chat
+    evaluation             benchmark readers and scoring, on inference
     world                  the tiny world, built from the layers below
     recipe                 the recipe runner
     cli                    the `kangaroo` command
@@ -24,6 +26,8 @@ LAYERS = [
     ("kangaroo.modules",),
     ("kangaroo.data",),
     ("kangaroo.training", "kangaroo.curate"),
+    ("kangaroo.inference",),
+    ("kangaroo.evaluation",),
     ("kangaroo.world",),
     ("kangaroo.recipe",),
     ("kangaroo.cli",),

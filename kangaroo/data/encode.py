@@ -62,14 +62,15 @@ class SampleEncoder:
     after appending the reason to ``rejects_dir/rejects-<pid>.jsonl``.
 
     ``layout`` (``kangaroo.modules.builder.visual_layout`` of the stage's model) fixes the frame
-    size and the visual tokens; the tokenizer is loaded lazily, once per worker process.
+    size and the visual tokens; the tokenizer is loaded lazily, once per worker process, unless
+    one is given (inference, which holds it already).
     """
 
-    def __init__(self, prepare: PrepareConfig, layout: VisualLayout, rejects_dir: str) -> None:
+    def __init__(self, prepare: PrepareConfig, layout: VisualLayout, rejects_dir: str | None, tokenizer=None) -> None:
         self.prepare = prepare
         self.layout = layout
         self.rejects_dir = rejects_dir
-        self._chat: ChatEncoder | None = None
+        self._chat: ChatEncoder | None = ChatEncoder(tokenizer, layout.tokens) if tokenizer is not None else None
 
     def __call__(self, sample: ManifestSample) -> dict[str, Any] | None:
         try:
@@ -78,15 +79,18 @@ class SampleEncoder:
             self._reject(Reject(sample.id, str(err)))
             return None
 
-    def encode(self, sample: ManifestSample) -> dict[str, Any]:
+    def encode(self, sample: ManifestSample, generation_prompt: bool = False) -> dict[str, Any]:
+        """The record of ``sample``. ``generation_prompt``: a prompt to be answered (the
+        conversation ends with a user turn; see ``ChatEncoder.encode``), as inference builds it
+        through the same decode, sampling, resize and timestamp path as ``prepare``."""
         chat = self._chat_encoder()
         media = self._load(sample)
         size = self.layout.image_size
         if media is None:
-            encoded = chat.encode(sample.conversations)
+            encoded = chat.encode(sample.conversations, generation_prompt=generation_prompt)
             pixels, timestamps = torch.zeros(0, 3, size, size, dtype=torch.uint8), np.zeros(0, np.float32)
         else:
-            keep, encoded = self._fit_budget(sample, media, chat)
+            keep, encoded = self._fit_budget(sample, media, chat, generation_prompt)
             pixels = fit_frames(media.frames[keep], size, self.prepare.resize)
             timestamps = media.timestamps[keep]
         return {
@@ -100,14 +104,14 @@ class SampleEncoder:
             "category": str(sample.meta.get("category", "")),
         }
 
-    def _fit_budget(self, sample: ManifestSample, media: Media, chat: ChatEncoder):
+    def _fit_budget(self, sample: ManifestSample, media: Media, chat: ChatEncoder, generation_prompt: bool = False):
         """Indices of the frames kept and the encoding; drops frames evenly while over budget."""
         budget, n = self.prepare.max_tokens, len(media.frames)
         step = self.prepare.sampling.multiple_of if n > 1 else 1
         count = n
         while True:
             keep = np.linspace(0, n - 1, count).round().astype(int) if count < n else np.arange(n)
-            encoded = chat.encode(sample.conversations, self.layout.placeholder_ids(count))
+            encoded = chat.encode(sample.conversations, self.layout.placeholder_ids(count), generation_prompt)
             tokens = len(encoded.input_ids)
             if tokens <= budget:
                 return keep, encoded
@@ -135,7 +139,7 @@ class SampleEncoder:
         if sample.media_type == "video":
             clip = read_video(path, self.prepare.sampling)
             return Media(clip.frames, clip.timestamps)
-        return Media(_read_image(path)[None], np.asarray([self._image_time(sample.id)], np.float32))
+        return Media(read_image(path)[None], np.asarray([self._image_time(sample.id)], np.float32))
 
     def _image_time(self, sample_id: str) -> float:
         return random.Random(f"{self.prepare.seed}:{sample_id}").uniform(0.0, self.prepare.image_max_time)
@@ -153,7 +157,7 @@ class SampleEncoder:
             out.write(reject.to_json() + "\n")
 
 
-def _read_image(path: str) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -39,9 +39,12 @@ class ChatEncoder:
                 f"({len(tokenizer)} tokens)"
             )
 
-    def encode(self, conversations: list[dict[str, str]], media_ids: list[int] | None = None) -> EncodedConversation:
+    def encode(self, conversations: list[dict[str, str]], media_ids: list[int] | None = None,
+               generation_prompt: bool = False) -> EncodedConversation:
         """``media_ids``: the visual layout of the sample's media (``VisualLayout.placeholder_ids``),
-        placed at the ``<video>``/``<image>`` marker or before the first user turn's text."""
+        placed at the ``<video>``/``<image>`` marker or before the first user turn's text.
+        ``generation_prompt``: end with the template's opening of an assistant turn (unlabelled),
+        for a conversation whose last turn is the user's question to be answered."""
         messages = _place_media(conversations) if media_ids else _strip_markers(conversations)
         ids: list[int] = []
         labels: list[int] = []
@@ -54,6 +57,9 @@ class ChatEncoder:
             full = self._render(messages[: k + 1], generation_prompt=False)
             self._extend(ids, labels, self._suffix(rendered, full), media_ids, labelled=message["role"] == "assistant")
             rendered = full
+        if generation_prompt:
+            prompt = self._render(messages, generation_prompt=True)
+            self._extend(ids, labels, self._suffix(rendered, prompt), media_ids, labelled=False)
         return EncodedConversation(ids, labels)
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:

@@ -1,0 +1,237 @@
+"""The model folder, generation with a KV cache, and ``kangaroo chat``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import random_video
+from kangaroo.data.video import MediaError
+from kangaroo.inference import Frames, Generator, export_model, load_pretrained
+from kangaroo.modules import build_kangaroo, kangaroo_tiny_config
+
+
+@pytest.fixture(scope="module")
+def random_folder(random_model_folder):
+    return random_model_folder
+
+
+@pytest.fixture(scope="module")
+def generator(random_folder):
+    return Generator(load_pretrained(str(random_folder[0])))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return random_video(tmp_path_factory.mktemp("clips") / "clip.mp4", frames=12)
+
+
+def test_a_model_folder_holds_everything_and_loads_back_the_same_weights(random_folder):
+    folder, model = random_folder
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json",
+            "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text())
+    llm = config["architecture"]["language_model"]
+    assert llm["pretrained"] is None and llm["trust_remote_code"] is False
+    assert llm["transformers_config"]["hidden_size"] == 128, "the LLM config inline, not a hub id"
+    loaded = load_pretrained(str(folder))
+    assert not loaded.model.training
+    mine = loaded.model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(mine[name], value), name
+    assert loaded.tokenizer.chat_template is not None
+    assert loaded.preprocessing.sampling.num_frames == 4 and loaded.generation.stop_tokens == ["<|eot_id|>", "<|end_of_text|>"]
+
+
+def test_a_folder_with_a_missing_or_mismatched_weight_file_is_an_error_naming_it(random_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(random_folder[0], broken)
+    weights = broken / "model.safetensors"
+    state = load_file(weights)
+    name = "projector.weight"
+    state[name] = torch.zeros(3, 3)
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"projector\.weight: file \(3, 3\)"):
+        load_pretrained(str(broken))
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        load_pretrained(str(broken))
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        load_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_export_from_a_stage_folder_and_from_a_checkpoint(tmp_path, tiny_tokenizer_dir, random_folder):
+    """``kangaroo export`` takes a stage folder (its stage.yaml and model.safetensors) or a
+    Lightning checkpoint inside its checkpoints/ folder; a mismatched weights file is refused."""
+    import yaml
+
+    from kangaroo.training.stage_file import read_stage_yaml
+
+    _, model = random_folder
+    stage = read_stage_yaml("configs/kangaroo-tiny/4-instruction-tuning.yaml")
+    stage["model"]["architecture"]["language_model"].pop("pretrained")
+    stage["data"]["prepare"]["tokenizer"] = tiny_tokenizer_dir
+    stage_dir = tmp_path / "4-instruction-tuning"
+    (stage_dir / "checkpoints").mkdir(parents=True)
+    (stage_dir / "stage.yaml").write_text(yaml.safe_dump(stage))
+    from kangaroo.training.stage_file import load_stage_file
+
+    torch.manual_seed(1)
+    architecture = load_stage_file(str(stage_dir / "stage.yaml"))["model"].architecture
+    trained = build_kangaroo(architecture)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, stage_dir / "model.safetensors")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}},
+               stage_dir / "checkpoints" / "step=5.ckpt")
+    out = subprocess.run([sys.executable, "-m", "kangaroo.cli", "export", str(stage_dir), "--output",
+                          str(tmp_path / "from-stage")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    export_model(str(stage_dir / "checkpoints" / "step=5.ckpt"), str(tmp_path / "from-ckpt"))
+    preprocessing = json.loads((tmp_path / "from-stage" / "preprocessor_config.json").read_text())
+    assert preprocessing["sampling"]["strategy"] == "dynamic" and preprocessing["max_tokens"] == 512
+    for folder in ("from-stage", "from-ckpt"):
+        loaded = load_pretrained(str(tmp_path / folder)).model.state_dict()
+        for name, value in trained.state_dict().items():
+            assert torch.equal(loaded[name], value), (folder, name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stage_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="do not match the stage's architecture"):  # depth 12 weights, depth 4 stage
+        export_model(str(stage_dir), str(tmp_path / "mismatch"))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_model(str(stage_dir / "checkpoints" / "step=5.ckpt"), str(tmp_path / "from-ckpt"))
+
+
+def recompute_greedy(generator: Generator, prompt, steps: int) -> list[int]:
+    """The reference without a cache: the whole sequence through the model at every step."""
+    model = generator.model
+    embeds, _ = generator.embed([prompt])
+    tokens: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            new = model.language_model.get_input_embeddings()(torch.tensor([tokens], dtype=torch.long))
+            sequence = torch.cat([embeds, new], dim=1)
+            hidden = model.language_model.base_model(inputs_embeds=sequence, use_cache=False).last_hidden_state
+            token = int(model.output_head(hidden[:, -1]).argmax(-1))
+            if token in generator.stop_ids:
+                break
+            tokens.append(token)
+    return tokens
+
+
+def test_kv_cache_greedy_decoding_equals_recomputing_the_whole_sequence(generator, clip):
+    prompt = generator.prompt([{"role": "user", "content": "What colour is the shape?"}], clip)
+    assert prompt.frames == 4 and prompt.input_ids.count(generator.model.visual_tokens.placeholder) > 0
+    reply = generator.generate([prompt], max_new_tokens=64, do_sample=False)[0]
+    assert reply.finish_reason == "length" and len(reply.token_ids) == 64, "64 tokens decoded: the check is long"
+    assert reply.token_ids == recompute_greedy(generator, prompt, 64)
+
+
+def test_a_batch_of_prompts_of_different_lengths_gives_each_ones_own_reply(generator, clip, tmp_path):
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(3).random((40, 30, 3)) * 255).astype("uint8")).save(image)
+    prompts = [generator.prompt([{"role": "user", "content": text}], media) for text, media in (
+        ("What colour is the shape?", clip),
+        ("Describe the video in detail, please, with every shape and colour.", clip),
+        ("Hi", None),
+        ("What is in this picture?", str(image)))]
+    assert len({len(p.input_ids) for p in prompts}) == 4
+    together = generator.generate(prompts, max_new_tokens=12, do_sample=False)
+    alone = [generator.generate([p], max_new_tokens=12, do_sample=False)[0] for p in prompts]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.prompt_tokens for r in together] == [len(p.input_ids) for p in prompts]
+
+
+def test_streaming_joins_to_the_reply_and_sampling_follows_its_seed(generator, clip):
+    prompt = generator.prompt([{"role": "user", "content": "What happens?"}], clip)
+    pieces = list(generator.stream(prompt, max_new_tokens=20, do_sample=False))
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == generator.generate([prompt], max_new_tokens=20, do_sample=False)[0].text
+    first = generator.generate([prompt], max_new_tokens=20, temperature=1.5, top_p=0.95, seed=7)[0]
+    again = generator.generate([prompt], max_new_tokens=20, temperature=1.5, top_p=0.95, seed=7)[0]
+    greedy = generator.generate([prompt], max_new_tokens=20, temperature=0)[0]
+    assert first.token_ids == again.token_ids
+    assert first.token_ids != greedy.token_ids, "temperature 1.5 samples; 0 is greedy"
+
+
+def test_decoded_frames_go_in_directly_and_bad_media_is_a_one_line_error(generator, clip, tmp_path):
+    from kangaroo.data.video import FrameSampling, read_video
+
+    decoded = read_video(clip, FrameSampling("uniform", num_frames=4))
+    by_path = generator.prompt([{"role": "user", "content": "What?"}], clip)
+    by_frames = generator.prompt([{"role": "user", "content": "What?"}], Frames(decoded.frames, decoded.timestamps))
+    assert by_frames.input_ids == by_path.input_ids
+    assert torch.equal(by_frames.pixels, by_path.pixels) and torch.equal(by_frames.timestamps, by_path.timestamps)
+    with pytest.raises(MediaError, match="missing file"):
+        generator.prompt([{"role": "user", "content": "What?"}], str(tmp_path / "nothing.mp4"))
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(MediaError):
+        generator.prompt([{"role": "user", "content": "What?"}], str(corrupt))
+    with pytest.raises(ValueError, match="last message must be the user's"):
+        generator.prompt([{"role": "assistant", "content": "A"}], clip)
+
+
+def chat(folder, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kangaroo.cli", "chat", "--model", str(folder), *args],
+                          input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def audio_only(path: Path) -> str:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return str(path)
+
+
+def test_chat_session_goes_on_after_bad_files_and_keeps_its_history(random_folder, clip, tmp_path):
+    folder, _ = random_folder
+    history = tmp_path / "history.json"
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"garbage" * 50)
+    sound = audio_only(tmp_path / "sound.m4a")
+    session = "\n".join(["What colour is it?", f"/video {tmp_path / 'missing.mp4'}", f"/video {corrupt}",
+                         f"/video {sound}", "这是什么颜色？", "/nonsense", "/quit"]) + "\n"
+    out = chat(folder, "--video", clip, "--history", str(history), "--temperature", "0", "--max-new-tokens", "6",
+               stdin=session)
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("kangaroo: error:")]
+    assert len(errors) == 4, out.stderr  # missing, corrupt, audio only, unknown command: one line each
+    assert "missing file" in errors[0]
+    saved = json.loads(history.read_text())
+    assert saved["media"] == clip
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 2
+    assert saved["messages"][2]["content"] == "这是什么颜色？"
+    resumed = chat(folder, "--history", str(history), "--query", "And the shape?", "--temperature", "0",
+                   "--max-new-tokens", "6")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(json.loads(history.read_text())["messages"]) == 6, "the third round went on the kept conversation"
+    missing = chat(folder, "--video", str(tmp_path / "missing.mp4"), "--query", "What?")
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("kangaroo: error: missing file")
+
+
+def test_chat_on_the_trained_model_names_the_colour_of_held_out_clips(trained_model):
+    from trained import COLOURS
+
+    for colour, clip in trained_model.clips.items():
+        question = "What colour is the screen?\nA. red\nB. green\nC. blue\nD. yellow\n" \
+                   "Answer with the option's letter from the given choices directly."
+        out = chat(trained_model.folder, "--video", str(clip), "--query", question, "--temperature", "0")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == "ABCD"[list(COLOURS).index(colour)], (colour, out.stdout)
