@@ -224,6 +224,9 @@ def test_tiny_recipe_runs_end_to_end_on_s3_and_continues_after_a_sigterm(s3, tmp
     summary = json.loads(s3.client().get_object(Bucket=BUCKET, Key="runs/chain/summary.json")["Body"].read())
     assert [s["name"] for s in summary["stages"]] == stages and summary["final_eval_accuracy"] is not None
     assert "runs/chain/summary.png" in keys
+    for file in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):  # the last stage's
+        assert f"runs/chain/3-pretrain-refinement/model/{file}" in keys, file
+    assert state["stages"]["3-pretrain-refinement"]["model_folder"] == f"{work}/3-pretrain-refinement/model"
     stage2 = s3.client().get_object(Bucket=BUCKET, Key="runs/chain/2-video-pretrain/stage.yaml")["Body"].read().decode()
     assert f"init_from: {work}/1-image-pretrain/model.safetensors" in stage2
     assert not list(Path(tmp_path).glob("s3:*")) and not list(ROOT.glob("s3:*")), "no local folder named after a URL"

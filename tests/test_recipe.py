@@ -35,6 +35,8 @@ def stage(number: int, init_from: str | None = None, **extra) -> dict:
 @pytest.mark.parametrize("stages, message", [
     ([{"name": "a", "config": "missing.yaml"}], "names config"),
     ([stage(1), stage(2, init_from="nope")], "unknown stage 'nope'"),
+    ([stage(1, eval=[{"benchmark": "vmme", "data": "q.json"}])], r"unknown benchmark 'vmme'; known: \['egoschema'"),
+    ([stage(1, eval=[{"benchmark": "videomme"}])], "needs a `benchmark` and `data`"),
     ([stage(1, init_from="2-video-pretrain"), stage(2)], "a later stage"),
     ([stage(1, init_from="2-video-pretrain"), stage(2, init_from="1-image-pretrain")], "a cycle"),
     ([stage(1, init_from="1-image-pretrain")], "initialises from itself"),
@@ -91,8 +93,14 @@ def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int =
             overrides["model.architecture.vision_tower.pretrained"] = "${world}/vision.safetensors"
         if number == 3:
             overrides.update({"trainer.max_steps": stage3_steps, "trainer.val_check_interval": stage3_steps})
+        extra = {}
+        if number == 5:  # scored on its model folder, as the tiny recipe's last stage is
+            extra["eval"] = [{"name": "held-out", "benchmark": "manifest", "data": f"${{world}}/{name}-val.jsonl"},
+                             {"benchmark": "videomme", "data": "${world}/held-out.videomme.jsonl",
+                              "videos": "${world}", "frames": 4}]
         stages.append(stage(number, init_from=names[number - 2] if number > 1 else None, overrides=overrides,
-                            prepare={"train": f"${{world}}/{name}-train.jsonl", "val": f"${{world}}/{name}-val.jsonl"}))
+                            prepare={"train": f"${{world}}/{name}-train.jsonl", "val": f"${{world}}/{name}-val.jsonl"},
+                            **extra))
     return write_recipe(tmp_path / "chain.yaml", stages, name="chain", world=world)
 
 
@@ -149,6 +157,23 @@ def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
     assert summary["final_eval_accuracy"] == summary["stages"][-1]["eval_accuracy"]
     assert 0.0 <= summary["final_eval_accuracy"] <= 1.0
     assert (work / "summary.png").stat().st_size > 10_000
+
+    # The last stage is exported as a model folder and scored on both layouts of its held-out set.
+    last = state["stages"]["5-long-video-tuning"]
+    assert last["model_folder"] == str(work / "5-long-video-tuning" / "model")
+    from kangaroo.inference import load_pretrained
+
+    exported = load_pretrained(last["model_folder"]).model.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in weights["5-long-video-tuning"].items())
+    assert set(last["benchmarks"]) == {"held-out", "videomme"}
+    for name, result in last["benchmarks"].items():
+        assert result["scored"] == 12 and result["missing_media"] == 0, (name, result)
+        assert set(result["categories"]) == ({"category"} if name == "held-out" else {"duration", "task_type", "domain"})
+        assert sum(row["scored"] for row in next(iter(result["categories"].values())).values()) == 12
+    assert summary["stages"][-1]["benchmarks"] == {n: r["accuracy"] for n, r in last["benchmarks"].items()}
+    assert "5-long-video-tuning on videomme (kangaroo eval)" in second.stdout
+    samples = (work / "5-long-video-tuning" / "eval" / "videomme" / "samples.jsonl").read_text().splitlines()
+    assert json.loads(samples[0])["prompt"].startswith("Select the best answer to the following")
 
     # A done stage whose config changed is neither redone nor kept silently.
     text = Path(recipe_path).read_text().replace("trainer.max_steps: 12", "trainer.max_steps: 13")

@@ -172,10 +172,68 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
         entry.update(status="done", checkpoint=storage.join(root, WEIGHTS_NAME),
                      seconds=round(entry.get("seconds", 0.0) + time.time() - started, 1),
                      metrics={k: metrics[k] for k in ("steps", "final_loss", "eval_accuracy", "eval")})
+        entry.pop("benchmarks", None)  # figures and folder of an earlier run of this stage
+        entry.pop("model_folder", None)
         write_state(workdir, state)
+    for stage in stages:  # stages done now, and done stages whose model folder or benchmarks are missing
+        if state["stages"][stage.name].get("status") == "done":
+            finish_stage(recipe, stage, workdir, state)
     summary = write_summary(recipe, workdir, state)
     print(format_summary(summary), flush=True)
     return summary
+
+
+MODEL_FOLDER = "model"
+EVAL_FOLDER = "eval"
+
+
+def finish_stage(recipe: Recipe, stage: Stage, workdir: str, state: dict[str, Any]) -> None:
+    """Exports the model folder of the last stage and of every stage naming benchmarks, then
+    scores each benchmark on it (``kangaroo eval``: resumable, so a run killed here continues
+    where it stopped). Skips what is already done."""
+    entry = state["stages"][stage.name]
+    if stage is not recipe.stages[-1] and not stage.eval:
+        return
+    benchmarks = entry.setdefault("benchmarks", {})
+    if entry.get("model_folder") and all(e.label in benchmarks for e in stage.eval):
+        return
+    from kangaroo.evaluation import evaluate_shard, format_results, read_benchmark, summarize
+    from kangaroo.evaluation.run import frame_sampling
+    from kangaroo.inference import Generator, export_model, load_pretrained
+
+    root, local_root = stage_dir(workdir, stage), local_stage_dir(workdir, stage)
+    local_model = os.path.join(local_root, MODEL_FOLDER)
+    stage_file = os.path.join(local_root, "stage.yaml")
+    if not os.path.isfile(stage_file):  # done on another machine: its config lies beside its checkpoints
+        storage.download(storage.join(root, "stage.yaml"), stage_file)
+    if not os.path.isfile(os.path.join(local_model, WEIGHTS_NAME)) or not entry.get("model_folder"):
+        print(f"[{stage.name}] exporting the model folder {storage.join(root, MODEL_FOLDER)}", flush=True)
+        export_model(storage.join(root, WEIGHTS_NAME), local_model, config=stage_file, overwrite=True)
+        if local_root != root:
+            storage.upload(local_model, storage.join(root, MODEL_FOLDER))
+        entry["model_folder"] = storage.join(root, MODEL_FOLDER)
+        write_state(workdir, state)
+    generator = None
+    for evaluation in stage.eval:
+        if evaluation.label in benchmarks:
+            continue
+        if generator is None:
+            generator = Generator(load_pretrained(local_model))
+            base = generator.encoder.prepare.sampling
+        generator.encoder.prepare.sampling = frame_sampling(base, evaluation.frames, evaluation.fps)
+        output = os.path.join(local_root, EVAL_FOLDER, evaluation.label)
+        questions = read_benchmark(evaluation.benchmark, evaluation.data)
+        print(f"[{stage.name}] eval {evaluation.label}: {len(questions)} questions from {evaluation.data}", flush=True)
+        evaluate_shard(generator, questions, evaluation.videos or os.path.dirname(evaluation.data), output,
+                       evaluation.mode)
+        results = summarize(questions, output, 1, evaluation.benchmark, evaluation.mode)
+        print(format_results(results), flush=True)
+        if local_root != root:
+            storage.upload(output, storage.join(root, EVAL_FOLDER, evaluation.label))
+        benchmarks[evaluation.label] = {k: results[k] for k in ("accuracy", "correct", "scored", "categories",
+                                                                 "missing_media")}
+        benchmarks[evaluation.label]["no_letter"] = len(results["no_letter"])
+        write_state(workdir, state)
 
 
 def ensure_world(path: str) -> None:

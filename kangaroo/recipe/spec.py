@@ -13,13 +13,18 @@ A recipe file (``recipes/*.yaml``)::
       - name: 2-video-pretrain
         config: ../configs/kangaroo-tiny/2-video-pretrain.yaml
         init_from: 1-image-pretrain
+        eval:                             # optional: benchmarks scored on the stage's model folder
+          - {benchmark: videomme, data: ${world}/held-out.videomme.jsonl, videos: ${world}}
 
 Paths in the recipe resolve against the recipe file; ``${world}`` and ``${workdir}`` expand in
 ``prepare`` and ``overrides``. Each stage runs in ``WORKDIR/<stage>/`` from a fully merged
 ``stage.yaml`` (the stage config, the overrides, the workdir paths). Each stage is a separate
 ``kangaroo fit`` process, so Lightning's own launcher handles ``devices > 1``.
 ``WORKDIR/recipe-state.json`` records each stage's status, checkpoint, metrics and config
-hash.
+hash. The last stage, and every stage that names ``eval:`` benchmarks, is exported as a model
+folder (``WORKDIR/<stage>/model``, see ``kangaroo.inference.folder``); each benchmark is then
+scored on it (``kangaroo eval``, into ``WORKDIR/<stage>/eval/<name>``) and its figures go into
+the state file, ``summary.json``, the printed table and ``summary.png``.
 
 The workdir may be an object-store prefix (``--workdir s3://bucket/runs/tiny``): prepared data,
 checkpoints, stage weights, metrics, the state file and the summary then live there, and a
@@ -49,12 +54,31 @@ class RecipeError(ValueError):
 
 
 @dataclass
+class Evaluation:
+    """One benchmark a stage is scored on (the options of ``kangaroo eval``)."""
+
+    benchmark: str
+    data: str
+    videos: str | None = None
+    mode: str = "generate"
+    frames: int | None = None
+    fps: float | None = None
+    name: str | None = None
+    """The name its figures go under (default: the benchmark's)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.benchmark
+
+
+@dataclass
 class Stage:
     name: str
     config: str
     init_from: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     prepare: dict[str, str] = field(default_factory=dict)
+    eval: list[Evaluation] = field(default_factory=list)
 
 
 @dataclass
@@ -95,12 +119,13 @@ def load_recipe(path: str) -> Recipe:
     for number, entry in enumerate(raw["stages"], 1):
         if not isinstance(entry, dict) or "name" not in entry or "config" not in entry:
             raise RecipeError(f"{path}: stage {number} needs a `name` and a `config`")
-        extra = sorted(set(entry) - {"name", "config", "init_from", "overrides", "prepare"})
+        extra = sorted(set(entry) - {"name", "config", "init_from", "overrides", "prepare", "eval"})
         if extra:
             raise RecipeError(f"{path}: stage {entry['name']!r} has unknown key(s) {extra}")
         stage = Stage(entry["name"], resolve(entry["config"]), entry.get("init_from"),
                       dict(entry.get("overrides") or {}),
-                      {split: resolve(_expand(p, world=world)) for split, p in (entry.get("prepare") or {}).items()})
+                      {split: resolve(_expand(p, world=world)) for split, p in (entry.get("prepare") or {}).items()},
+                      _evaluations(entry.get("eval"), f"{path}: stage {entry['name']!r}", resolve, world))
         if not os.path.isfile(stage.config):
             raise RecipeError(f"{path}: stage {stage.name!r} names config {stage.config}, which does not exist")
         bad_splits = sorted(set(stage.prepare) - {"train", "val"})
@@ -125,6 +150,37 @@ def load_recipe(path: str) -> Recipe:
                               f"stages run in order {names}")
     return Recipe(raw.get("name") or os.path.splitext(os.path.basename(path))[0], os.path.abspath(path), stages,
                   resolve(raw.get("workdir")), world)
+
+
+def _evaluations(raw: Any, where: str, resolve, world: str | None) -> list[Evaluation]:
+    from dataclasses import fields
+
+    from kangaroo.evaluation.benchmarks import READERS
+
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise RecipeError(f"{where}: `eval` is a list of benchmarks ({{benchmark, data, videos}})")
+    known = {f.name for f in fields(Evaluation)}
+    evaluations = []
+    for item in raw:
+        if not isinstance(item, dict) or "benchmark" not in item or "data" not in item:
+            raise RecipeError(f"{where}: each `eval` entry needs a `benchmark` and `data`, got {item!r}")
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise RecipeError(f"{where}: unknown `eval` key(s) {unknown}; known: {sorted(known)}")
+        if item["benchmark"] not in READERS:
+            raise RecipeError(f"{where}: unknown benchmark {item['benchmark']!r}; known: {sorted(READERS)}")
+        if item.get("mode", "generate") not in ("generate", "likelihood"):
+            raise RecipeError(f"{where}: eval mode must be generate or likelihood, got {item['mode']!r}")
+        evaluation = Evaluation(**item)
+        evaluation.data = resolve(_expand(evaluation.data, world=world))
+        evaluation.videos = resolve(_expand(evaluation.videos, world=world))
+        evaluations.append(evaluation)
+    labels = [e.label for e in evaluations]
+    if len(set(labels)) != len(labels):
+        raise RecipeError(f"{where}: two `eval` entries named alike {labels}; give one a `name`")
+    return evaluations
 
 
 def _chain(stages: list[Stage], start: str) -> list[str]:

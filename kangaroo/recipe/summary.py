@@ -18,7 +18,9 @@ def write_summary(recipe: Recipe, workdir: str, state: dict[str, Any]) -> dict[s
         metrics = entry.get("metrics") or {}
         rows.append({"name": stage.name, "status": entry.get("status", "pending"), "steps": metrics.get("steps"),
                      "final_loss": metrics.get("final_loss"), "eval_accuracy": _number(metrics.get("eval_accuracy")),
-                     "eval": metrics.get("eval", {}), "seconds": entry.get("seconds")})
+                     "eval": metrics.get("eval", {}), "seconds": entry.get("seconds"),
+                     "benchmarks": {name: result["accuracy"] for name, result in (entry.get("benchmarks") or {}).items()},
+                     "model_folder": entry.get("model_folder")})
     done = [r for r in rows if r["status"] == "done" and r["eval_accuracy"] is not None]
     summary = {"recipe": recipe.name, "stages": rows, "final_eval_accuracy": done[-1]["eval_accuracy"] if done else None}
     storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
@@ -55,6 +57,9 @@ def plot_summary(recipe: Recipe, workdir: str, rows: list[dict]) -> None:
     for group in sorted({k for r in rows for k in r["eval"] if k.startswith("val/accuracy/")}):
         accuracy_axis.plot(names, [_number(r["eval"].get(group)) or float("nan") for r in rows], marker=".",
                            label=group.rsplit("/", 1)[-1])
+    for name in sorted({name for r in rows for name in r["benchmarks"]}):
+        accuracy_axis.plot(names, [_number(r["benchmarks"].get(name)) or float("nan") for r in rows], marker="s",
+                           linestyle="none", label=f"eval: {name}")
     accuracy_axis.axhline(0.25, color="grey", linestyle=":", label="chance")
     accuracy_axis.set(title="held-out multiple-choice accuracy", xlabel="stage", ylim=(0, 1))
     accuracy_axis.legend(fontsize=7)
@@ -71,4 +76,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{row['name']:<24}{row['status']:<9}{fmt(row['steps'], 'd'):>7}{fmt(row['final_loss'], '.3f'):>12}"
                      f"{fmt(row['eval_accuracy'], '.3f'):>10}{fmt(row['seconds'], '.0f'):>9}")
     lines.append(f"final held-out accuracy: {fmt(summary['final_eval_accuracy'], '.3f')}")
+    for row in summary["stages"]:
+        for name, accuracy in row.get("benchmarks", {}).items():
+            lines.append(f"{row['name']} on {name} (kangaroo eval): {fmt(accuracy, '.3f')}")
+        if row.get("model_folder"):
+            lines.append(f"model folder of {row['name']}: {row['model_folder']}")
     return "\n".join(lines)

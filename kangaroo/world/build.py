@@ -13,6 +13,7 @@ Layout of ``DIR``::
     tokenizer/                      a byte-level BPE trained on the world's text
     llm/                            the tiny language model, pre-trained on the world's chats
     vision.safetensors              the tiny ViT, pre-trained on the world's frames
+    held-out.videomme.jsonl         the last stage's held-out questions in Video-MME's layout
     world.json                      seed, sizes and counts: what was generated
 """
 
@@ -38,6 +39,8 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
     if os.path.exists(marker):
         existing = json.load(open(marker, encoding="utf-8"))
         if existing.get("config") == json.loads(json.dumps(asdict(config))):  # tuples read back as lists
+            if not os.path.exists(os.path.join(output, BENCHMARK_NAME)):  # a world written before it existed
+                write_benchmark_layout(output)
             return existing
         if not overwrite:
             raise ValueError(f"{output} holds a world made with other settings; pass --overwrite to replace it")
@@ -54,6 +57,7 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
             with open(manifest_path(output, stage, split), "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
             counts[f"{stage}/{split}"] = len(lines)
+    write_benchmark_layout(output)
     train_records = [r for splits in records.values() for r in splits["train"]]
     tokenizer = write_tokenizer(output, corpus_of(train_records))
     held_out = records[STAGES[-1]]["val"]
@@ -65,3 +69,32 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
     with open(marker, "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2)
     return info
+
+
+BENCHMARK_NAME = "held-out.videomme.jsonl"
+
+
+def write_benchmark_layout(output: str) -> str:
+    """Writes the last stage's held-out questions again in Video-MME's published layout
+    (``videoID``, ``question_id``, ``duration``, ``domain``, ``sub_category``, ``task_type``,
+    ``question``, ``options`` as "A. ...", ``answer``), so that a recipe scores the tiny model
+    through the same reader and prompt template as the real benchmark. ``duration`` is the
+    question's category (short or long clips); ``task_type`` the kind of question."""
+    from kangaroo.data.manifest import OPTION_LETTERS
+
+    lines = []
+    with open(manifest_path(output, STAGES[-1], "val"), encoding="utf-8") as manifest:
+        for line in manifest:
+            record = json.loads(line)
+            if record.get("task") != "mcq":
+                continue
+            lines.append({"videoID": record["video"], "question_id": record["id"],
+                          "duration": record["meta"]["category"], "domain": "tiny world",
+                          "sub_category": record["meta"]["language"], "task_type": record["id"].rsplit("-", 1)[-1],
+                          "question": record["question"],
+                          "options": [f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS, record["options"])],
+                          "answer": record["answer"]})
+    path = os.path.join(output, BENCHMARK_NAME)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    return path
