@@ -1,6 +1,7 @@
 """The tiny recipe end to end on this machine: wall time, held-out accuracy after every stage,
 long-video accuracy before and after stage 5, the final model on blank frames, and the held-out
-accuracy per kind of question after stages 4 and 5.
+accuracy per kind of question after stages 4 and 5, and the recipe's own ``kangaroo eval`` of the
+final model folder (generated replies, as training prompted and through the Video-MME reader).
 
 Run: python benchmarks/tiny_recipe.py [--workdir runs/tiny-benchmark] [--fresh]
 
@@ -109,8 +110,16 @@ def main() -> None:
     for stage, accuracy in by_question.items():
         print(f"held-out accuracy by question after {stage}: "
               + ", ".join(f"{key} {value:.2f}" for key, value in accuracy.items()))
+    state = json.load(open(os.path.join(args.workdir, "recipe-state.json"), encoding="utf-8"))
+    evaluated = state["stages"][recipe.stages[-1].name].get("benchmarks", {})
+    for name, result in evaluated.items():  # kangaroo eval on the exported model folder (generated replies)
+        groups = "; ".join(f"{group} " + ", ".join(f"{value} {row['accuracy']:.3f}" for value, row in rows.items())
+                           for group, rows in result["categories"].items())
+        print(f"kangaroo eval {name}: {result['accuracy']:.3f} ({result['correct']}/{result['scored']}, "
+              f"no letter {result['no_letter']}); {groups}")
     print(json.dumps({"wall_s": round(wall, 1), "final": summary["final_eval_accuracy"], "long_4": long_4,
-                      "long_5": long_5, "blank": blank["val/accuracy"], "by_question": by_question}))
+                      "long_5": long_5, "blank": blank["val/accuracy"], "by_question": by_question,
+                      "eval": {name: result["accuracy"] for name, result in evaluated.items()}}))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,29 @@ def _chat_command(args: argparse.Namespace) -> int:
     return run_chat(generator, args.video or args.image, args.query, args.history, **options)
 
 
+def _serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kangaroo.inference.server import ServeConfig, create_app
+
+    generator = _load_generator(args)
+    name = args.served_model_name or os.path.basename(os.path.abspath(args.model).rstrip("/"))
+    config = ServeConfig(name, [os.path.abspath(root) for root in args.allowed_media_root or []],
+                         args.allow_remote_media, int(args.max_media_mb * 2**20), args.max_frames)
+    print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(generator, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from kangaroo.inference.demo import launch
+
+    if not os.path.isdir(args.model):
+        raise ValueError(f"no model folder at {args.model}")
+    return launch(os.path.abspath(args.model), args.host, args.port, args.max_upload_mb, args.examples,
+                  args.temperature)
+
+
 def _eval_command(args: argparse.Namespace) -> int:
     from kangaroo.evaluation import evaluate_shard, format_results, read_benchmark, summarize
     from kangaroo.evaluation.run import frame_sampling, launch_shards
@@ -280,6 +303,33 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float)
     chat.add_argument("--top-k", type=int)
     chat.set_defaults(handler=_chat_command)
+
+    serve = commands.add_parser("serve", help="serve a model folder over the OpenAI chat completions API",
+                                description="POST /v1/chat/completions (text, image_url and video_url parts, "
+                                            "stream: true) and GET /v1/models, on FastAPI + uvicorn.")
+    _add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model id clients name (default: the folder's name)")
+    serve.add_argument("--allowed-media-root", action="append",
+                       help="a folder whose files requests may name by path (repeatable; default: none)")
+    serve.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (off by default)")
+    serve.add_argument("--max-media-mb", type=float, default=64.0, help="largest media file or data: URL (default 64)")
+    serve.add_argument("--max-frames", type=int, help="most frames a request may ask for (default: the folder's "
+                                                      "sampling maximum)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(handler=_serve_command)
+
+    demo = commands.add_parser("demo", help="a web chat page about a video (Streamlit)",
+                               description="Upload or pick a video, watch it, ask over several rounds; regenerate "
+                                           "and reset. Never fetches a URL and never runs a shell command.")
+    demo.add_argument("--model", required=True, help="a model folder")
+    demo.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    demo.add_argument("--port", type=int, default=8501)
+    demo.add_argument("--max-upload-mb", type=int, default=200, help="largest upload (default 200 MB)")
+    demo.add_argument("--examples", help="a folder of videos offered to pick from")
+    demo.add_argument("--temperature", type=float, help="0 decodes greedily (default: the model folder's)")
+    demo.set_defaults(handler=_demo_command)
 
     from kangaroo.evaluation.benchmarks import READERS
 

@@ -163,48 +163,71 @@ class Generator:
         return embeds, mask.to(device)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], streamer=None, seed: int | None = None, **options: Any) -> list[Reply]:
+    def generate(self, prompts: Sequence[Prompt], streamer=None, seed: int | None = None,
+                 cancel: threading.Event | None = None, **options: Any) -> list[Reply]:
         """Replies to ``prompts``, decoded together (left padding: each reply is the one it gets
         alone). ``options``: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``top_k`` over the folder's defaults (temperature 0 is greedy). ``streamer``: a
-        transformers streamer (one prompt)."""
+        transformers streamer (one prompt). ``cancel``: decoding stops at the next token once it
+        is set (a server's client went away); the replies so far come back with
+        ``finish_reason`` ``cancelled``."""
         if not prompts:
             return []
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ARG002 - transformers' signature
+                return torch.full((input_ids.shape[0],), bool(cancel is not None and cancel.is_set()),
+                                  dtype=torch.bool, device=input_ids.device)
+
         config = self._generation_config(**options)
         with self._lock:  # one generation at a time per model (a server's threads share it)
             if seed is not None:
                 torch.manual_seed(seed)
             embeds, mask = self.embed(prompts)
             out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                                     generation_config=config, streamer=streamer)
+                                                     generation_config=config, streamer=streamer,
+                                                     stopping_criteria=StoppingCriteriaList([Cancelled()]))
         replies = []
         for prompt, row in zip(prompts, out.tolist()):
             stop = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
             tokens = row if stop is None else row[:stop]
-            replies.append(Reply(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens,
-                                 "length" if stop is None else "stop", len(prompt.input_ids)))
+            reason = "stop" if stop is not None else "cancelled" if cancel is not None and cancel.is_set() else "length"
+            replies.append(Reply(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, reason,
+                                 len(prompt.input_ids)))
         return replies
 
-    def stream(self, prompt: Prompt, **options: Any) -> Iterator[str]:
+    def stream(self, prompt: Prompt, result: list[Reply] | None = None, **options: Any) -> Iterator[str]:
         """The reply to ``prompt`` piece by piece as it is decoded; the pieces join to
-        ``generate([prompt])[0].text`` (before its surrounding whitespace is stripped)."""
+        ``generate([prompt])[0].text`` (before its surrounding whitespace is stripped). The
+        finished ``Reply`` is appended to ``result`` when one is given. Closing the iterator
+        early stops the decoding."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         failure: list[BaseException] = []
+        cancel = options.pop("cancel", None) or threading.Event()
 
         def run() -> None:
             try:
-                self.generate([prompt], streamer=streamer, **options)
+                replies = self.generate([prompt], streamer=streamer, cancel=cancel, **options)
+                if result is not None:
+                    result.extend(replies)
             except BaseException as err:  # handed to the caller below
                 failure.append(err)
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
+        finished = False
         try:
             yield from streamer
+            finished = True
         finally:
+            if not finished:  # the consumer stopped reading: stop decoding, let the thread end
+                cancel.set()
+                for _ in streamer:
+                    pass
             thread.join()
         if failure:
             raise failure[0]

@@ -1,0 +1,436 @@
+"""``kangaroo serve``: the OpenAI chat completions API over a model folder (FastAPI + uvicorn).
+
+``GET /v1/models`` and ``POST /v1/chat/completions`` with ``text``, ``image_url`` and
+``video_url`` content parts. A media URL is a ``data:`` URL (decoded into a private temporary
+folder, deleted after the request), a local path (or ``file://`` URL) under an allowed media
+root, or, only with ``allow_remote_media``, an ``http(s)`` URL. ``stream: true`` answers with
+server-sent events in OpenAI's chunk format. Requests wait for the model one at a time; a
+client that goes away stops its decoding at the next token and frees the model.
+
+Every error is a 4xx or 5xx JSON body in OpenAI's shape, ``{"error": {"message", "type",
+"param", "code"}}``, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from fastapi import Request  # at module level: FastAPI reads the handlers' annotations by name
+
+from kangaroo.data.video import MediaError
+from kangaroo.inference.generation import Generator, Reply
+
+MEDIA_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
+                  "video/avi": ".avi", "video/x-msvideo": ".avi", "image/png": ".png", "image/jpeg": ".jpg",
+                  "image/webp": ".webp", "image/gif": ".gif", "image/bmp": ".bmp"}
+
+
+class RequestError(Exception):
+    """A request the server refuses: the HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    allowed_media_roots: list[str] = field(default_factory=list)
+    allow_remote_media: bool = False
+    max_media_bytes: int = 64 * 2**20
+    max_frames: int | None = None
+    """The most frames a request may ask for (``video_url.num_frames``); default: the model
+    folder's sampling maximum."""
+
+
+class MediaStore:
+    """Where a request's media become local files: a private folder per request."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.roots = [os.path.realpath(root) for root in config.allowed_media_roots]
+
+    def resolve(self, url: str, scratch: str, kind: str) -> str:
+        if not isinstance(url, str) or not url:
+            raise RequestError(400, f"{kind}.url must be a non-empty string", f"{kind}.url")
+        if url.startswith("data:"):
+            return self._data_url(url, scratch, kind)
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme in ("http", "https"):
+            if not self.config.allow_remote_media:
+                raise RequestError(400, f"remote media URLs are not fetched by this server ({url}); send a data: URL, "
+                                        "or start it with --allow-remote-media", f"{kind}.url", "remote_media_disabled")
+            return self._fetch(url, scratch, kind)
+        if parsed.scheme not in ("", "file"):
+            raise RequestError(400, f"unsupported media URL scheme {parsed.scheme!r}", f"{kind}.url")
+        path = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url
+        if ".." in path.replace("\\", "/").split("/"):
+            raise RequestError(400, f"media path {path!r} contains '..'", f"{kind}.url", "path_not_allowed")
+        real = os.path.realpath(path)
+        if not any(real == root or real.startswith(root + os.sep) for root in self.roots):
+            raise RequestError(403, f"media path {path!r} is outside the allowed media roots"
+                                    + ("" if self.roots else " (the server allows none: --allowed-media-root)"),
+                               f"{kind}.url", "path_not_allowed")
+        if not os.path.isfile(real):
+            raise RequestError(400, f"missing file: {path}", f"{kind}.url", "media_not_found")
+        if os.path.getsize(real) > self.config.max_media_bytes:
+            raise RequestError(413, f"media file {path!r} is larger than {self.config.max_media_bytes} bytes",
+                               f"{kind}.url", "media_too_large")
+        return real
+
+    def _data_url(self, url: str, scratch: str, kind: str) -> str:
+        header, sep, payload = url.partition(",")
+        if not sep or ";base64" not in header:
+            raise RequestError(400, "a data: URL must be base64 (data:<type>;base64,<data>)", f"{kind}.url")
+        if len(payload) * 3 // 4 > self.config.max_media_bytes:
+            raise RequestError(413, f"data: URL larger than {self.config.max_media_bytes} bytes", f"{kind}.url",
+                               "media_too_large")
+        mime = header[5:].split(";")[0].lower()
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "the data: URL is not valid base64", f"{kind}.url") from None
+        suffix = MEDIA_SUFFIXES.get(mime, ".png" if kind == "image_url" else ".mp4")
+        path = os.path.join(scratch, f"media{suffix}")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return path
+
+    def _fetch(self, url: str, scratch: str, kind: str) -> str:
+        suffix = os.path.splitext(urllib.parse.urlparse(url).path)[1] or (".png" if kind == "image_url" else ".mp4")
+        path = os.path.join(scratch, f"media{suffix}")
+        limit = self.config.max_media_bytes
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, open(path, "wb") as handle:
+                received = 0
+                while chunk := response.read(1 << 16):
+                    received += len(chunk)
+                    if received > limit:
+                        raise RequestError(413, f"remote media larger than {limit} bytes", f"{kind}.url",
+                                           "media_too_large")
+                    handle.write(chunk)
+        except OSError as err:
+            raise RequestError(400, f"could not fetch {url}: {err}", f"{kind}.url", "media_not_found") from None
+        return path
+
+
+def parse_messages(body: dict[str, Any], media: MediaStore, scratch: str, max_frames: int) -> tuple[list[dict], str | None, int | None]:
+    """``(messages, media path, frames asked for)`` of a request: text parts joined, the media
+    item marked where it stood (``<video>``/``<image>``)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list", "messages")
+    out, path, frames = [], None, None
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(400, f"{where}.role must be system, user or assistant", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise RequestError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
+        text = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text.append(str(part.get("text", "")))
+            elif kind in ("image_url", "video_url"):
+                if path is not None:
+                    raise RequestError(400, "one image or video per conversation", f"{where}.content")
+                if message["role"] != "user":
+                    raise RequestError(400, "media belong in a user message", f"{where}.content")
+                spec = part.get(kind)
+                spec = {"url": spec} if isinstance(spec, str) else spec
+                if not isinstance(spec, dict):
+                    raise RequestError(400, f"{kind} must be an object with a url", f"{where}.content")
+                asked = spec.get("num_frames")
+                if asked is not None:
+                    if not isinstance(asked, int) or asked < 1:
+                        raise RequestError(400, "num_frames must be a positive integer", f"{kind}.num_frames")
+                    if asked > max_frames:
+                        raise RequestError(400, f"{asked} frames asked for; this model's budget is {max_frames}",
+                                           f"{kind}.num_frames", "too_many_frames")
+                    frames = asked
+                path = media.resolve(spec.get("url"), scratch, kind)
+                text.append("<image>" if kind == "image_url" else "<video>")
+            else:
+                raise RequestError(400, f"unknown content part type {kind!r} (text, image_url, video_url)",
+                                   f"{where}.content")
+        out.append({"role": message["role"], "content": "\n".join(text)})
+    if out[-1]["role"] != "user":
+        raise RequestError(400, "the last message must be the user's", "messages")
+    return out, path, frames
+
+
+def sampling_options(body: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for name, key, kind in (("temperature", "temperature", (int, float)), ("top_p", "top_p", (int, float)),
+                            ("max_tokens", "max_new_tokens", int), ("max_completion_tokens", "max_new_tokens", int),
+                            ("seed", "seed", int)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise RequestError(400, f"{name} must be a number", name)
+        options[key] = value
+    if options.get("max_new_tokens", 1) < 1:
+        raise RequestError(400, "max_tokens must be positive", "max_tokens")
+    if not 0 <= options.get("temperature", 0) <= 2 or not 0 < options.get("top_p", 1) <= 1:
+        raise RequestError(400, "temperature must lie in [0, 2] and top_p in (0, 1]", "temperature")
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "n must be 1", "n")
+    return options
+
+
+def stop_strings(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise RequestError(400, "stop must be a string or a list of at most 4 strings", "stop")
+    return stops
+
+
+class StopFilter:
+    """Text pieces as they come, cut at the first stop string (which is not returned): the tail
+    that may begin a stop string is held back until it is known not to."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.buffer, self.stopped = stops, "", False
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += piece
+        hits = [self.buffer.find(s) for s in self.stops if s in self.buffer]
+        if hits:
+            self.stopped = True
+            out, self.buffer = self.buffer[:min(hits)], ""
+            return out
+        cut = max(0, len(self.buffer) - self.hold) if self.stops else len(self.buffer)
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
+
+
+def create_app(generator: Generator, config: ServeConfig):
+    """The FastAPI application (``kangaroo serve`` runs it with uvicorn)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="kangaroo", docs_url=None, redoc_url=None)
+    store = MediaStore(config)
+    sampling = generator.encoder.prepare.sampling
+    max_frames = config.max_frames or max(sampling.max_frames, sampling.num_frames)
+    created = int(time.time())
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, err: RequestError):  # noqa: ARG001 - FastAPI's signature
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, err):  # noqa: ARG001
+        return JSONResponse(RequestError(404, f"no route {request.url.path}").body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, err):  # noqa: ARG001
+        return JSONResponse(RequestError(405, f"method {request.method} not allowed on {request.url.path}").body(),
+                            status_code=405)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
+                                            "owned_by": "kangaroo"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        if int(request.headers.get("content-length") or 0) > config.max_media_bytes * 4 // 3 + 2**20:
+            raise RequestError(413, f"request body larger than the media limit ({config.max_media_bytes} bytes)",
+                               code="request_too_large")
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(400, f"the request body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        if body.get("model") != config.model_name:
+            raise RequestError(404, f"the model {body.get('model')!r} does not exist; this server has "
+                                    f"{config.model_name!r}", "model", "model_not_found")
+        options = sampling_options(body)
+        stops = stop_strings(body)
+        scratch = tempfile.mkdtemp(prefix="kangaroo-serve-")  # private: mode 0700
+        try:
+            messages, media, frames = parse_messages(body, store, scratch, max_frames)
+            prompt = await run_in_threadpool(_prompt, generator, messages, media, frames)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)  # the frames are decoded: the file is no longer needed
+        ident = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_events(generator, prompt, options, stops, ident, config.model_name, created,
+                                             include_usage, request),
+                                     media_type="text/event-stream")
+        cancel = threading.Event()
+        task = asyncio.ensure_future(run_in_threadpool(_complete, generator, prompt, options, stops, cancel))
+        while not task.done():
+            if await request.is_disconnected():
+                cancel.set()  # the client went away: free the model at the next token
+                break
+            await asyncio.wait({task}, timeout=0.1)
+        reply, text, finish = await task
+        return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": config.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": _usage(reply)}
+
+    return app
+
+
+def _prompt(generator: Generator, messages: list[dict], media: str | None, frames: int | None):
+    from dataclasses import replace
+
+    try:
+        if frames is not None:  # a request's own frame count, within the budget checked before
+            with _sampling(generator, replace(generator.encoder.prepare.sampling, strategy="uniform",
+                                              num_frames=frames)):
+                return generator.prompt(messages, media)
+        return generator.prompt(messages, media)
+    except MediaError as err:
+        raise RequestError(400, f"cannot read the media: {err}", code="invalid_media") from None
+    except ValueError as err:
+        raise RequestError(400, str(err), code="prompt_too_long" if "budget" in str(err) else None) from None
+
+
+_sampling_lock = threading.Lock()
+
+
+class _sampling:
+    """Sets the encoder's frame sampling for one prompt (prompts are built one at a time here)."""
+
+    def __init__(self, generator: Generator, sampling) -> None:
+        self.generator, self.sampling = generator, sampling
+
+    def __enter__(self) -> None:
+        _sampling_lock.acquire()
+        self.saved = self.generator.encoder.prepare.sampling
+        self.generator.encoder.prepare.sampling = self.sampling
+
+    def __exit__(self, *exc) -> None:
+        self.generator.encoder.prepare.sampling = self.saved
+        _sampling_lock.release()
+
+
+def _complete(generator: Generator, prompt, options: dict, stops: list[str],
+              cancel: threading.Event) -> tuple[Reply, str, str]:
+    """``(reply, text, finish_reason)`` of a whole completion, cut at the first stop string."""
+    if not stops:
+        reply = generator.generate([prompt], cancel=cancel, **options)[0]
+        return reply, reply.text, "length" if reply.finish_reason == "length" else "stop"
+    result: list[Reply] = []
+    cut = StopFilter(stops)
+    pieces = []
+    stream = generator.stream(prompt, result=result, cancel=cancel, **options)
+    for piece in stream:
+        pieces.append(cut.feed(piece))
+        if cut.stopped:
+            stream.close()  # decoding stops at the next token
+            break
+    pieces.append(cut.flush())
+    text = "".join(pieces).strip()
+    reply = result[0] if result else Reply(text, [], "stop", len(prompt.input_ids))
+    return reply, text, "stop" if cut.stopped or reply.finish_reason != "length" else "length"
+
+
+def _usage(reply: Reply) -> dict[str, int]:
+    completion = len(reply.token_ids)
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": reply.prompt_tokens + completion}
+
+
+async def _events(generator: Generator, prompt, options: dict, stops: list[str], ident: str, model: str,
+                  created: int, include_usage: bool, request) -> Any:
+    """Server-sent events in OpenAI's chunk format; decoding stops when the client goes away."""
+    from starlette.concurrency import iterate_in_threadpool
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+        if usage is not None:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    result: list[Reply] = []
+    cancel = threading.Event()
+    cut = StopFilter(stops)
+    pieces = generator.stream(prompt, result=result, cancel=cancel, **options)
+    yield chunk({"role": "assistant", "content": ""})
+    sent, finished = "", False
+    try:
+        async for piece in iterate_in_threadpool(_lead_trimmed(pieces)):
+            if await request.is_disconnected():
+                return
+            text = cut.feed(piece)
+            if text:
+                sent += text
+                yield chunk({"content": text})
+            if cut.stopped:
+                break
+        finished = True
+    finally:
+        if not finished or cut.stopped:  # the client went away, or a stop string came: stop decoding
+            cancel.set()
+        pieces.close()  # ends the decoding thread (at the next token once cancelled)
+    tail = cut.flush().rstrip()
+    if tail:
+        sent += tail
+        yield chunk({"content": tail})
+    reply = result[0] if result else Reply(sent, [], "stop", len(prompt.input_ids))
+    yield chunk({}, "length" if reply.finish_reason == "length" and not cut.stopped else "stop")
+    if include_usage:
+        yield chunk({}, usage=_usage(reply))
+    yield "data: [DONE]\n\n"
+
+
+def _lead_trimmed(pieces: Iterator[str]) -> Iterator[str]:
+    """The pieces with the reply's leading whitespace dropped (as ``Reply.text`` strips it), so
+    that the streamed text joins to the non-streamed one; trailing whitespace is held back."""
+    started, held = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            if not piece:
+                continue
+            started = True
+        piece = held + piece
+        stripped = piece.rstrip()
+        held = piece[len(stripped):]
+        if stripped:
+            yield stripped

@@ -1,0 +1,229 @@
+"""``kangaroo serve`` as a real process on 127.0.0.1, talked to with the official ``openai`` client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@contextmanager
+def serving(folder: Path, *extra: str):
+    """``kangaroo serve`` started as a process; yields ``(base_url, process)``."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "serve", "--model", str(folder), "--port",
+                                str(port), "--served-model-name", "kangaroo-test", "--log-level", "warning", *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not come up in 120 s"
+            time.sleep(0.2)
+        yield base, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def data_url(path: Path, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+QUESTION = ("What colour is the screen?\nA. red\nB. green\nC. blue\nD. yellow\n"
+            "Answer with the option's letter from the given choices directly.")
+
+
+@pytest.fixture(scope="module")
+def trained_server(trained_model):
+    with serving(trained_model.folder, "--allowed-media-root", str(trained_model.val_manifest.parent),
+                 "--max-media-mb", "1") as (base, process):
+        yield base, process, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def video_message(url: str, text: str = QUESTION, **video) -> dict:
+    return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, **video}},
+                                        {"type": "text", "text": text}]}
+
+
+def test_a_video_question_is_answered_right_through_the_openai_client(trained_server, trained_model):
+    from trained import COLOURS
+
+    _, _, client = trained_server
+    assert [m.id for m in client.models.list().data] == ["kangaroo-test"]
+    for colour, clip in trained_model.clips.items():
+        expected = "ABCD"[list(COLOURS).index(colour)]
+        for url in (data_url(clip), str(clip), f"file://{clip}"):
+            reply = client.chat.completions.create(model="kangaroo-test", messages=[video_message(url)],
+                                                   temperature=0)
+            assert reply.choices[0].message.content == expected, (colour, url[:40])
+            assert reply.choices[0].finish_reason == "stop"
+
+
+def test_two_rounds_streaming_and_usage_match_the_model_run_in_process(trained_server, trained_model):
+    from kangaroo.inference import Generator, load_pretrained
+
+    _, _, client = trained_server
+    clip = trained_model.clips["blue"]
+    messages = [video_message(data_url(clip)), {"role": "assistant", "content": "C"},
+                {"role": "user", "content": "Describe the video."}]
+    reply = client.chat.completions.create(model="kangaroo-test", messages=messages, temperature=0, max_tokens=24)
+    local = Generator(load_pretrained(str(trained_model.folder)))
+    prompt = local.prompt([{"role": "user", "content": "<video>\n" + QUESTION}, {"role": "assistant", "content": "C"},
+                           {"role": "user", "content": "Describe the video."}], str(clip))
+    expected = local.generate([prompt], temperature=0, max_new_tokens=24)[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == len(prompt.input_ids)
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.usage.total_tokens == len(prompt.input_ids) + len(expected.token_ids)
+
+    chunks = list(client.chat.completions.create(model="kangaroo-test", messages=messages, temperature=0,
+                                                 max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+BAD = [
+    ("malformed JSON", b"{not json", 400, None),
+    ("unknown model", {"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ("empty messages", {"model": "kangaroo-test", "messages": []}, 400, None),
+    ("outside the root", "/etc/hostname", 403, "path_not_allowed"),
+    ("dot dot", "{root}/../../etc/hostname", 400, "path_not_allowed"),
+    ("remote URL", "http://127.0.0.1:9/clip.mp4", 400, "remote_media_disabled"),
+    ("corrupt video", "data:video/mp4;base64," + base64.b64encode(b"\x00not a video" * 64).decode(), 400,
+     "invalid_media"),
+    ("oversized data URL", "data:video/mp4;base64," + "A" * (2 * 2**20), 413, "media_too_large"),
+    ("too many frames", {"num_frames": 1000}, 400, "too_many_frames"),
+]
+
+
+@pytest.mark.parametrize("what, request_, status, code", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(trained_server, trained_model, what, request_,
+                                                                      status, code):
+    base, process, client = trained_server
+    clip = trained_model.clips["red"]
+    if isinstance(request_, bytes):
+        response = httpx.post(f"{base}/v1/chat/completions", content=request_,
+                              headers={"content-type": "application/json"}, timeout=60)
+    else:
+        if isinstance(request_, str):
+            request_ = {"model": "kangaroo-test", "messages": [video_message(
+                request_.format(root=trained_model.val_manifest.parent))]}
+        elif "num_frames" in request_:
+            request_ = {"model": "kangaroo-test", "messages": [video_message(str(clip), num_frames=1000)]}
+        response = httpx.post(f"{base}/v1/chat/completions", json=request_, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    assert process.poll() is None
+    good = client.chat.completions.create(model="kangaroo-test", messages=[video_message(str(clip))], temperature=0)
+    assert good.choices[0].message.content == "A"
+
+
+def test_a_client_that_goes_away_frees_the_model(random_model_folder, tmp_path):
+    """A random model replies at length: a stream closed after two chunks must not keep the model
+    decoding its 2,000 tokens; the next request is answered at once."""
+    folder, _ = random_model_folder
+    with serving(folder) as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        started = time.perf_counter()
+        short = client.chat.completions.create(model="kangaroo-test", messages=[{"role": "user", "content": "Hi"}],
+                                               temperature=0, max_tokens=20)
+        per_token = (time.perf_counter() - started) / max(1, short.usage.completion_tokens)
+        assert short.usage.completion_tokens == 20 and short.choices[0].finish_reason == "length"
+        stream = client.chat.completions.create(model="kangaroo-test", messages=[{"role": "user", "content": "Hi"}],
+                                                temperature=0, max_tokens=2000, stream=True)
+        for count, _ in enumerate(stream):
+            if count == 2:
+                break
+        stream.close()
+        started = time.perf_counter()
+        again = client.chat.completions.create(model="kangaroo-test", messages=[{"role": "user", "content": "Hi"}],
+                                               temperature=0, max_tokens=20)
+        waited = time.perf_counter() - started
+        assert again.choices[0].message.content == short.choices[0].message.content
+        # 2,000 tokens at the measured pace would take far longer than this bound
+        assert waited < 0.5 * 2000 * per_token, (waited, per_token)
+
+        stopped = client.chat.completions.create(model="kangaroo-test", messages=[{"role": "user", "content": "Hi"}],
+                                                 temperature=0, max_tokens=20, stop=[short.choices[0].message.content[5:8]])
+        text = short.choices[0].message.content
+        assert stopped.choices[0].message.content == text[:text.find(text[5:8])].strip()
+        assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_sixteen_clients_times_four_requests_are_all_answered_and_memory_stays_flat(random_model_folder, tmp_path):
+    from conftest import random_video
+
+    folder, _ = random_model_folder
+    clip = Path(random_video(tmp_path / "clip.mp4", frames=8))
+    with serving(folder, "--allowed-media-root", str(tmp_path)) as (base, process):
+        def load() -> list[str]:
+            answers: list[str] = []
+            errors: list[BaseException] = []
+
+            def client_loop() -> None:
+                client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+                for _ in range(4):
+                    try:
+                        reply = client.chat.completions.create(
+                            model="kangaroo-test", messages=[video_message(data_url(clip), "What?")],
+                            temperature=0, max_tokens=4)
+                        answers.append(reply.choices[0].message.content)
+                    except BaseException as err:  # collected and reported below
+                        errors.append(err)
+
+            threads = [threading.Thread(target=client_loop) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=600)
+            assert not errors, errors[:3]
+            return answers
+
+        first = load()
+        after_first = rss_bytes(process.pid)
+        second = load()
+        after_second = rss_bytes(process.pid)
+    assert len(first) == len(second) == 64, "every request answered, none lost"
+    assert len(set(first + second)) == 1, "the same greedy answer every time"
+    # a request's decoded frames and temporary file kept would add up over 64 requests
+    assert after_second < after_first * 1.05, (after_first, after_second)
