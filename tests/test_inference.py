@@ -69,7 +69,7 @@ def test_a_folder_with_a_missing_or_mismatched_weight_file_is_an_error_naming_it
         load_pretrained(str(tmp_path / "nowhere"))
 
 
-def test_export_from_a_stage_folder_and_from_a_checkpoint(tmp_path, tiny_tokenizer_dir, random_folder):
+def test_export_from_a_stage_folder_a_checkpoint_and_a_sharded_checkpoint(tmp_path, tiny_tokenizer_dir, random_folder):
     """``kangaroo export`` takes a stage folder (its stage.yaml and model.safetensors) or a
     Lightning checkpoint inside its checkpoints/ folder; a mismatched weights file is refused."""
     import yaml
@@ -95,9 +95,14 @@ def test_export_from_a_stage_folder_and_from_a_checkpoint(tmp_path, tiny_tokeniz
                           str(tmp_path / "from-stage")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     export_model(str(stage_dir / "checkpoints" / "step=5.ckpt"), str(tmp_path / "from-ckpt"))
+    import torch.distributed.checkpoint as dcp  # a sharded (FSDP2) checkpoint folder, written by one process here
+
+    sharded = stage_dir / "checkpoints" / "step=6.ckpt"
+    dcp.save({"state_dict": {f"model.{k}": v.clone() for k, v in trained.state_dict().items()}}, checkpoint_id=sharded)
+    export_model(str(sharded), str(tmp_path / "from-sharded"))
     preprocessing = json.loads((tmp_path / "from-stage" / "preprocessor_config.json").read_text())
     assert preprocessing["sampling"]["strategy"] == "dynamic" and preprocessing["max_tokens"] == 512
-    for folder in ("from-stage", "from-ckpt"):
+    for folder in ("from-stage", "from-ckpt", "from-sharded"):
         loaded = load_pretrained(str(tmp_path / folder)).model.state_dict()
         for name, value in trained.state_dict().items():
             assert torch.equal(loaded[name], value), (folder, name)
