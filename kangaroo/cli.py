@@ -163,7 +163,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.model):
         raise ValueError(f"no model folder at {args.model}")
     return launch(os.path.abspath(args.model), args.host, args.port, args.max_upload_mb, args.examples,
-                  args.temperature)
+                  args.temperature, args.device, args.dtype)
 
 
 def _eval_command(args: argparse.Namespace) -> int:
@@ -173,13 +173,20 @@ def _eval_command(args: argparse.Namespace) -> int:
     questions = read_benchmark(args.benchmark, args.data)
     videos = args.videos or os.path.dirname(os.path.abspath(args.data))
     if args.devices > 1 and args.shard is None:
-        launch_shards(_without_option(args.argv, "--devices"), args.devices)
+        argv = _without_option(_without_option(args.argv, "--devices"), "--device")
+        device = args.device
+        if device.startswith("cuda"):  # each shard sees its one GPU as cuda:0
+            argv += ["--device", "cuda"]
+        elif device != "cpu":
+            argv += ["--device", device]
+        launch_shards(argv, args.devices, device)
         shards = args.devices
     else:
         index, count = _parse_shard(args.shard)
         generator = _load_generator(args)
-        generator.encoder.prepare.sampling = frame_sampling(generator.encoder.prepare.sampling, args.frames, args.fps)
-        evaluate_shard(generator, questions, videos, args.output, args.mode, (index, count), progress=not args.quiet)
+        generator.sampling = frame_sampling(generator.sampling, args.frames, args.fps)
+        evaluate_shard(generator, questions, videos, args.output, args.mode, (index, count), progress=not args.quiet,
+                       benchmark=args.benchmark)
         if args.no_summary:
             return 0
         shards = count
@@ -323,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a web chat page about a video (Streamlit)",
                                description="Upload or pick a video, watch it, ask over several rounds; regenerate "
                                            "and reset. Never fetches a URL and never runs a shell command.")
-    demo.add_argument("--model", required=True, help="a model folder")
+    _add_model_arguments(demo)
     demo.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     demo.add_argument("--port", type=int, default=8501)
     demo.add_argument("--max-upload-mb", type=int, default=200, help="largest upload (default 200 MB)")
@@ -395,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = words[1:]
     try:
         return args.handler(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"kangaroo: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a failed eval shard or stage, named in the message
+        print(f"kangaroo: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -157,11 +157,6 @@ def random_model_folder(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
-def random_eval_folder(random_model_folder):
-    return random_model_folder[0]
-
-
-@pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
     """One short real training run shared by every test that needs a model that learned
     something (tests/trained.py)."""

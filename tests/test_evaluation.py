@@ -115,11 +115,11 @@ def evaluate(folder, data: str, videos: Path, output: Path, *extra: str, **kwarg
                            *extra], capture_output=True, text=True, timeout=600, **kwargs)
 
 
-def test_two_processes_give_the_results_of_one_and_missing_videos_are_counted(random_eval_folder, benchmark,
+def test_two_processes_give_the_results_of_one_and_missing_videos_are_counted(random_model_folder, benchmark,
                                                                             tmp_path):
     data, videos = benchmark
-    one = evaluate(random_eval_folder, data, videos, tmp_path / "one", "--mode", "likelihood")
-    two = evaluate(random_eval_folder, data, videos, tmp_path / "two", "--mode", "likelihood", "--devices", "2")
+    one = evaluate(random_model_folder[0], data, videos, tmp_path / "one", "--mode", "likelihood")
+    two = evaluate(random_model_folder[0], data, videos, tmp_path / "two", "--mode", "likelihood", "--devices", "2")
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     first, second = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
     assert first == second
@@ -133,10 +133,10 @@ def test_two_processes_give_the_results_of_one_and_missing_videos_are_counted(ra
     assert "accuracy" in one.stdout and "missing or undecodable media" in one.stdout
 
 
-def test_a_killed_eval_resumes_without_asking_finished_questions_again(random_eval_folder, benchmark, tmp_path):
+def test_a_killed_eval_resumes_without_asking_finished_questions_again(random_model_folder, benchmark, tmp_path):
     data, videos = benchmark
     journal = tmp_path / "run" / "samples.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "eval", "--model", str(random_eval_folder),
+    process = subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "eval", "--model", str(random_model_folder[0]),
                                 "--benchmark", "videomme", "--data", data, "--videos", str(videos), "--output",
                                 str(tmp_path / "run"), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -147,29 +147,33 @@ def test_a_killed_eval_resumes_without_asking_finished_questions_again(random_ev
     process.wait()
     before = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
     assert 3 <= len(before) < 8, "killed part way"
-    resumed = evaluate(random_eval_folder, data, videos, tmp_path / "run")
+    resumed = evaluate(random_model_folder[0], data, videos, tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = [json.loads(line) for line in journal.read_text().splitlines()]
     assert after[:len(before)] == before, "finished answers kept as they were"
     assert sorted(line["id"] for line in after) == sorted(f"q{i}" for i in range(8)), "each question answered once"
-    whole = evaluate(random_eval_folder, data, videos, tmp_path / "whole")
+    whole = evaluate(random_model_folder[0], data, videos, tmp_path / "whole")
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == \
         json.loads((tmp_path / "whole" / "results.json").read_text())
 
 
-def test_replies_without_a_letter_count_wrong_and_are_listed(random_eval_folder, benchmark, tmp_path):
+def test_replies_without_a_letter_count_wrong_and_are_listed(random_model_folder, benchmark, tmp_path):
     """A random model replies with words, not letters: every such reply is wrong and listed,
     never a random pick."""
     data, videos = benchmark
-    out = evaluate(random_eval_folder, data, videos, tmp_path / "gen", "--frames", "2")
+    out = evaluate(random_model_folder[0], data, videos, tmp_path / "gen", "--frames", "2")
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "gen" / "results.json").read_text())
     lines = [json.loads(line) for line in (tmp_path / "gen" / "samples.jsonl").read_text().splitlines()]
     no_letter = [line["id"] for line in lines if "error" not in line and line["letter"] == ""]
+    assert no_letter, "a random model's replies hold no option letter"
     assert results["no_letter"] == no_letter
     assert all(not line["correct"] for line in lines if line.get("letter") == "")
     assert results["correct"] == sum(line["correct"] for line in lines if "error" not in line)
     assert all(line["prompt"].startswith("Select the best answer") for line in lines if "error" not in line)
+    other = evaluate(random_model_folder[0], data, videos, tmp_path / "gen", "--mode", "likelihood")
+    assert other.returncode == 2 and "holds the answers of another evaluation (it differs in ['mode', 'sampling'])" \
+        in other.stderr, other.stderr[-2000:]
 
 
 # -- on a trained model ----------------------------------------------------------------------------

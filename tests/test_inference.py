@@ -19,13 +19,8 @@ from kangaroo.modules import build_kangaroo, kangaroo_tiny_config
 
 
 @pytest.fixture(scope="module")
-def random_folder(random_model_folder):
-    return random_model_folder
-
-
-@pytest.fixture(scope="module")
-def generator(random_folder):
-    return Generator(load_pretrained(str(random_folder[0])))
+def generator(random_model_folder):
+    return Generator(load_pretrained(str(random_model_folder[0])))
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +28,8 @@ def clip(tmp_path_factory):
     return random_video(tmp_path_factory.mktemp("clips") / "clip.mp4", frames=12)
 
 
-def test_a_model_folder_holds_everything_and_loads_back_the_same_weights(random_folder):
-    folder, model = random_folder
+def test_a_model_folder_holds_everything_and_loads_back_the_same_weights(random_model_folder):
+    folder, model = random_model_folder
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json",
             "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     config = json.loads((folder / "config.json").read_text())
@@ -50,11 +45,11 @@ def test_a_model_folder_holds_everything_and_loads_back_the_same_weights(random_
     assert loaded.preprocessing.sampling.num_frames == 4 and loaded.generation.stop_tokens == ["<|eot_id|>", "<|end_of_text|>"]
 
 
-def test_a_folder_with_a_missing_or_mismatched_weight_file_is_an_error_naming_it(random_folder, tmp_path):
+def test_a_folder_with_a_missing_or_mismatched_weight_file_is_an_error_naming_it(random_model_folder, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(random_folder[0], broken)
+    shutil.copytree(random_model_folder[0], broken)
     weights = broken / "model.safetensors"
     state = load_file(weights)
     name = "projector.weight"
@@ -69,14 +64,14 @@ def test_a_folder_with_a_missing_or_mismatched_weight_file_is_an_error_naming_it
         load_pretrained(str(tmp_path / "nowhere"))
 
 
-def test_export_from_a_stage_folder_a_checkpoint_and_a_sharded_checkpoint(tmp_path, tiny_tokenizer_dir, random_folder):
+def test_export_from_a_stage_folder_a_checkpoint_and_a_sharded_checkpoint(tmp_path, tiny_tokenizer_dir, random_model_folder):
     """``kangaroo export`` takes a stage folder (its stage.yaml and model.safetensors) or a
     Lightning checkpoint inside its checkpoints/ folder; a mismatched weights file is refused."""
     import yaml
 
     from kangaroo.training.stage_file import read_stage_yaml
 
-    _, model = random_folder
+    _, model = random_model_folder
     stage = read_stage_yaml("configs/kangaroo-tiny/4-instruction-tuning.yaml")
     stage["model"]["architecture"]["language_model"].pop("pretrained")
     stage["data"]["prepare"]["tokenizer"] = tiny_tokenizer_dir
@@ -152,6 +147,7 @@ def test_a_batch_of_prompts_of_different_lengths_gives_each_ones_own_reply(gener
     together = generator.generate(prompts, max_new_tokens=12, do_sample=False)
     alone = [generator.generate([p], max_new_tokens=12, do_sample=False)[0] for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [len(r.token_ids) for r in alone] == [12] * 4, "every reply decoded in full: the check covers 12 tokens"
     assert [r.prompt_tokens for r in together] == [len(p.input_ids) for p in prompts]
 
 
@@ -205,8 +201,8 @@ def audio_only(path: Path) -> str:
     return str(path)
 
 
-def test_chat_session_goes_on_after_bad_files_and_keeps_its_history(random_folder, clip, tmp_path):
-    folder, _ = random_folder
+def test_chat_session_goes_on_after_bad_files_and_keeps_its_history(random_model_folder, clip, tmp_path):
+    folder, _ = random_model_folder
     history = tmp_path / "history.json"
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"garbage" * 50)

@@ -83,11 +83,18 @@ class SampleEncoder:
         """The record of ``sample``. ``generation_prompt``: a prompt to be answered (the
         conversation ends with a user turn; see ``ChatEncoder.encode``), as inference builds it
         through the same decode, sampling, resize and timestamp path as ``prepare``."""
-        chat = self._chat_encoder()
-        media = self._load(sample)
+        return self.encode_media(sample, self._load(sample), generation_prompt)
+
+    def encode_media(self, sample: ManifestSample, media: Media | None, generation_prompt: bool = False) -> dict[str, Any]:
+        """``encode`` with the media already decoded (``None``: text only): frames dropped evenly
+        past the budget, resized; a text-only sample over the budget is an error."""
+        chat = self.chat_encoder()
         size = self.layout.image_size
         if media is None:
             encoded = chat.encode(sample.conversations, generation_prompt=generation_prompt)
+            if len(encoded.input_ids) > self.prepare.max_tokens:
+                raise ValueError(f"sample has {len(encoded.input_ids)} tokens, over the budget of "
+                                 f"{self.prepare.max_tokens}")
             pixels, timestamps = torch.zeros(0, 3, size, size, dtype=torch.uint8), np.zeros(0, np.float32)
         else:
             keep, encoded = self._fit_budget(sample, media, chat, generation_prompt)
@@ -144,7 +151,7 @@ class SampleEncoder:
     def _image_time(self, sample_id: str) -> float:
         return random.Random(f"{self.prepare.seed}:{sample_id}").uniform(0.0, self.prepare.image_max_time)
 
-    def _chat_encoder(self) -> ChatEncoder:
+    def chat_encoder(self) -> ChatEncoder:
         if self._chat is None:
             from transformers import AutoTokenizer
 

@@ -153,11 +153,11 @@ def apply_task_template(record: dict[str, Any], media_type: str | None, language
         prompts = IMAGE_CAPTION_PROMPTS if media_type == "image" else CAPTION_PROMPTS
         return [{"role": "user", "content": rng.choice(prompts[lang])}, {"role": "assistant", "content": caption}]
     if task == "mcq":
-        return _mcq_conversation(record, lang)
+        return mcq_conversation(record, lang)
     raise ValueError(f"no 'conversations' and no known task template (task={task!r}; known: caption, mcq)")
 
 
-def _mcq_conversation(record: dict[str, Any], lang: str) -> list[dict]:
+def mcq_conversation(record: dict[str, Any], lang: str) -> list[dict]:
     question, options, answer = record.get("question"), record.get("options"), record.get("answer")
     if not isinstance(question, str) or not isinstance(options, list) or not 2 <= len(options) <= len(OPTION_LETTERS):
         raise ValueError("mcq task needs a 'question' and 2-10 'options'")

@@ -150,7 +150,7 @@ def egoschema(record: dict[str, Any], where: str) -> Question:
 
 def manifest_mcq(record: dict[str, Any], where: str) -> Question:
     """The project's own manifests (``task: mcq``), prompted exactly as training prompted them."""
-    from kangaroo.data.manifest import _mcq_conversation
+    from kangaroo.data.manifest import mcq_conversation
 
     _need(record, ("id", "question", "options", "answer"), where)
     if record.get("task") != "mcq":
@@ -160,7 +160,7 @@ def manifest_mcq(record: dict[str, Any], where: str) -> Question:
         raise BenchmarkError(f"{where}: missing field(s) ['video' or 'image']")
     language = (record.get("meta") or {}).get("language", "en")
     try:
-        conversation = _mcq_conversation(record, language if language in MCQ_SUFFIX else "en")
+        conversation = mcq_conversation(record, language if language in MCQ_SUFFIX else "en")
     except ValueError as err:
         raise BenchmarkError(f"{where}: {err}") from None
     letters = OPTION_LETTERS[:len(record["options"])]

@@ -16,12 +16,13 @@ Python interface either way.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from typing import Any
 
-import torch
-
 from kangaroo.inference import Generator, load_pretrained
+from kangaroo.inference.generation import cut_at_stops
 
 try:  # lmms-eval's base class where lmms-eval is installed
     from lmms_eval.api.model import lmms as _Base
@@ -47,11 +48,10 @@ class Kangaroo(_Base):
         if frames is not None:
             from kangaroo.evaluation.run import frame_sampling
 
-            self.generator.encoder.prepare.sampling = frame_sampling(self.generator.encoder.prepare.sampling,
-                                                                     int(frames), None)
-        self.batch_size_per_gpu = int(batch_size)
+            self.generator.sampling = frame_sampling(self.generator.sampling, int(frames), None)
         self.task_dict: dict = getattr(self, "task_dict", {})
-        self._scratch = tempfile.mkdtemp(prefix="kangaroo-lmms-")
+        self._scratch = tempfile.mkdtemp(prefix="kangaroo-lmms-")  # images handed over as PIL images
+        weakref.finalize(self, shutil.rmtree, self._scratch, True)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -87,31 +87,22 @@ class Kangaroo(_Base):
                 [prompt], max_new_tokens=int(gen_kwargs.get("max_new_tokens", 16)), temperature=temperature,
                 do_sample=bool(gen_kwargs.get("do_sample", temperature > 0)) and temperature > 0,
                 top_p=gen_kwargs.get("top_p") if temperature > 0 else None)[0].text
-            for stop in until:
-                if stop and stop in reply:
-                    reply = reply[:reply.index(stop)]
-            replies.append(reply)
+            replies.append(cut_at_stops(reply, until))
         return replies
 
-    @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """``(log p(continuation | prompt), whether greedy decoding gives exactly it)``."""
         results = []
-        generator = self.generator
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args
             if callable(continuation):
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            prompt = generator.prompt([{"role": "user", "content": context}],
-                                      self._media(doc_to_visual, doc_id, task, split))
-            target = generator.tokenizer.encode(str(continuation), add_special_tokens=False)
-            embeds, _ = generator.embed([prompt])
-            table = generator.model.language_model.get_input_embeddings()
-            sequence = torch.cat([embeds, table(torch.tensor([target], device=embeds.device))], dim=1)
-            hidden = generator.model.language_model.base_model(inputs_embeds=sequence, use_cache=False).last_hidden_state
-            logits = generator.model.output_head(hidden[0, embeds.shape[1] - 1:-1]).float().log_softmax(-1)
-            chosen = logits[torch.arange(len(target)), torch.tensor(target)]
-            results.append((float(chosen.sum()), bool((logits.argmax(-1) == torch.tensor(target)).all())))
+            prompt = self.generator.prompt([{"role": "user", "content": context}],
+                                           self._media(doc_to_visual, doc_id, task, split))
+            target = self.generator.tokenizer.encode(str(continuation), add_special_tokens=False)
+            logprobs = self.generator.continuation_logprobs(prompt, target)
+            chosen = logprobs[range(len(target)), target]
+            results.append((float(chosen.sum()), logprobs.argmax(-1).tolist() == target))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -82,16 +82,41 @@ def answer_question(generator: Generator, question: Question, videos: str, mode:
             "correct": letter == question.answer}
 
 
+RUN_NAME = "eval.json"
+
+
+def claim_output(output: str, identity: dict[str, Any]) -> None:
+    """Records what ``output`` evaluates (``OUT/eval.json``: model, benchmark, data, mode, frame
+    sampling) and refuses an output folder holding answers of another evaluation, whose journal
+    would otherwise be resumed as if it were this one's."""
+    os.makedirs(output, exist_ok=True)
+    path = os.path.join(output, RUN_NAME)
+    identity = json.loads(json.dumps(identity))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if previous != identity:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise ValueError(f"{output} holds the answers of another evaluation (it differs in {changed}); "
+                             "use another --output, or remove the folder to start over")
+        return
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(identity, handle, indent=1)
+
+
 def evaluate_shard(generator: Generator, questions: list[Question], videos: str, output: str, mode: str = "generate",
-                   shard: tuple[int, int] = (0, 1), progress: bool = True) -> int:
+                   shard: tuple[int, int] = (0, 1), progress: bool = True, benchmark: str = "") -> int:
     """Answers this shard's questions (every ``count``-th from ``index``) not yet in its journal;
     returns how many it asked now."""
+    from dataclasses import asdict
+
     from tqdm.auto import tqdm
 
     if mode not in ("generate", "likelihood"):
         raise ValueError(f"--mode must be generate or likelihood, got {mode!r}")
     index, count = shard
-    os.makedirs(output, exist_ok=True)
+    claim_output(output, {"model": os.path.abspath(generator.loaded.folder), "benchmark": benchmark, "mode": mode,
+                          "questions": [q.id for q in questions], "sampling": asdict(generator.sampling)})
     path = os.path.join(output, journal_name(shard))
     done = read_journal(path)
     mine = [q for q in questions[index::count] if q.id not in done]
@@ -177,12 +202,17 @@ def _shown(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def launch_shards(argv: list[str], count: int) -> None:
-    """Runs ``kangaroo eval`` with ``argv`` once per shard, as ``count`` processes at once; raises
-    when one fails (its journal keeps what it answered)."""
-    processes = [subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "eval", *argv, "--shard", f"{i}/{count}",
-                                   "--no-summary"])
-                 for i in range(count)]
+def launch_shards(argv: list[str], count: int, device: str = "cpu") -> None:
+    """Runs ``kangaroo eval`` with ``argv`` once per shard, as ``count`` processes at once, each on
+    its own GPU when ``device`` is ``cuda`` (``CUDA_VISIBLE_DEVICES``); raises when one fails (its
+    journal keeps what it answered)."""
+    processes = []
+    for i in range(count):
+        env = dict(os.environ)
+        if device.startswith("cuda"):
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        processes.append(subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "eval", *argv, "--shard",
+                                           f"{i}/{count}", "--no-summary"], env=env))
     codes = [process.wait() for process in processes]
     failed = [i for i, code in enumerate(codes) if code != 0]
     if failed:

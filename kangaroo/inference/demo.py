@@ -4,8 +4,8 @@ Upload a video (or pick one of ``--examples``), watch it, ask in English or Chin
 rounds, regenerate the last answer or reset. It calls the same ``Generator`` as ``kangaroo chat``
 and ``kangaroo serve``. It never runs a shell command and never fetches a URL a user typed (the
 released demo ran ``wget`` on user input): a video comes only as an upload, limited in size by
-Streamlit's ``server.maxUploadSize``, written into a private temporary folder (mode 0700) that
-the page removes when the video is replaced or the session ends.
+Streamlit's ``server.maxUploadSize``, written into a private temporary folder (mode 0700) per
+browser session, emptied when the video is replaced and removed when the server stops.
 
 ``kangaroo demo`` starts ``streamlit run`` on this file; Streamlit runs the file top to bottom on
 every interaction, so the page state lives in ``st.session_state`` and the model is loaded once
@@ -27,7 +27,7 @@ IMAGE_TYPES = ["png", "jpg", "jpeg", "webp"]
 
 
 def launch(model: str, host: str, port: int, max_upload_mb: int, examples: str | None,
-           temperature: float | None = None, headless: bool = True) -> int:
+           temperature: float | None = None, device: str = "cpu", dtype: str | None = None, headless: bool = True) -> int:
     """Runs the page with Streamlit's own server (its CLI, as Streamlit documents)."""
     command = [sys.executable, "-m", "streamlit", "run", os.path.abspath(__file__),
                "--server.address", host, "--server.port", str(port), "--server.maxUploadSize", str(max_upload_mb),
@@ -39,6 +39,7 @@ def launch(model: str, host: str, port: int, max_upload_mb: int, examples: str |
         command += ["--examples", examples]
     if temperature is not None:
         command += ["--temperature", str(temperature)]
+    command += ["--device", device] + (["--dtype", dtype] if dtype else [])
     return subprocess.call(command)
 
 
@@ -47,6 +48,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--model", required=True)
     parser.add_argument("--examples")
     parser.add_argument("--temperature", type=float)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype")
     return parser.parse_args(sys.argv[1:])
 
 
@@ -59,12 +62,12 @@ def page() -> None:
     args = _arguments()
 
     @st.cache_resource
-    def generator(folder: str) -> Generator:
-        return Generator(load_pretrained(folder))
+    def generator(folder: str, device: str, dtype: str | None) -> Generator:
+        return Generator(load_pretrained(folder, device=device, dtype=dtype))
 
     st.set_page_config(page_title="Kangaroo", layout="wide")
     st.title("Kangaroo")
-    model = generator(args.model)
+    model = generator(args.model, args.device, args.dtype)
     state = st.session_state
     state.setdefault("messages", [])
     state.setdefault("media", None)

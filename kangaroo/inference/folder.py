@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -135,8 +135,10 @@ def export_model(source: str, output: str, config: str | None = None, overwrite:
     weights = _weights_of(source)
     weights_state = read_state_dict(weights)
     prepare = data.prepare
+    # the minimum duration filters training data (instruction data drops clips under 5 s), not questions
     preprocessing = Preprocessing(image_size=stage.architecture.vision_tower.image_size, resize=prepare.resize,
-                                  sampling=prepare.sampling, image_max_time=prepare.image_max_time,
+                                  sampling=replace(prepare.sampling, min_duration=0.0),
+                                  image_max_time=prepare.image_max_time,
                                   max_tokens=prepare.max_tokens)
     write_model_folder(output, stage.architecture, weights_state, AutoTokenizer.from_pretrained(prepare.tokenizer),
                        preprocessing, overwrite=overwrite,
@@ -163,17 +165,21 @@ def write_model_folder(output: str, architecture: KangarooConfig, state: dict[st
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     # written beside the target and renamed into place: a cut-off export never looks finished
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as local:
+    local = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    try:
         tokenizer.save_pretrained(local)
         save_state_dict({k: state[k] for k in model_keys}, os.path.join(local, WEIGHTS_NAME))
         _write_json(os.path.join(local, CONFIG_NAME),
                     {"format": FORMAT, "architecture": architecture_to_dict(architecture), "source": source or {}})
         _write_json(os.path.join(local, PREPROCESSOR_NAME), asdict(preprocessing))
         _write_json(os.path.join(local, GENERATION_NAME), asdict(generation))
+        os.chmod(local, 0o755)  # mkdtemp's folder is private; a model folder is not
         if os.path.exists(output):
             shutil.rmtree(output)
         os.rename(local, output)
-        os.makedirs(local)  # for the context manager's own clean-up
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
     return output
 
 

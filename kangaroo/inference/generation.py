@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from kangaroo.data.encode import Media as DecodedMedia
 from kangaroo.data.encode import SampleEncoder
 from kangaroo.data.manifest import ManifestSample
-from kangaroo.data.transforms import fit_frames, normalize
-from kangaroo.data.video import MediaError
+from kangaroo.data.transforms import normalize
+from kangaroo.data.video import FrameSampling, MediaError
 from kangaroo.inference.folder import LoadedModel
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -71,9 +72,11 @@ class Generator:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.defaults = loaded.generation
-        layout = self.model.layout
-        self.encoder = SampleEncoder(loaded.preprocessing.prepare_config(loaded.folder), layout, rejects_dir=None,
-                                     tokenizer=self.tokenizer)
+        self.layout = self.model.layout
+        prepare = loaded.preprocessing.prepare_config(loaded.folder)
+        # a minimum duration is a training-data filter (instruction data drops clips under 5 s): not for questions
+        prepare.sampling = replace(prepare.sampling, min_duration=0.0)
+        self.encoder = SampleEncoder(prepare, self.layout, rejects_dir=None, tokenizer=self.tokenizer)
         stops = [self.tokenizer.convert_tokens_to_ids(t) for t in self.defaults.stop_tokens
                  if t in self.tokenizer.get_vocab()]
         if self.tokenizer.eos_token_id is not None:
@@ -89,39 +92,61 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def sampling(self) -> FrameSampling:
+        """The frame sampling prompts get unless they name their own (``prompt(sampling=...)``)."""
+        return self.encoder.prepare.sampling
+
+    @sampling.setter
+    def sampling(self, value: FrameSampling) -> None:
+        self.encoder.prepare.sampling = value
+
+    def _encoder(self, sampling: FrameSampling | None) -> SampleEncoder:
+        if sampling is None:
+            return self.encoder
+        return SampleEncoder(replace(self.encoder.prepare, sampling=sampling), self.layout, None, self.tokenizer)
+
     # -- prompts ------------------------------------------------------------------------------
 
-    def prompt(self, messages: list[dict[str, str]], media: Media = None) -> Prompt:
+    def prompt(self, messages: list[dict[str, str]], media: Media = None, sampling: FrameSampling | None = None) -> Prompt:
         """``messages``: ``{"role", "content"}`` turns ending with the user's; the media goes where
-        a ``<video>``/``<image>`` marker stands, or before the first user turn's text. Raises
+        a ``<video>``/``<image>`` marker stands, or before the first user turn's text.
+        ``sampling``: this prompt's frame sampling instead of ``self.sampling``. Raises
         ``MediaError`` for a missing, corrupt or frameless file, ``ValueError`` for a prompt over
-        the sample budget with its fewest frames."""
+        the sample budget (with its fewest frames)."""
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("a prompt's last message must be the user's")
+        encoder = self._encoder(sampling)
+        # An image's timestamp is drawn from the sample id in prepare; here every image gets the
+        # same one, so that a reply does not depend on the file's name.
+        sample = ManifestSample(id="inference", media_type=None, media_path=None, conversations=messages)
         if isinstance(media, Frames):
-            return self._prompt_with_frames(messages, media)
-        kind = None if media is None else ("image" if str(media).lower().endswith(IMAGE_SUFFIXES) else "video")
-        if media is not None and not os.path.exists(media):
-            raise MediaError(f"missing file: {media}")
-        sample = ManifestSample(id=str(media or "text"), media_type=kind, media_path=media, conversations=messages)
-        record = self.encoder.encode(sample, generation_prompt=True)
+            record = encoder.encode_media(sample, self._frames(media, encoder), generation_prompt=True)
+        else:
+            if media is not None:
+                if not os.path.exists(media):
+                    raise MediaError(f"missing file: {media}")
+                sample.media_type = "image" if str(media).lower().endswith(IMAGE_SUFFIXES) else "video"
+                sample.media_path = str(media)
+            record = encoder.encode(sample, generation_prompt=True)
         pixels = record["pixels"]
         return Prompt(input_ids=[int(t) for t in record["input_ids"]],
                       pixels=pixels if len(pixels) else None,
                       timestamps=torch.from_numpy(record["timestamps"]) if len(pixels) else None)
 
-    def _prompt_with_frames(self, messages: list[dict[str, str]], media: Frames) -> Prompt:
+    @staticmethod
+    def _frames(media: Frames, encoder: SampleEncoder) -> DecodedMedia:
+        """Decoded frames, trimmed to a count the temporal kernel takes (one frame: an image)."""
         frames = np.asarray(media.frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"frames must be (n, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-        count = len(frames)
-        multiple = self.encoder.prepare.sampling.multiple_of
-        if count > 1 and count % multiple:
-            count -= count % multiple
-        chat = self.encoder._chat_encoder()
-        encoded = chat.encode(messages, self.model.layout.placeholder_ids(count), generation_prompt=True)
-        pixels = fit_frames(frames[:count], self.model.layout.image_size, self.encoder.prepare.resize)
-        return Prompt(encoded.input_ids, pixels, torch.as_tensor(np.asarray(media.timestamps[:count], np.float32)))
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+            raise ValueError(f"frames must be (n, H, W, 3) uint8 with n >= 1, got {frames.shape} {frames.dtype}")
+        timestamps = np.asarray(media.timestamps, np.float32)
+        if timestamps.shape != (len(frames),):
+            raise ValueError(f"{len(frames)} frames need {len(frames)} timestamps, got shape {timestamps.shape}")
+        multiple = encoder.prepare.sampling.multiple_of
+        count = len(frames) - len(frames) % multiple if len(frames) > 1 else 1
+        count = max(count, 1)
+        return DecodedMedia(frames[:count], timestamps[:count])
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -182,6 +207,8 @@ class Generator:
 
         config = self._generation_config(**options)
         with self._lock:  # one generation at a time per model (a server's threads share it)
+            if cancel is not None and cancel.is_set():  # given up while it waited for the model
+                return [Reply("", [], "cancelled", len(p.input_ids)) for p in prompts]
             if seed is not None:
                 torch.manual_seed(seed)
             embeds, mask = self.embed(prompts)
@@ -204,7 +231,7 @@ class Generator:
         early stops the decoding."""
         from transformers import TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
         cancel = options.pop("cancel", None) or threading.Event()
 
@@ -233,6 +260,16 @@ class Generator:
             raise failure[0]
 
     @torch.no_grad()
+    def continuation_logprobs(self, prompt: Prompt, continuation: Sequence[int]) -> torch.Tensor:
+        """``(len(continuation), vocab)`` log-probabilities of each next token as the reply
+        continues with ``continuation`` (one forward pass, no cache)."""
+        embeds, _ = self.embed([prompt])
+        table = self.model.language_model.get_input_embeddings()
+        tokens = torch.tensor([list(continuation)], dtype=torch.long, device=embeds.device)
+        sequence = torch.cat([embeds, table(tokens)], dim=1)[:, :-1] if len(continuation) else embeds
+        hidden = self.model.language_model.base_model(inputs_embeds=sequence, use_cache=False).last_hidden_state
+        return self.model.output_head(hidden[0, embeds.shape[1] - 1:]).float().log_softmax(-1)
+
     def option_scores(self, prompt: Prompt, letters: Sequence[str]) -> list[float]:
         """Log-probabilities of each option letter as the reply's first token (``--mode
         likelihood``)."""
@@ -242,8 +279,11 @@ class Generator:
             if len(tokens) != 1:
                 raise ValueError(f"option letter {letter!r} is not one token of this tokenizer ({tokens})")
             ids.append(tokens[0])
-        embeds, mask = self.embed([prompt])
-        hidden = self.model.language_model.base_model(inputs_embeds=embeds, attention_mask=mask,
-                                                      use_cache=False).last_hidden_state
-        logits = self.model.output_head(hidden[:, -1]).float().log_softmax(-1)[0]
-        return [float(logits[i]) for i in ids]
+        first = self.continuation_logprobs(prompt, [])[0]
+        return [float(first[i]) for i in ids]
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first of ``stops`` (which is not kept)."""
+    hits = [text.index(stop) for stop in stops if stop and stop in text]
+    return text[:min(hits)] if hits else text

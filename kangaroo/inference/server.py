@@ -85,7 +85,7 @@ class MediaStore:
         if ".." in path.replace("\\", "/").split("/"):
             raise RequestError(400, f"media path {path!r} contains '..'", f"{kind}.url", "path_not_allowed")
         real = os.path.realpath(path)
-        if not any(real == root or real.startswith(root + os.sep) for root in self.roots):
+        if not any(os.path.commonpath([real, root]) == root for root in self.roots):
             raise RequestError(403, f"media path {path!r} is outside the allowed media roots"
                                     + ("" if self.roots else " (the server allows none: --allowed-media-root)"),
                                f"{kind}.url", "path_not_allowed")
@@ -248,7 +248,7 @@ def create_app(generator: Generator, config: ServeConfig):
     store = MediaStore(config)
     sampling = generator.encoder.prepare.sampling
     max_frames = config.max_frames or max(sampling.max_frames, sampling.num_frames)
-    created = int(time.time())
+    started = int(time.time())
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError):  # noqa: ARG001 - FastAPI's signature
@@ -263,17 +263,28 @@ def create_app(generator: Generator, config: ServeConfig):
         return JSONResponse(RequestError(405, f"method {request.method} not allowed on {request.url.path}").body(),
                             status_code=405)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception):  # noqa: ARG001
+        return JSONResponse(RequestError(500, f"the server failed on this request: {type(err).__name__}: {err}",
+                                         kind="server_error").body(), status_code=500)
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": started,
                                             "owned_by": "kangaroo"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        if int(request.headers.get("content-length") or 0) > config.max_media_bytes * 4 // 3 + 2**20:
+        limit = config.max_media_bytes * 4 // 3 + 2**20  # a data: URL of the largest media item, and text
+        if int(request.headers.get("content-length") or 0) > limit:
             raise RequestError(413, f"request body larger than the media limit ({config.max_media_bytes} bytes)",
                                code="request_too_large")
-        raw = await request.body()
+        raw = bytearray()
+        async for piece in request.stream():  # a body without a length is bounded too
+            raw += piece
+            if len(raw) > limit:
+                raise RequestError(413, f"request body larger than the media limit ({config.max_media_bytes} bytes)",
+                                   code="request_too_large")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -285,19 +296,15 @@ def create_app(generator: Generator, config: ServeConfig):
                                     f"{config.model_name!r}", "model", "model_not_found")
         options = sampling_options(body)
         stops = stop_strings(body)
-        scratch = tempfile.mkdtemp(prefix="kangaroo-serve-")  # private: mode 0700
-        try:
-            messages, media, frames = parse_messages(body, store, scratch, max_frames)
-            prompt = await run_in_threadpool(_prompt, generator, messages, media, frames)
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        shutil.rmtree(scratch, ignore_errors=True)  # the frames are decoded: the file is no longer needed
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise RequestError(400, "stream_options must be an object", "stream_options")
+        # media decoded, fetched and turned into frames away from the event loop
+        prompt = await run_in_threadpool(_prompt, generator, store, body, max_frames)
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_events(generator, prompt, options, stops, ident, config.model_name, created,
-                                             include_usage, request),
+            return StreamingResponse(_events(generator, prompt, options, stops, ident, config.model_name,
+                                             bool(stream_options.get("include_usage")), request),
                                      media_type="text/event-stream")
         cancel = threading.Event()
         task = asyncio.ensure_future(run_in_threadpool(_complete, generator, prompt, options, stops, cancel))
@@ -314,38 +321,22 @@ def create_app(generator: Generator, config: ServeConfig):
     return app
 
 
-def _prompt(generator: Generator, messages: list[dict], media: str | None, frames: int | None):
+def _prompt(generator: Generator, store: MediaStore, body: dict[str, Any], max_frames: int):
+    """The request's prompt: its media into a private folder (mode 0700), decoded, and the folder
+    removed again."""
     from dataclasses import replace
 
+    scratch = tempfile.mkdtemp(prefix="kangaroo-serve-")
     try:
-        if frames is not None:  # a request's own frame count, within the budget checked before
-            with _sampling(generator, replace(generator.encoder.prepare.sampling, strategy="uniform",
-                                              num_frames=frames)):
-                return generator.prompt(messages, media)
-        return generator.prompt(messages, media)
+        messages, media, frames = parse_messages(body, store, scratch, max_frames)
+        sampling = None if frames is None else replace(generator.sampling, strategy="uniform", num_frames=frames)
+        return generator.prompt(messages, media, sampling=sampling)
     except MediaError as err:
         raise RequestError(400, f"cannot read the media: {err}", code="invalid_media") from None
     except ValueError as err:
         raise RequestError(400, str(err), code="prompt_too_long" if "budget" in str(err) else None) from None
-
-
-_sampling_lock = threading.Lock()
-
-
-class _sampling:
-    """Sets the encoder's frame sampling for one prompt (prompts are built one at a time here)."""
-
-    def __init__(self, generator: Generator, sampling) -> None:
-        self.generator, self.sampling = generator, sampling
-
-    def __enter__(self) -> None:
-        _sampling_lock.acquire()
-        self.saved = self.generator.encoder.prepare.sampling
-        self.generator.encoder.prepare.sampling = self.sampling
-
-    def __exit__(self, *exc) -> None:
-        self.generator.encoder.prepare.sampling = self.saved
-        _sampling_lock.release()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _complete(generator: Generator, prompt, options: dict, stops: list[str],
@@ -376,9 +367,12 @@ def _usage(reply: Reply) -> dict[str, int]:
 
 
 async def _events(generator: Generator, prompt, options: dict, stops: list[str], ident: str, model: str,
-                  created: int, include_usage: bool, request) -> Any:
-    """Server-sent events in OpenAI's chunk format; decoding stops when the client goes away."""
-    from starlette.concurrency import iterate_in_threadpool
+                  include_usage: bool, request) -> Any:
+    """Server-sent events in OpenAI's chunk format; decoding stops when the client goes away. A
+    failure after the first event is sent as an event in OpenAI's error shape."""
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+    created = int(time.time())
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -404,10 +398,14 @@ async def _events(generator: Generator, prompt, options: dict, stops: list[str],
             if cut.stopped:
                 break
         finished = True
+    except Exception as err:  # noqa: BLE001 - reported to the client in the stream itself
+        error = RequestError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
+        return
     finally:
         if not finished or cut.stopped:  # the client went away, or a stop string came: stop decoding
             cancel.set()
-        pieces.close()  # ends the decoding thread (at the next token once cancelled)
+        await run_in_threadpool(pieces.close)  # ends the decoding thread (at the next token once cancelled)
     tail = cut.flush().rstrip()
     if tail:
         sent += tail

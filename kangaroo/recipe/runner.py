@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,7 +210,11 @@ def finish_stage(recipe: Recipe, stage: Stage, workdir: str, state: dict[str, An
     if not os.path.isfile(os.path.join(local_model, WEIGHTS_NAME)) or not entry.get("model_folder"):
         print(f"[{stage.name}] exporting the model folder {storage.join(root, MODEL_FOLDER)}", flush=True)
         export_model(storage.join(root, WEIGHTS_NAME), local_model, config=stage_file, overwrite=True)
+        # answers of an earlier model of this stage must not be resumed as this one's
+        shutil.rmtree(os.path.join(local_root, EVAL_FOLDER), ignore_errors=True)
+        benchmarks.clear()
         if local_root != root:
+            storage.remove(storage.join(root, EVAL_FOLDER))
             storage.upload(local_model, storage.join(root, MODEL_FOLDER))
         entry["model_folder"] = storage.join(root, MODEL_FOLDER)
         write_state(workdir, state)
@@ -218,14 +223,18 @@ def finish_stage(recipe: Recipe, stage: Stage, workdir: str, state: dict[str, An
         if evaluation.label in benchmarks:
             continue
         if generator is None:
-            generator = Generator(load_pretrained(local_model))
-            base = generator.encoder.prepare.sampling
-        generator.encoder.prepare.sampling = frame_sampling(base, evaluation.frames, evaluation.fps)
+            import torch
+
+            on_gpu = torch.cuda.is_available()
+            generator = Generator(load_pretrained(local_model, device="cuda" if on_gpu else "cpu",
+                                                  dtype="bfloat16" if on_gpu else None))
+            base = generator.sampling
+        generator.sampling = frame_sampling(base, evaluation.frames, evaluation.fps)
         output = os.path.join(local_root, EVAL_FOLDER, evaluation.label)
         questions = read_benchmark(evaluation.benchmark, evaluation.data)
         print(f"[{stage.name}] eval {evaluation.label}: {len(questions)} questions from {evaluation.data}", flush=True)
         evaluate_shard(generator, questions, evaluation.videos or os.path.dirname(evaluation.data), output,
-                       evaluation.mode)
+                       evaluation.mode, benchmark=evaluation.benchmark)
         results = summarize(questions, output, 1, evaluation.benchmark, evaluation.mode)
         print(format_results(results), flush=True)
         if local_root != root:

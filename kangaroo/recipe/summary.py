@@ -32,6 +32,11 @@ def _number(value: Any) -> float | None:
     return None if value is None or value != value else float(value)  # nan -> None
 
 
+def _or_nan(value: Any) -> float:
+    number = _number(value)
+    return float("nan") if number is None else number  # 0.0 is a point, not a gap
+
+
 def plot_summary(recipe: Recipe, workdir: str, rows: list[dict]) -> None:
     import matplotlib
 
@@ -55,10 +60,10 @@ def plot_summary(recipe: Recipe, workdir: str, rows: list[dict]) -> None:
     accuracy_axis.plot(names, [r["eval_accuracy"] if r["eval_accuracy"] is not None else float("nan") for r in rows],
                        marker="o", label="all")
     for group in sorted({k for r in rows for k in r["eval"] if k.startswith("val/accuracy/")}):
-        accuracy_axis.plot(names, [_number(r["eval"].get(group)) or float("nan") for r in rows], marker=".",
+        accuracy_axis.plot(names, [_or_nan(r["eval"].get(group)) for r in rows], marker=".",
                            label=group.rsplit("/", 1)[-1])
     for name in sorted({name for r in rows for name in r["benchmarks"]}):
-        accuracy_axis.plot(names, [_number(r["benchmarks"].get(name)) or float("nan") for r in rows], marker="s",
+        accuracy_axis.plot(names, [_or_nan(r["benchmarks"].get(name)) for r in rows], marker="s",
                            linestyle="none", label=f"eval: {name}")
     accuracy_axis.axhline(0.25, color="grey", linestyle=":", label="chance")
     accuracy_axis.set(title="held-out multiple-choice accuracy", xlabel="stage", ylim=(0, 1))
