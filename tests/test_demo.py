@@ -9,10 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -23,7 +20,7 @@ SCREENSHOT = os.environ.get("KANGAROO_DEMO_SCREENSHOT")
 
 @pytest.fixture(scope="module")
 def demo(trained_model, tmp_path_factory):
-    from test_serve import free_port
+    from test_serve import free_port, wait_until_up
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "demo", "--model", str(trained_model.folder),
@@ -32,16 +29,7 @@ def demo(trained_model, tmp_path_factory):
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the demo did not come up in 120 s"
-            time.sleep(0.3)
+        wait_until_up(f"{url}/_stcore/health", process)
         yield url
     finally:
         os.killpg(process.pid, 15)
@@ -88,6 +76,9 @@ def test_upload_ask_two_rounds_and_reset_in_a_real_browser(demo, trained_model, 
             expect(assistant).to_have_count(2)
             expect(assistant.nth(1)).to_contain_text(expected)  # the second round's answer, streamed in full
             expect(page.get_by_test_id("stChatMessage")).to_have_count(4)
+            page.get_by_role("button", name="Regenerate").click()  # the last answer again: greedy, the same
+            expect(page.get_by_test_id("stChatMessage")).to_have_count(4)
+            expect(assistant.nth(1)).to_contain_text(expected)
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             assert (tmp_path / "demo.png").stat().st_size > 10_000
             if SCREENSHOT:

@@ -31,6 +31,22 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Waits for ``url`` to answer 200, failing with the process's output if it ends first."""
+    deadline = time.time() + seconds
+    while True:
+        if process.poll() is not None:
+            output = process.stderr if process.stderr is not None else process.stdout
+            pytest.fail(f"{process.args[:4]} ended: {output.read()[-3000:] if output else ''}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, f"{url} did not come up in {seconds:.0f} s"
+        time.sleep(0.2)
+
+
 @contextmanager
 def serving(folder: Path, *extra: str):
     """``kangaroo serve`` started as a process; yields ``(base_url, process)``."""
@@ -40,16 +56,7 @@ def serving(folder: Path, *extra: str):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            try:
-                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not come up in 120 s"
-            time.sleep(0.2)
+        wait_until_up(f"{base}/v1/models", process)
         yield base, process
     finally:
         process.terminate()
