@@ -3,7 +3,7 @@ long-video accuracy before and after stage 5, the final model on blank frames, a
 accuracy per kind of question after stages 4 and 5, and the recipe's own ``kangaroo eval`` of the
 final model folder (generated replies, as training prompted and through the Video-MME reader).
 
-Run: python benchmarks/tiny_recipe.py [--workdir runs/tiny-benchmark] [--fresh]
+Run: python benchmarks/tiny_recipe.py [--workdir runs/tiny-benchmark] [--fresh] [--frame-format jpeg]
 
 The world is generated (if missing) into the recipe's world folder. Held-out clips are rendered
 from their own seeds. The blank-frame check runs the final model on the same held-out
@@ -84,12 +84,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/tiny-benchmark")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first (the world is kept)")
+    parser.add_argument("--frame-format", choices=("raw", "jpeg", "webp"),
+                        help="store every stage's frames so (data.prepare.frame_format; default: the configs')")
     args = parser.parse_args()
     from kangaroo.recipe import load_recipe, run_recipe
 
     if args.fresh and os.path.isdir(args.workdir):
         shutil.rmtree(args.workdir)
     recipe = load_recipe(RECIPE)
+    if args.frame_format:
+        for stage in recipe.stages:
+            stage.overrides["data.prepare.frame_format"] = args.frame_format
     started = time.time()
     summary = run_recipe(recipe, args.workdir)
     wall = time.time() - started

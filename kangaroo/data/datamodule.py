@@ -12,6 +12,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
 from kangaroo.data.encode import PrepareConfig
+from kangaroo.data.frames import load_frames
 from kangaroo.data.packing import SequencePacker, collate_rows
 from kangaroo.distributed import own_entry, per_rank
 from kangaroo.modules.layout import IGNORE_INDEX
@@ -22,7 +23,7 @@ class IndexedStreamingDataset(StreamingDataset):
     the packer's buffer can be fetched again after a resume."""
 
     def __getitem__(self, index: ChunkedIndex | int) -> dict[str, Any]:
-        record = super().__getitem__(index)
+        record = load_frames(super().__getitem__(index))  # compressed frames decoded here, in the worker
         record["index"] = index.index if isinstance(index, ChunkedIndex) else int(index)
         return record
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kangaroo import storage
+from kangaroo.data.frames import FRAME_FORMATS, store_frames
 from kangaroo.data.manifest import ManifestSample, Reject
 from kangaroo.data.tokenization import ChatEncoder
 from kangaroo.data.transforms import ResizeMode, fit_frames
@@ -41,6 +42,12 @@ class PrepareConfig:
     """Write the samples in an order shuffled with ``seed``. LitData shuffles the order of the
     chunks and the samples inside each chunk, never across chunks, so a manifest grouped by kind
     (all long clips, then all short ones) would otherwise train on one kind for a long stretch."""
+    frame_format: Literal["raw", "jpeg", "webp"] = "raw"
+    """How frames are stored in the chunks: ``raw`` uint8 (3 x size x size bytes a frame), or
+    each frame compressed as a ``jpeg`` or ``webp`` image (``kangaroo.data.frames``), decoded by
+    the loader's workers. See docs/data.md for the bytes per frame."""
+    frame_quality: int = 90
+    """The codec's quality, 1-100, for ``jpeg`` and ``webp``."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 16:
@@ -49,6 +56,11 @@ class PrepareConfig:
             raise ValueError(f"prepare.overflow must be drop_frames or skip, got {self.overflow!r}")
         if self.resize not in ("pad", "crop", "stretch"):
             raise ValueError(f"prepare.resize must be pad, crop or stretch, got {self.resize!r}")
+        if self.frame_format not in FRAME_FORMATS:
+            raise ValueError(f"prepare.frame_format must be one of {list(FRAME_FORMATS)}, got {self.frame_format!r}")
+        if isinstance(self.frame_quality, bool) or not isinstance(self.frame_quality, int) \
+                or not 1 <= self.frame_quality <= 100:
+            raise ValueError(f"prepare.frame_quality must be an integer from 1 to 100, got {self.frame_quality!r}")
 
 
 @dataclass
@@ -104,7 +116,7 @@ class SampleEncoder:
             "id": sample.id,
             "input_ids": np.asarray(encoded.input_ids, dtype=np.int32),
             "labels": np.asarray(encoded.labels, dtype=np.int32),
-            "pixels": pixels,
+            **store_frames(pixels, self.prepare.frame_format, self.prepare.frame_quality),
             "timestamps": timestamps.astype(np.float32),
             "num_tokens": len(encoded.input_ids),
             "task": str(sample.meta.get("task", "")),
