@@ -48,10 +48,25 @@ def _prepare_command(args: argparse.Namespace) -> int:
     output = args.output or (data.hparams.train_dir if args.split == "train" else data.hparams.val_dir)
     if output is None:
         raise ValueError(f"{args.config}: no data.{args.split}_dir and no --output")
+    shard = _parse_shard(args.shard) if args.shard else None
+    if shard is not None and shard[1] < 2:
+        raise ValueError(f"--shard {args.shard}: N must be at least 2 (without --shard, one pass writes the dataset)")
     try:
         report = prepare_dataset(args.manifest, output, data.prepare, visual_layout(stage.architecture),
                                  workers=args.workers, strict=args.strict, overwrite=args.overwrite,
-                                 allowed_roots=args.allowed_root)
+                                 allowed_roots=args.allowed_root, shard=shard)
+    except NothingUsable as err:
+        print(f"kangaroo: error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def _merge_command(args: argparse.Namespace) -> int:
+    from kangaroo.data.prepare import NothingUsable, merge_parts
+
+    try:
+        report = merge_parts(args.output, keep_parts=args.keep_parts)
     except NothingUsable as err:
         print(f"kangaroo: error: {err}", file=sys.stderr)
         return 1
@@ -255,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     prepare.add_argument("--allowed-root", action="append", help="a folder media must live under "
                          "(repeatable; default: the manifest's folder)")
+    prepare.add_argument("--shard", metavar="K/N", help="prepare only slice K of N into OUTPUT/parts/K-of-N "
+                         "(one machine each; then `kangaroo data merge OUTPUT`)")
     prepare.set_defaults(handler=_prepare_command)
+    merge = data.add_parser("merge", help="join the parts written by `prepare --shard K/N` into one dataset")
+    merge.add_argument("output", help="the --output the parts were prepared into (local or s3://)")
+    merge.add_argument("--keep-parts", action="store_true", help="keep OUTPUT/parts after merging")
+    merge.set_defaults(handler=_merge_command)
     synth = data.add_parser("synth", help="write the tiny synthetic world: videos, manifests for all five stages, "
                                           "held-out questions, tokenizer and text-trained tiny LLM")
     synth.add_argument("--output", default="data/kangaroo-tiny", help="folder (default data/kangaroo-tiny)")

@@ -58,9 +58,9 @@ def test_prepare_reads_media_from_s3_and_writes_chunks_there(s3, tmp_path, stage
             lines.append(json.dumps({"id": "gone", "video": f"{base}/gone.mp4", "task": "caption", "caption": "x"}))
         (tmp_path / name).write_text("\n".join(lines) + "\n")
 
-    def prepare(manifest: str, output: str, root: str) -> subprocess.CompletedProcess:
+    def prepare(manifest: str, output: str, root: str, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "prepare", "--manifest", manifest,
-                               "--output", output, "--config", stage_yaml(), "--allowed-root", root],
+                               "--output", output, "--config", stage_yaml(), "--allowed-root", root, *extra],
                               capture_output=True, text=True)
 
     local = prepare(str(tmp_path / "local.jsonl"), str(tmp_path / "prepared"), str(media))
@@ -82,6 +82,23 @@ def test_prepare_reads_media_from_s3_and_writes_chunks_there(s3, tmp_path, stage
     for sample_id, record in expected.items():
         for field in ("pixels", "timestamps", "input_ids", "labels"):
             assert np.array_equal(np.asarray(streamed[sample_id][field]), np.asarray(record[field])), (sample_id, field)
+
+    # Two shards written to the server and merged there read back as the one-pass dataset, in order.
+    for shard in ("0/2", "1/2"):
+        part = prepare(str(tmp_path / "remote.jsonl"), f"s3://{BUCKET}/sharded", f"s3://{BUCKET}/media", "--shard", shard)
+        assert part.returncode == 0, part.stderr[-3000:]
+    merged = subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "merge", f"s3://{BUCKET}/sharded"],
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert "prepared 4 samples" in merged.stdout and "skipped 1" in merged.stdout
+    assert not any(k.startswith("sharded/parts/") for k in s3.keys("sharded/"))
+    one_pass = list(StreamingDataset(f"s3://{BUCKET}/prepared", cache_dir=str(tmp_path / "cache-one")))
+    joined = list(StreamingDataset(f"s3://{BUCKET}/sharded", cache_dir=str(tmp_path / "cache-joined")))
+    assert [r["id"] for r in joined] == [r["id"] for r in one_pass]
+    for a, b in zip(one_pass, joined):
+        assert np.array_equal(np.asarray(a["pixels"]), np.asarray(b["pixels"])), a["id"]
+    rejects = client.get_object(Bucket=BUCKET, Key="sharded/rejects.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["id"] for line in rejects.splitlines()] == ["gone"]
 
 
 # -- checkpoints through an outage ---------------------------------------------------------------

@@ -187,3 +187,73 @@ def test_forkserver_workers_write_the_same_records_and_the_start_method_is_put_b
     for a, b in zip(records["spawn"], records["forkserver"], strict=True):
         assert a["id"] == b["id"] and np.array_equal(a["input_ids"], b["input_ids"])
         assert np.array_equal(np.asarray(a["pixels"]), np.asarray(b["pixels"]))
+
+
+def _records(directory):
+    return [{key: np.asarray(value) if key in ("input_ids", "labels", "pixels", "timestamps") else value
+             for key, value in record.items()} for record in StreamingDataset(str(directory))]
+
+
+def test_two_shards_prepared_by_two_processes_merge_into_the_one_pass_dataset(tmp_path, media_dir, stage_yaml):
+    # as two machines would: each process reads the whole manifest, encodes its slice, writes its part
+    from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.training.stage_file import load_stage_file
+
+    path, good = manifest(tmp_path, media_dir)
+    extra = [json.dumps({"id": f"t{i}", "conversations": [{"role": "user", "content": f"Say {i}"},
+                                                          {"role": "assistant", "content": f"{i} " * (1 + i % 5)}]})
+             for i in range(14)]
+    extra.append(json.dumps({"id": "good1", "task": "caption", "caption": "a second line with an id taken"}))
+    with open(path, "a") as out:
+        out.write("\n".join(extra) + "\n")
+    config = stage_yaml()
+    parts = [subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "data", "prepare", "--manifest", path,
+                               "--config", config, "--output", str(tmp_path / "sharded"), "--shard", f"{k}/2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    outputs = [part.communicate(timeout=300)[0] for part in parts]
+    assert [part.returncode for part in parts] == [0, 0], outputs
+    assert (tmp_path / "sharded" / "parts" / "0-of-2" / "part.json").exists()
+    merged = subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "merge", str(tmp_path / "sharded")],
+                            capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0, merged.stderr
+    assert "prepared 20 samples" in merged.stdout and "skipped 10" in merged.stdout
+    assert not (tmp_path / "sharded" / "parts").exists()
+
+    sections = load_stage_file(config)
+    prepare_dataset(path, str(tmp_path / "one"), sections["data"].prepare,
+                    visual_layout(sections["model"].architecture))
+    one, joined = _records(tmp_path / "one"), _records(tmp_path / "sharded")
+    assert len(one) == 20 and {r["id"] for r in one} == good | {f"t{i}" for i in range(14)}
+    assert [r["id"] for r in joined] == [r["id"] for r in one]
+    assert [r["id"] for r in one] != sorted(r["id"] for r in one)  # shuffled, so the order itself is compared
+    for a, b in zip(one, joined, strict=True):
+        for key in ("input_ids", "labels", "pixels", "timestamps"):
+            assert np.array_equal(a[key], b[key]), (a["id"], key)
+
+    def rejects(directory):
+        return sorted(map(tuple, (json.loads(line).values() for line in (directory / "rejects.jsonl").open())))
+
+    assert rejects(tmp_path / "sharded") == rejects(tmp_path / "one")
+    assert ("good1", "duplicate id: an earlier line has the same id") in rejects(tmp_path / "one")
+    assert len(rejects(tmp_path / "one")) == 10
+
+
+def test_merge_refuses_missing_parts_and_prepare_refuses_a_bad_shard(tmp_path, stage_yaml):
+    from kangaroo.data.prepare import merge_parts
+
+    part = tmp_path / "out" / "parts" / "0-of-2"
+    part.mkdir(parents=True)
+    (part / "part.json").write_text(json.dumps({"shard": 0, "of": 2, "usable": 3, "prepared": 2, "rejected": 0}))
+    with pytest.raises(ValueError, match=r"part 1 of 2 is missing .*--shard 1/2"):
+        merge_parts(str(tmp_path / "out"))
+    (tmp_path / "out" / "parts" / "1-of-3").mkdir()
+    with pytest.raises(ValueError, match="different shard counts"):
+        merge_parts(str(tmp_path / "out"))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "conversations": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n")
+    for shard in ("2/2", "0/1", "x"):
+        result = subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "prepare", "--manifest",
+                                 str(tmp_path / "m.jsonl"), "--config", stage_yaml(), "--output",
+                                 str(tmp_path / "o"), "--shard", shard], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "--shard" in result.stderr, result.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import tempfile
@@ -186,15 +185,3 @@ def read_image(path: str) -> np.ndarray:
         raise MediaError(f"missing file: {path}") from err
     except (UnidentifiedImageError, OSError) as err:
         raise MediaError(f"unreadable image: {err}") from err
-
-
-def write_rejects(path: str, rejects: list[Reject]) -> None:
-    storage.write_text(path, "".join(reject.to_json() + "\n" for reject in rejects))
-
-
-def read_rejects(directory: str) -> list[Reject]:
-    rejects = []
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), encoding="utf-8") as lines:
-            rejects += [Reject(**json.loads(line)) for line in lines if line.strip()]
-    return rejects

@@ -68,13 +68,18 @@ def read_manifest(path: str, allowed_roots: list[str] | None = None) -> Iterator
     ``allowed_roots``: directories (or ``s3://bucket/prefix``) media must live under; default:
     the manifest's own directory.
     """
-    base = os.path.dirname(os.path.abspath(path))
-    roots = [_normalise_root(r) for r in (allowed_roots or [base])]
+    base, roots = manifest_roots(path, allowed_roots)
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             yield parse_line(line, number, base, roots)
+
+
+def manifest_roots(path: str, allowed_roots: list[str] | None = None) -> tuple[str, list[str]]:
+    """The folder relative media paths start from, and the roots media must live under."""
+    base = os.path.dirname(os.path.abspath(path))
+    return base, [_normalise_root(r) for r in (allowed_roots or [base])]
 
 
 def read_record(line: str) -> tuple[dict[str, Any] | None, str | None]:
