@@ -186,8 +186,9 @@ def plan(s: Stage, checkpointing: bool = True, sharded: bool = True, dense: bool
     rows["vision tower activations"] = vit_act
     rows["loss chunk (fp32 logits and their gradient)"] = 2 * FP32 * s.loss_chunk * s.vocab
     rows["attention: mask or kernel state"] = attention_memory(s, dense or s.attention not in ("auto", "flash_attention_2"))
-    # fp32 from the collate, and the bf16 copy the tower computes on
-    rows["pixel tensors (fp32 input + bf16 copy)"] = (FP32 + BF16) * s.rows * s.frames_per_row * 3 * s.image_size ** 2
+    # uint8 from the loader, fp32 once the model normalises them, and the bf16 copy the tower computes on
+    rows["pixel tensors (uint8 input, fp32 normalised, bf16 copy)"] = \
+        (1 + FP32 + BF16) * s.rows * s.frames_per_row * 3 * s.image_size ** 2
     # the cos/sin tables of the LLM's RoPE over the row (the scaled RoPE of stages 4-5 is no larger)
     rows["RoPE cos/sin (fp32)"] = 2 * FP32 * s.rows * s.tokens * s.head_dim
     rows["total"] = sum(rows.values())

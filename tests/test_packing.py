@@ -8,6 +8,7 @@ from litdata import optimize
 from conftest import make_sample
 from kangaroo.data.datamodule import KangarooDataModule
 from benchmarks.packing_bounds import offline_best_fit_efficiency, packing_efficiency_bound
+from kangaroo.data.transforms import normalize
 from kangaroo.data.packing import SequencePacker, collate_rows, take_best_fit
 from kangaroo.modules import IGNORE_INDEX
 
@@ -118,7 +119,10 @@ def test_collate_keeps_each_sample_intact():
     assert batch["position_ids"][1].tolist() == list(range(4)) + list(range(8))  # padding restarts too
     assert (batch["labels"][1, 4:] == IGNORE_INDEX).all()
     assert batch["frame_counts"].tolist() == [2, 1] and batch["pixel_values"].shape == (3, 3, 8, 8)
-    assert batch["pixel_values"].dtype == torch.float32 and batch["sample_ids"] == ["a", "b", "c"]
+    assert batch["sample_ids"] == ["a", "b", "c"]
+    # frames leave the loader as uint8, a quarter of float32: the model normalises them on its device
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixels"], b["pixels"], c["pixels"]]))
 
 
 def test_collated_rows_train_the_model(tiny_model):
@@ -133,7 +137,27 @@ def test_collated_rows_train_the_model(tiny_model):
                                     "frame_counts")}
     with torch.no_grad():
         out = tiny_model(**inputs)
+        normalised = tiny_model(**{**inputs, "pixel_values": normalize(inputs["pixel_values"])})
+        blank = tiny_model(**{**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])})
     assert torch.isfinite(out.loss) and out.num_label_tokens == 15
+    # uint8 frames normalised inside the model are the frames normalised on the host, exactly
+    assert torch.equal(out.loss, normalised.loss) and not torch.equal(out.loss, blank.loss)
+
+
+def test_the_model_normalises_uint8_frames_into_the_vision_towers_dtype(tiny_model):
+    import copy
+
+    sample = make_sample(tiny_model, 2, 5, seed=0)
+    pixels = torch.randint(0, 255, sample.pixel_values.shape, dtype=torch.uint8)
+    args = (torch.tensor([2]), pixels)
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    seen = []
+    hook = model.vision_tower.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        features = model.get_visual_features(args[1], sample.timestamps, args[0])
+    hook.remove()
+    assert seen[0].dtype == torch.bfloat16 and features.dtype == torch.bfloat16
+    assert torch.allclose(seen[0].float(), normalize(pixels), rtol=1e-2, atol=1e-2)  # bf16: 8 significant bits
 
 
 def _write_chunks(path, n=40):
@@ -168,3 +192,16 @@ def test_datamodule_state_resumes_the_same_batches(tmp_path):
     resumed.load_state_dict(state)
     tail = [b["sample_ids"] for b in resumed.train_dataloader()]
     assert head + tail == full
+
+
+@pytest.mark.gpu
+def test_batches_are_pinned_where_the_accelerator_is_cuda(tmp_path):
+    import lightning as L
+
+    _write_chunks(tmp_path / "chunks", n=8)
+    module = KangarooDataModule(str(tmp_path / "chunks"), max_tokens=256, packing=True, buffer_size=4)
+    module.trainer = L.Trainer(accelerator="cuda", devices=1, logger=False)
+    batch = next(iter(module.train_dataloader()))
+    assert batch["input_ids"].is_pinned() and batch["labels"].is_pinned()
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert not next(iter(module.train_dataloader()))["input_ids"].is_pinned()

@@ -39,7 +39,7 @@ class PackedBatches:
 
     def __init__(self, dataset: IndexedStreamingDataset, budget: int, rows_per_batch: int = 1,
                  packing: bool = True, buffer_size: int = 64, num_workers: int = 0, pad_id: int = 0,
-                 track_position: bool = False) -> None:
+                 track_position: bool = False, pin_memory: bool = False) -> None:
         self.dataset = dataset
         # Its own generator: starting an iterator never draws from the global one, whose state a
         # resumed run restores for the model's own randomness (dropout, drop path).
@@ -50,6 +50,7 @@ class PackedBatches:
         self.rows_per_batch = rows_per_batch
         self.pad_id = pad_id
         self.track_position = track_position
+        self.pin_memory = pin_memory
         self._restored: dict[str, Any] = {}
         self._buffer_to_restore: list[int] = []
         self._produced = 0
@@ -72,6 +73,8 @@ class PackedBatches:
     def _collate(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
         batch = collate_rows(rows, self.pad_id)
         batch["packing_efficiency"] = self.packer.efficiency
+        if self.pin_memory:  # page-locked: the copy to the GPU runs asynchronously (non_blocking)
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if not self.track_position:
             return batch
         self._produced += 1
@@ -187,8 +190,9 @@ class KangarooDataModule(L.LightningDataModule):
     def _batches(self, directory: str, shuffle: bool, train: bool = False) -> PackedBatches:
         hp = self.hparams
         dataset = IndexedStreamingDataset(directory, shuffle=shuffle, seed=hp.seed, drop_last=False)
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return PackedBatches(dataset, hp.max_tokens, hp.rows_per_batch, hp.packing, hp.buffer_size,
-                             hp.num_workers, hp.pad_id, track_position=train)
+                             hp.num_workers, hp.pad_id, track_position=train, pin_memory=pin)
 
     def train_dataloader(self) -> PackedBatches:
         self._train = self._batches(self.hparams.train_dir, self.hparams.shuffle, train=True)

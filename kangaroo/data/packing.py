@@ -8,7 +8,6 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from kangaroo.data.transforms import normalize
 from kangaroo.modules.layout import IGNORE_INDEX
 
 Record = dict[str, Any]
@@ -89,7 +88,7 @@ def collate_rows(rows: list[list[Record]], pad_id: int = 0, pad_to: int | None =
 
     ``input_ids``, ``labels``, ``position_ids``: ``(b, L)`` with ``L`` the longest row (or
     ``pad_to``); positions restart at 0 for every record and for the padding tail, whose labels
-    are ``-100``. ``pixel_values``: ``(N, 3, s, s)`` float, CLIP-normalised; ``timestamps``:
+    are ``-100``. ``pixel_values``: ``(N, 3, s, s)`` uint8 (the model normalises them on its device); ``timestamps``:
     ``(N,)``; ``frame_counts``: ``(M,)`` for the ``M`` records with media, in token order.
     """
     length = max(pad_to or 0, max(sum(r["num_tokens"] for r in row) for row in rows))
@@ -117,6 +116,6 @@ def collate_rows(rows: list[list[Record]], pad_id: int = 0, pad_to: int | None =
              "tasks": tasks, "categories": categories,
              "num_tokens": int(sum(r["num_tokens"] for row in rows for r in row))}
     if pixels:
-        batch.update(pixel_values=normalize(torch.cat(pixels)), timestamps=torch.cat(timestamps),
+        batch.update(pixel_values=torch.cat(pixels), timestamps=torch.cat(timestamps),
                      frame_counts=torch.tensor(frame_counts))
     return batch

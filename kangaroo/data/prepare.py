@@ -5,7 +5,7 @@ ones (id, a shuffle key, the line's byte offset) in an on-disk SQLite index, who
 refuses duplicate ids and whose ``ORDER BY`` sorts the output order on disk. LitData ``optimize``
 then gets blocks of positions in that order; each worker re-reads its lines from the manifest
 by offset. Memory stays flat in the manifest's length (``benchmarks/prepare_memory.py``); the
-index takes about 60 bytes of local disk per line. SQLite comes with Python and is built for
+index takes about 50 bytes of local disk per line. SQLite comes with Python and is built for
 exactly this (a disk-backed B-tree and external sort), so none of it is written here.
 
 Several machines prepare one dataset with ``shard=(K, N)``: every machine reads the whole

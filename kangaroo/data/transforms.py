@@ -8,8 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from kangaroo.modules.layout import CLIP_MEAN, CLIP_STD, normalize_pixels  # noqa: F401 (CLIP_STD: re-export)
 
 ResizeMode = Literal["pad", "crop", "stretch"]
 
@@ -22,7 +21,7 @@ def fit_frames(frames: np.ndarray, size: int, mode: ResizeMode = "pad") -> torch
     - ``crop``: scale the shorter side to ``size`` and keep the centre square.
     - ``stretch``: resize to ``size x size`` ignoring the aspect ratio.
 
-    Frames are stored as uint8 (a quarter of float32) and normalised only when batched.
+    Frames stay uint8 (a quarter of float32) up to the device, where the model normalises them.
     """
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
@@ -51,7 +50,5 @@ def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """``(n, 3, s, s)`` uint8 -> float32 with CLIP mean and std."""
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
+    """``(n, 3, s, s)`` uint8 -> float32 with CLIP mean and std (``normalize_pixels``)."""
+    return normalize_pixels(pixels)

@@ -22,7 +22,6 @@ import torch
 from kangaroo.data.encode import Media as DecodedMedia
 from kangaroo.data.encode import SampleEncoder
 from kangaroo.data.manifest import ManifestSample
-from kangaroo.data.transforms import normalize
 from kangaroo.data.video import FrameSampling, MediaError
 from kangaroo.inference.folder import LoadedModel
 
@@ -180,8 +179,7 @@ class Generator:
         with_media = [p for p in prompts if p.pixels is not None]
         visual: dict[str, Any] = {}
         if with_media:
-            dtype = next(self.model.vision_tower.parameters()).dtype
-            visual = dict(pixel_values=normalize(torch.cat([p.pixels for p in with_media]).to(device)).to(dtype),
+            visual = dict(pixel_values=torch.cat([p.pixels for p in with_media]).to(device),  # uint8: see the model
                           timestamps=torch.cat([p.timestamps for p in with_media]).to(device),
                           frame_counts=torch.tensor([p.frames for p in with_media], device=device))
         embeds = self.model.embed_inputs(ids.to(device), **visual)

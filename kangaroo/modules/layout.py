@@ -10,8 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 IGNORE_INDEX = -100
 """Label of a position the loss skips (prompts, visual tokens, padding), as in transformers."""
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""The vision tower's input normalisation (OpenAI CLIP's, which EVA02-CLIP keeps)."""
+
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(n, 3, s, s)`` uint8 -> ``dtype`` with CLIP mean and std, computed in float32 on the
+    tensor's own device. Batches carry uint8 frames (a quarter of float32 over the host-to-device
+    copy); the model normalises them on arrival (``KangarooModel.get_visual_features``)."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return ((pixels.float() / 255.0 - mean) / std).to(dtype)
 
 
 @dataclass

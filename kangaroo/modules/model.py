@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kangaroo.modules.layout import VisualLayout, VisualTokens
+from kangaroo.modules.layout import VisualLayout, VisualTokens, normalize_pixels
 from kangaroo.modules.loss import first_answer_tokens, labelled_token_loss
 from kangaroo.modules.patchify import SpatialTemporalPatchify
 from kangaroo.modules.temporal_embedding import TemporalPositionEmbedding
@@ -40,7 +40,8 @@ class KangarooModel(nn.Module):
 
     - ``input_ids``, ``labels``, ``position_ids``: ``(b, s)``; packed rows restart
       ``position_ids`` at 0 for every sample, and no token then attends across samples.
-    - ``pixel_values``: ``(N, 3, H, W)`` normalised frames; ``timestamps``: ``(N,)`` seconds;
+    - ``pixel_values``: ``(N, 3, H, W)`` uint8 frames (normalised on arrival, on the model's
+      device, into the vision tower's dtype) or frames already CLIP-normalised; ``timestamps``: ``(N,)`` seconds;
       ``frame_counts``: ``(M,)`` frames per media item (an image is one frame).
     """
 
@@ -98,6 +99,10 @@ class KangarooModel(nn.Module):
         """The visual layout of one media item of ``frames`` frames, as token ids."""
         return self.layout.placeholder_ids(frames)
 
+    def visual_dtype(self) -> torch.dtype:
+        """The dtype the vision tower's weights are held in: normalised frames are cast to it."""
+        return next(self.vision_tower.parameters()).dtype
+
     # -- forward -----------------------------------------------------------------------------
 
     def get_visual_features(
@@ -115,6 +120,8 @@ class KangarooModel(nn.Module):
         counts = [int(c) for c in frame_counts.tolist()]
         if sum(counts) != pixel_values.shape[0]:
             raise ValueError(f"frame_counts sum to {sum(counts)} but pixel_values holds {pixel_values.shape[0]} frames")
+        if pixel_values.dtype == torch.uint8:  # frames as the loader sends them: normalised here, on the device
+            pixel_values = normalize_pixels(pixel_values, self.visual_dtype())
         features = self.temporal_embedding(self.vision_tower(pixel_values), timestamps)
         h, w = self.vision_tower.grid
         grid = features.reshape(features.shape[0], h, w, -1)
