@@ -221,8 +221,9 @@ def test_two_shards_prepared_by_two_processes_merge_into_the_one_pass_dataset(tm
     assert not (tmp_path / "sharded" / "parts").exists()
 
     sections = load_stage_file(config)
+    # two writers in one pass keep the sorted order too (each writes its own contiguous share)
     prepare_dataset(path, str(tmp_path / "one"), sections["data"].prepare,
-                    visual_layout(sections["model"].architecture))
+                    visual_layout(sections["model"].architecture), workers=2)
     one, joined = _records(tmp_path / "one"), _records(tmp_path / "sharded")
     assert len(one) == 20 and {r["id"] for r in one} == good | {f"t{i}" for i in range(14)}
     assert [r["id"] for r in joined] == [r["id"] for r in one]
@@ -244,8 +245,13 @@ def test_merge_refuses_missing_parts_and_prepare_refuses_a_bad_shard(tmp_path, s
 
     part = tmp_path / "out" / "parts" / "0-of-2"
     part.mkdir(parents=True)
-    (part / "part.json").write_text(json.dumps({"shard": 0, "of": 2, "usable": 3, "prepared": 2, "rejected": 0}))
+    info = {"shard": 0, "of": 2, "usable": 3, "fingerprint": "a", "prepared": 2, "rejected": 0}
+    (part / "part.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"part 1 of 2 is missing .*--shard 1/2"):
+        merge_parts(str(tmp_path / "out"))
+    (tmp_path / "out" / "parts" / "1-of-2").mkdir()
+    (tmp_path / "out" / "parts" / "1-of-2" / "part.json").write_text(json.dumps({**info, "fingerprint": "b"}))
+    with pytest.raises(ValueError, match="different manifests or settings"):
         merge_parts(str(tmp_path / "out"))
     (tmp_path / "out" / "parts" / "1-of-3").mkdir()
     with pytest.raises(ValueError, match="different shard counts"):
@@ -257,3 +263,28 @@ def test_merge_refuses_missing_parts_and_prepare_refuses_a_bad_shard(tmp_path, s
                                  str(tmp_path / "m.jsonl"), "--config", stage_yaml(), "--output",
                                  str(tmp_path / "o"), "--shard", shard], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and "--shard" in result.stderr, result.stderr
+
+
+def test_one_usable_sample_over_two_shards_merges_and_bad_text_is_rejected(tmp_path, stage_yaml):
+    from kangaroo.data.prepare import merge_parts, prepare_dataset
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.training.stage_file import load_stage_file
+
+    good = json.dumps({"id": "a", "conversations": [{"role": "user", "content": "Hi"},
+                                                    {"role": "assistant", "content": "Hello"}]})
+    lines = [b'{"id": "latin", "task": "caption", "caption": "caf\xe9"}',  # not UTF-8
+             b'{"id": "\\ud800", "task": "caption", "caption": "x"}',  # a lone surrogate
+             good.encode()]
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    sections = load_stage_file(stage_yaml())
+    prepare, layout = sections["data"].prepare, visual_layout(sections["model"].architecture)
+    reports = [prepare_dataset(str(path), str(tmp_path / "out"), prepare, layout, shard=(k, 2)) for k in range(2)]
+    assert [r.prepared for r in reports] == [0, 1]
+    merged = merge_parts(str(tmp_path / "out"))  # one part holds every sample: copied as it is
+    assert merged.prepared == 1 and merged.rejected == 2
+    assert [r["id"] for r in StreamingDataset(str(tmp_path / "out"))] == ["a"]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").open()]
+    assert sorted(r["reason"].split(":")[0] for r in rejects) == ["not UTF-8", "the id is not valid Unicode (a lone surrogate)"]
+    with pytest.raises(ValueError, match="N be at least 2"):
+        prepare_dataset(str(path), str(tmp_path / "o1"), prepare, layout, shard=(0, 1))

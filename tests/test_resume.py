@@ -28,7 +28,8 @@ STEPS, EVERY = 14, 3
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory, tiny_tokenizer_dir):
     """30 captioned images prepared with stage 1's own ``data.prepare`` (shuffled and packed in
-    training, so the packer's buffer and the epoch boundary are part of what must resume)."""
+    training, so the packer's buffer and the epoch boundary are part of what must resume), the
+    frames stored as jpeg: the loader's workers decode them (``num_workers: 2`` below)."""
     from kangaroo.training.stage_file import load_stage_file
     from kangaroo.data.prepare import prepare_dataset
     from kangaroo.modules.builder import visual_layout
@@ -45,6 +46,7 @@ def image_data(tmp_path_factory, tiny_tokenizer_dir):
                                        "caption": caption}) + "\n")
     sections = load_stage_file(str(STAGE))
     sections["data"].prepare.tokenizer = tiny_tokenizer_dir
+    sections["data"].prepare.frame_format = "jpeg"
     prepare_dataset(str(root / "images.jsonl"), str(root / "prepared"), sections["data"].prepare,
                     visual_layout(sections["model"].architecture))
     assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"

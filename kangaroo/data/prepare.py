@@ -18,6 +18,7 @@ sample the one a single pass writes.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -39,7 +40,7 @@ PART_FILE = "part.json"
 """Written last into a shard's part folder: the part is complete."""
 PARTS_DIR = "parts"
 BLOCK = 64
-"""Positions per LitData input item: the input list is 1/64 of the usable lines long."""
+"""At most this many positions per LitData input item (fewer when a worker would get under 4)."""
 FORKSERVER_PRELOAD = ["kangaroo.data.encode", "litdata", "transformers.models.auto.tokenization_auto"]
 """What a forkserver imports once: the encoder, LitData's worker and the tokenizer loader."""
 
@@ -112,8 +113,8 @@ def prepare_dataset(
     if start_method not in ("spawn", "forkserver"):
         raise ValueError(f"start_method must be spawn or forkserver, got {start_method!r}")
     index, count = shard or (0, 1)
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: K must lie in 0..N-1")
+    if not 0 <= index < count or (shard and count < 2):
+        raise ValueError(f"shard {index}/{count}: K must lie in 0..N-1 and N be at least 2")
     target = part_dir(output, (index, count)) if shard else output
     if storage.listdir(target):
         if not overwrite:
@@ -123,14 +124,16 @@ def prepare_dataset(
         rejects_dir = os.path.join(scratch, "rejects")
         os.makedirs(rejects_dir)
         db = os.path.join(scratch, "order.sqlite")
-        usable, first_reject = index_manifest(manifest, db, prepare, allowed_roots,
-                                              os.path.join(rejects_dir, "0-manifest.jsonl"), (index, count))
+        usable, first_reject, fingerprint = index_manifest(manifest, db, prepare, allowed_roots,
+                                                           os.path.join(rejects_dir, "0-manifest.jsonl"),
+                                                           (index, count), layout)
         if strict and first_reject is not None:
             raise ValueError(f"--strict: manifest lines are invalid, first: {first_reject.to_json()}")
         if usable == 0:
             raise NothingUsable(f"no usable sample in {manifest}")
         start, end = usable * index // count, usable * (index + 1) // count
-        blocks = [(a, min(a + BLOCK, end)) for a in range(start, end, BLOCK)]
+        block = max(1, min(BLOCK, -(-(end - start) // (4 * max(1, workers)))))  # every worker gets blocks
+        blocks = [(a, min(a + block, end)) for a in range(start, end, block)]
         if blocks:
             encoder = SpooledEncoder(SampleEncoder(prepare, layout, rejects_dir), db, manifest, allowed_roots)
             # never fork: forking a process whose torch threads already ran can deadlock a worker.
@@ -138,20 +141,22 @@ def prepare_dataset(
                 multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
             previous = multiprocessing.get_start_method(allow_none=True)
             try:
+                # keep_data_ordered: each worker writes its own contiguous share, so index.json lists the
+                # samples in the sorted order (a shared work queue would interleave them run to run)
                 optimize(fn=encoder, inputs=blocks, output_dir=target, num_workers=min(workers, len(blocks)),
-                         chunk_bytes="64MB", start_method=start_method, mode=None)
+                         chunk_bytes="64MB", start_method=start_method, mode=None, keep_data_ordered=True)
             finally:  # optimize sets the process-wide start method; later DataLoaders keep the caller's
                 multiprocessing.set_start_method(previous, force=True)
         reasons = collect_rejects(rejects_dir, storage.join(target, REJECTS_FILE))
     report = PrepareReport(target, _count_samples(target), reasons)
-    if shard:
-        storage.write_text(storage.join(target, PART_FILE), json.dumps(
-            {"shard": index, "of": count, "usable": usable, "prepared": report.prepared,
-             "rejected": report.rejected}) + "\n")
-    elif report.prepared == 0:
+    if not shard and report.prepared == 0:
         raise NothingUsable(f"no usable sample in {manifest}; reasons in {storage.join(output, REJECTS_FILE)}")
     if strict and report.rejected:
         raise ValueError(f"--strict: {report.rejected} samples were rejected; see {target}/{REJECTS_FILE}")
+    if shard:  # last: the part is complete
+        storage.write_text(storage.join(target, PART_FILE), json.dumps(
+            {"shard": index, "of": count, "usable": usable, "fingerprint": fingerprint, "prepared": report.prepared,
+             "rejected": report.rejected}) + "\n")
     return report
 
 
@@ -164,10 +169,13 @@ def order_key(prepare: PrepareConfig, sample_id: str, line: int) -> int:
 
 
 def index_manifest(manifest: str, db: str, prepare: PrepareConfig, allowed_roots: list[str] | None,
-                   rejects_path: str, shard: tuple[int, int] = (0, 1)) -> tuple[int, Reject | None]:
+                   rejects_path: str, shard: tuple[int, int] = (0, 1),
+                   layout: VisualLayout | None = None) -> tuple[int, Reject | None, str]:
     """The first pass: every line validated, usable ones recorded in ``db`` by output position
-    (table ``ordered``: ``pos`` from 0, ``offset``, ``line``), the shard's manifest rejects
-    appended to ``rejects_path``. Returns the usable count and the first reject of any shard."""
+    (table ``ordered``: ``pos`` from 0, ``id``, ``offset``, ``line``), the shard's manifest
+    rejects appended to ``rejects_path``. Returns the usable count, the first reject of any
+    shard, and a fingerprint of the ordered ids with the prepare settings and the layout (the
+    parts of one dataset must agree on it)."""
     from tqdm import tqdm
 
     base, roots = manifest_roots(manifest, allowed_roots)
@@ -189,7 +197,7 @@ def index_manifest(manifest: str, db: str, prepare: PrepareConfig, allowed_roots
             progress.update(len(raw))
             if not raw.strip():
                 continue
-            item = parse_line(raw.decode("utf-8", errors="replace"), number, base, roots)
+            item = _parse(raw, number, base, roots)
             if not isinstance(item, Reject):
                 inserted = connection.execute("INSERT OR IGNORE INTO lines VALUES (?, ?, ?, ?)",
                                               (item.id, order_key(prepare, item.id, number), here, number))
@@ -200,15 +208,34 @@ def index_manifest(manifest: str, db: str, prepare: PrepareConfig, allowed_roots
             if number % shard[1] == shard[0]:
                 rejects.write(item.to_json() + "\n")
     connection.executescript("""
-        CREATE TABLE ordered (pos INTEGER PRIMARY KEY, offset INTEGER NOT NULL, line INTEGER NOT NULL);
-        INSERT INTO ordered (pos, offset, line)
-            SELECT ROW_NUMBER() OVER (ORDER BY key, line) - 1, offset, line FROM lines;
+        CREATE TABLE ordered (pos INTEGER PRIMARY KEY, id TEXT NOT NULL, offset INTEGER NOT NULL,
+                              line INTEGER NOT NULL);
+        INSERT INTO ordered (pos, id, offset, line)
+            SELECT ROW_NUMBER() OVER (ORDER BY key, line) - 1, id, offset, line FROM lines;
         DROP TABLE lines;
     """)
     connection.commit()
-    usable = connection.execute("SELECT COUNT(*) FROM ordered").fetchone()[0]
+    settings = {k: v for k, v in dataclasses.asdict(prepare).items() if k != "tokenizer"}  # paths differ by machine
+    digest = hashlib.blake2b(repr((settings, layout)).encode(), digest_size=16)
+    usable = 0
+    for (sample_id,) in connection.execute("SELECT id FROM ordered ORDER BY pos"):
+        digest.update(sample_id.encode() + b"\n")
+        usable += 1
     connection.close()
-    return usable, first_reject
+    return usable, first_reject, digest.hexdigest()
+
+
+def _parse(raw: bytes, number: int, base: str, roots: list[str]) -> ManifestSample | Reject:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Reject(f"line {number}", f"not UTF-8: {err.reason} at byte {err.start}")
+    item = parse_line(text, number, base, roots)
+    try:
+        item.id.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may spell a lone surrogate ("\ud800"), which no file or key can hold
+        return Reject(f"line {number}", "the id is not valid Unicode (a lone surrogate)")
+    return item
 
 
 class SpooledEncoder:
@@ -231,13 +258,14 @@ class SpooledEncoder:
         if self._connection is None:
             self._connection = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
             self._lines = open(self.manifest, "rb")
-        rows = self._connection.execute("SELECT offset, line FROM ordered WHERE pos >= ? AND pos < ? ORDER BY pos",
+        rows = self._connection.execute("SELECT id, offset, line FROM ordered WHERE pos >= ? AND pos < ? ORDER BY pos",
                                         block).fetchall()
-        for offset, number in rows:
+        for sample_id, offset, number in rows:
             self._lines.seek(offset)
-            item = parse_line(self._lines.readline().decode("utf-8", errors="replace"), number, self.base, self.roots)
-            if isinstance(item, Reject):  # the file changed under us since the first pass
-                raise RuntimeError(f"{self.manifest} changed while it was being prepared (line {number})")
+            item = _parse(self._lines.readline(), number, self.base, self.roots)
+            if isinstance(item, Reject) or item.id != sample_id:  # the file changed since the first pass
+                raise RuntimeError(f"{self.manifest} changed while it was being prepared (line {number} no longer "
+                                   f"holds {sample_id!r}); prepare again")
             yield item
 
     def __call__(self, block: tuple[int, int]) -> Iterator[dict]:
@@ -285,18 +313,20 @@ def merge_parts(output: str, keep_parts: bool = False) -> PrepareReport:
             raise ValueError(f"part {index} of {count} is missing or unfinished (no {path}); "
                              f"run `kangaroo data prepare --shard {index}/{count}` for it")
         infos.append(json.loads(storage.read_text(path)))
-    if len({info["usable"] for info in infos}) != 1:
-        raise ValueError(f"the parts in {parts_root} were prepared from different manifests "
-                         f"(usable lines: {[info['usable'] for info in infos]})")
+    if len({(info["usable"], info.get("fingerprint")) for info in infos}) != 1:
+        raise ValueError(f"the parts in {parts_root} were prepared from different manifests or settings "
+                         f"(usable lines {[info['usable'] for info in infos]}; their ordered ids, prepare "
+                         "settings and visual layout must agree)")
     if storage.exists(storage.join(output, "index.json")):
         raise ValueError(f"{output} already holds a dataset; remove it or merge elsewhere")
     filled = [part_dir(output, (i, count)) for i, info in enumerate(infos) if info["prepared"]]
     if not filled:
         raise NothingUsable(f"no part in {parts_root} holds a usable sample")
-    if len(filled) == 1:
-        raise ValueError("only one part holds samples (fewer usable samples than shards): prepare it in one pass")
     print(f"merging {len(filled)} parts into {output}", flush=True)
-    merge_datasets(filled, output, max_workers=min(8, os.cpu_count() or 1))
+    if len(filled) == 1:  # merge_datasets takes two or more; one part's files are the dataset as they are
+        _copy_dataset(filled[0], output)
+    else:
+        merge_datasets(filled, output, max_workers=min(8, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="kangaroo-rejects-") as scratch:
         for index in range(count):
             source = storage.join(part_dir(output, (index, count)), REJECTS_FILE)
@@ -307,6 +337,16 @@ def merge_parts(output: str, keep_parts: bool = False) -> PrepareReport:
     if not keep_parts:
         storage.remove(parts_root)
     return PrepareReport(output, _count_samples(output), reasons)
+
+
+def _copy_dataset(source: str, output: str) -> None:
+    """Copies the chunks of ``source`` into ``output``, ``index.json`` last."""
+    fs, source_path = storage.filesystem(source)
+    _, output_path = storage.filesystem(output)
+    fs.makedirs(output_path, exist_ok=True)
+    index = json.loads(storage.read_text(storage.join(source, "index.json")))
+    for name in [chunk["filename"] for chunk in index["chunks"]] + ["index.json"]:
+        fs.copy(f"{source_path.rstrip('/')}/{name}", f"{output_path.rstrip('/')}/{name}")
 
 
 def _count_samples(output: str) -> int:
