@@ -142,9 +142,13 @@ def prepare_dataset(
             previous = multiprocessing.get_start_method(allow_none=True)
             try:
                 # keep_data_ordered: each worker writes its own contiguous share, so index.json lists the
-                # samples in the sorted order (a shared work queue would interleave them run to run)
-                optimize(fn=encoder, inputs=blocks, output_dir=target, num_workers=min(workers, len(blocks)),
-                         chunk_bytes="64MB", start_method=start_method, mode=None, keep_data_ordered=True)
+                # samples in the sorted order (a shared work queue would interleave them run to run). One
+                # worker keeps the order either way; LitData 0.2.76 uploads no chunk to an object store
+                # with keep_data_ordered (its per-worker upload path), so there the writers share a queue.
+                writers = min(workers, len(blocks))
+                ordered = writers > 1 and not storage.is_remote(target)
+                optimize(fn=encoder, inputs=blocks, output_dir=target, num_workers=writers, chunk_bytes="64MB",
+                         start_method=start_method, mode=None, keep_data_ordered=ordered)
             finally:  # optimize sets the process-wide start method; later DataLoaders keep the caller's
                 multiprocessing.set_start_method(previous, force=True)
         reasons = collect_rejects(rejects_dir, storage.join(target, REJECTS_FILE))
