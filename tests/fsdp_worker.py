@@ -152,6 +152,7 @@ class RecordingStage(KangarooStage):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--num-nodes", type=int, default=1, help="machines (NODE_RANK or torchrun name this one)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", required=True)
     parser.add_argument("--param-dtype", default="auto", help="FSDP2 compute dtype (2 processes)")
@@ -168,18 +169,19 @@ def main() -> None:
                                                      "language_model": True},
                           optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-4), init_from=args.init_from,
                           new_parts=["patchify"] if args.init_from else None)
-    strategy = "auto"
-    if args.devices > 1 and args.strategy == "ddp":
+    strategy, processes = "auto", args.devices * args.num_nodes
+    if processes > 1 and args.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(timeout=timedelta(seconds=120))
-    elif args.devices > 1:
+    elif processes > 1:
         from kangaroo.training.fsdp import FSDP2Strategy
 
         strategy = FSDP2Strategy(activation_checkpointing=True, param_dtype=args.param_dtype,
                                  timeout=timedelta(seconds=120),  # a hung collective fails, not hangs
                                  init_on_meta=bool(args.init_on_meta))
-    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
+                        max_steps=args.steps,
                         gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=args.out, limit_val_batches=0, accumulate_grad_batches=args.accumulate or 1)

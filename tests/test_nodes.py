@@ -1,0 +1,83 @@
+"""Several machines, simulated on this one: two "nodes" of one process each on 127.0.0.1, launched
+the two ways clusters do (Lightning's own launcher reading ``NODE_RANK``/``MASTER_ADDR``, as under
+SLURM or by hand, and ``torchrun --nnodes 2``), train as one process holding both rows does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_parallel import FSDP, WORKER, assert_same_weights
+from test_resume import fit_command, image_data  # noqa: F401
+
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_nodes(commands: list[list[str]], envs: list[dict[str, str]]) -> list[str]:
+    """Starts one process group per "node" and waits for all; a hang fails at ``TIMEOUT``."""
+    processes = [subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                 for command, env in zip(commands, envs)]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the nodes did not finish within {TIMEOUT} s")
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    return outputs
+
+
+def torchrun(node: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+
+
+def test_two_nodes_train_like_one_process_holding_both_rows(tmp_path):
+    # tests/fsdp_worker.py: the same global batches whatever the number of processes (FSDP2 over 2)
+    one = tmp_path / "one"
+    run_nodes([[sys.executable, str(WORKER), "--devices", "1", "--out", str(one)]], [{}])
+    port = free_port()
+    by_env = tmp_path / "node-rank"
+    run_nodes([[sys.executable, str(WORKER), "--devices", "1", "--num-nodes", "2", "--out", str(by_env)]] * 2,
+              [{"NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for node in (0, 1)])
+    assert (by_env / "media.rank1.json").exists(), "the second node trained as rank 1"
+    assert_same_weights(by_env, one, "NODE_RANK launch")
+
+    port = free_port()
+    by_torchrun = tmp_path / "torchrun"
+    run_nodes([[*torchrun(node, port), str(WORKER), "--devices", "1", "--num-nodes", "2", "--out", str(by_torchrun)]
+               for node in (0, 1)], [{}, {}])
+    assert (by_torchrun / "media.rank1.json").exists()
+    assert_same_weights(by_torchrun, one, "torchrun launch")
+
+
+def test_kangaroo_fit_on_two_torchrun_nodes_equals_two_processes_on_one(image_data, tmp_path):  # noqa: F811
+    steps = ("--trainer.max_steps=6", "--trainer.val_check_interval=6")
+    sharded = FSDP[1:]  # FSDP2Strategy with activation checkpointing, without the device count
+    one_node = tmp_path / "one-node"
+    run_nodes([fit_command(image_data, one_node, "--trainer.devices=2", *sharded, *steps)], [{}])
+    port = free_port()
+    nodes = tmp_path / "two-nodes"
+    commands = []
+    for node in (0, 1):
+        command = fit_command(image_data, nodes, "--trainer.devices=1", "--trainer.num_nodes=2", *sharded, *steps)
+        assert command[1:3] == ["-m", "kangaroo.cli"]
+        commands.append([*torchrun(node, port), *command[1:]])
+    run_nodes(commands, [{}, {}])
+    assert_same_weights(nodes, one_node, "kangaroo fit on two torchrun nodes")
