@@ -197,6 +197,73 @@ def test_checkpoint_uploads_ride_out_an_outage_and_fail_clearly_past_the_retry_b
     assert checkpoint["global_step"] >= 2 and "state_dict" in checkpoint
 
 
+def test_sharded_checkpoints_on_s3_resume_after_sigkill_and_ride_out_an_outage(s3, tmp_path, prepared_images,
+                                                                               monkeypatch):
+    # two FSDP2 processes, their default_root_dir on the server: each uploads its own shard,
+    # rank 0 the metadata and then COMPLETE
+    import os
+
+    from safetensors.torch import load_file
+
+    from kangaroo import storage
+    from kangaroo.training.checkpoints import latest_checkpoint
+
+    monkeypatch.setenv("KANGAROO_UPLOAD_ATTEMPTS", "6")
+    monkeypatch.setenv("KANGAROO_UPLOAD_BACKOFF", "1")
+    sharded = ["--trainer.devices=2", "--trainer.strategy.class_path=kangaroo.training.fsdp.FSDP2Strategy",
+               "--trainer.strategy.init_args.timeout=0:02:00"]
+    steps = 6
+
+    # the reference run, with the server down for 8 s just after its step-2 checkpoint is whole
+    reference = f"s3://{BUCKET}/sharded-reference"
+    process = subprocess.Popen([*stage_on_s3(prepared_images, reference, tmp_path / "logs-a", steps), *sharded],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_key(s3, "sharded-reference/", "step=2.ckpt/COMPLETE", process, timeout=240)
+    s3.down()
+    time.sleep(8)
+    s3.up()
+    _, stderr = process.communicate(timeout=400)
+    assert process.returncode == 0, stderr[-3000:]
+    assert any("retrying in" in line for line in stderr.splitlines()), "the outage was met and ridden out"
+    keys = s3.keys("sharded-reference/")
+    step = [k for k in keys if "step=6.ckpt/" in k]
+    names = sorted(k.rsplit("/", 1)[-1] for k in step)
+    assert names == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "meta.pt"], names
+    with storage.open_file(f"{reference}/model.safetensors") as handle:
+        (tmp_path / "final.safetensors").write_bytes(handle.read())
+    final = load_file(tmp_path / "final.safetensors")
+
+    # killed after its step-3 checkpoint, then resumed from the server with --ckpt_path=auto
+    run = f"s3://{BUCKET}/sharded-killed"
+    command = [*stage_on_s3(prepared_images, run, tmp_path / "logs-b", steps), *sharded]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    wait_for_key(s3, "sharded-killed/", "step=3.ckpt/COMPLETE", process, timeout=240)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    newest = latest_checkpoint(run)
+    assert newest is not None and "step=" in newest
+    result = subprocess.run([*command, "--ckpt_path=auto"], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {newest}" in result.stdout
+    with storage.open_file(f"{run}/model.safetensors") as handle:
+        (tmp_path / "resumed.safetensors").write_bytes(handle.read())
+    resumed = load_file(tmp_path / "resumed.safetensors")
+    assert set(resumed) == set(final)
+    for name, value in final.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+    # the sharded folder on the server reads back whole: consolidated into one file
+    from kangaroo.cli import main
+
+    folder = step[0].rsplit("/", 1)[0]  # epoch=E-step=6.ckpt
+    assert main(["checkpoint", "consolidate", f"s3://{BUCKET}/{folder}",
+                 "--output", str(tmp_path / "one.safetensors")]) == 0
+    consolidated = load_file(tmp_path / "one.safetensors")
+    for name, value in final.items():
+        assert torch.equal(consolidated[name], value), name
+
+
 # -- the tiny recipe on the server ----------------------------------------------------------------
 
 def test_tiny_recipe_runs_end_to_end_on_s3_and_continues_after_a_sigterm(s3, tmp_path):

@@ -280,18 +280,6 @@ def test_a_plain_model_parallel_strategy_is_refused_for_leaving_the_model_unshar
         stage.configure_model()
 
 
-def test_sharded_checkpoints_on_an_object_store_are_refused_before_training(own_environment):
-    import lightning as L
-
-    from kangaroo.training.fsdp import FSDP2Strategy
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=1, logger=False,
-                        default_root_dir="s3://kangaroo-runs/stage", enable_progress_bar=False)
-    with pytest.raises(ValueError, match="sharded checkpoints are written to a local or shared file system, "
-                                         "not s3://kangaroo-runs/stage"):
-        trainer.fit(_tiny_stage(), train_dataloaders=torch.utils.data.DataLoader([]))
-
-
 # -- validation on several processes ------------------------------------------------------------
 
 QUESTION_TOKENS = 256

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -103,10 +106,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.units: list[str] = []
 
     def setup_environment(self) -> None:
-        if self._save_distributed_checkpoint:  # refused before any process group or step
-            trainer = self.lightning_module.trainer
-            for callback in trainer.checkpoint_callbacks:
-                _refuse_remote_sharded(callback.dirpath or trainer.default_root_dir)
         # every process is one data-parallel shard (Lightning's "auto" would mean one per node)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
@@ -136,8 +135,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        _refuse_remote_sharded(str(filepath))
-        path = Path(self.broadcast(str(filepath)))
+        target = self.broadcast(str(filepath))
+        if storage.is_remote(target):
+            return self._save_to_object_store(checkpoint, target, storage_options)
+        path = Path(target)
         if self.global_rank == 0 and path.is_dir():
             # a checkpoint saved again under its name (``last.ckpt``): its old shards go first, so
             # none from another number of processes stays behind, and it has no marker until whole
@@ -151,12 +152,69 @@ class FSDP2Strategy(ModelParallelStrategy):
                 handle.flush()
                 os.fsync(handle.fileno())
 
+    def _save_to_object_store(self, checkpoint: dict[str, Any], target: str, storage_options: Any) -> None:
+        """A sharded checkpoint on ``s3://``: every process writes its shard into a staging folder
+        on its own machine and uploads the files it wrote (``__<rank>_*.distcp``; rank 0 also
+        the metadata), each upload retried like every other (``storage.with_retries``). Once
+        every process has uploaded, rank 0 writes ``COMPLETE``, last. An upload that fails past
+        the retry budget fails the save on every process at once (no process waits for it in
+        a barrier), and the checkpoints written before stay whole."""
+        staging = self._staging_folder()
+        if self.global_rank == 0 and storage.exists(target):
+            storage.with_retries(lambda: storage.remove(target), target, what="removing")
+        self.barrier()
+        error: BaseException | None = None
+        try:
+            super().save_checkpoint(checkpoint, Path(staging), storage_options)
+            self.barrier()  # every shard of this machine is on disk before anyone lists the folder
+            mine = [name for name in sorted(os.listdir(staging))
+                    if name.startswith(f"__{self.global_rank}_") or (self.global_rank == 0 and not name.startswith("__"))]
+            for name in mine:
+                storage.upload(os.path.join(staging, name), storage.join(target, name))
+        except Exception as err:  # noqa: BLE001 - decided together below
+            error = err
+        failed = self._any_process(error is not None)
+        try:
+            if failed:
+                if error is not None:
+                    raise error
+                raise storage.UploadError(f"another process could not upload its shard of {target}")
+            if self.global_rank == 0:
+                storage.write_text(storage.join(target, COMPLETE_MARKER), "complete\n")
+        finally:
+            self.barrier()
+            if self.local_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
 
-def _refuse_remote_sharded(path: str) -> None:
-    if storage.is_remote(str(path)):
-        raise ValueError(f"sharded checkpoints are written to a local or shared file system, not {path}: "
-                         "set the stage's default_root_dir to a shared folder, or "
-                         "strategy.save_distributed_checkpoint=false for one gathered file")
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, after a checkpoint on an object store (a sharded folder or one file)
+        is downloaded into a staging folder, once per machine."""
+        path = self.broadcast(str(checkpoint_path))
+        if not storage.is_remote(path):
+            return super().load_checkpoint(path, weights_only)
+        staging = self._staging_folder()
+        local = os.path.join(staging, os.path.basename(path.rstrip("/")))
+        try:
+            if self.local_rank == 0:
+                storage.with_retries(lambda: storage.download(path, local), path, what="downloading")
+            self.barrier()
+            return super().load_checkpoint(local, weights_only)
+        finally:
+            self.barrier()
+            if self.local_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _staging_folder(self) -> str:
+        """A new folder of the same name on every machine (its processes share it)."""
+        name = self.broadcast(f"kangaroo-checkpoint-{uuid.uuid4().hex}")
+        folder = os.path.join(tempfile.gettempdir(), name)
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
+    def _any_process(self, flag: bool) -> bool:
+        value = torch.tensor([int(flag)], device=self.root_device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
 
 def shard_model(

@@ -223,6 +223,8 @@ def _listing(keys: list[str], limit: int = 8) -> str:
 
 
 def is_distributed_checkpoint(path: str) -> bool:
+    if storage.is_remote(path):
+        return storage.exists(storage.join(path, DCP_METADATA))
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, DCP_METADATA))
 
 
@@ -237,6 +239,9 @@ def read_distributed_weights(path: str) -> dict[str, torch.Tensor]:
 
     if not is_distributed_checkpoint(path):
         raise ValueError(f"{path} is not a sharded checkpoint folder (no {DCP_METADATA})")
+    if storage.is_remote(path):  # read from a downloaded copy (DCP's reader takes a local folder)
+        with tempfile.TemporaryDirectory(prefix="kangaroo-weights-") as scratch:
+            return read_distributed_weights(storage.download(path, os.path.join(scratch, "checkpoint")))
     loaded: dict[str, Any] = {}
     _load_state_dict(loaded, storage_reader=FileSystemReader(path),
                      planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
