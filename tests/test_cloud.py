@@ -264,6 +264,42 @@ def test_sharded_checkpoints_on_s3_resume_after_sigkill_and_ride_out_an_outage(s
         assert torch.equal(consolidated[name], value), name
 
 
+def test_the_8b_recipe_with_an_s3_workdir_passes_its_set_up_checks(s3, tmp_path):
+    # the documented `kangaroo recipe run recipes/kangaroo-8b.yaml --workdir s3://...`, up to the
+    # start of training: every stage resolves, stage 1 (FSDP2, sharded checkpoints) instantiates
+    # with its root on the server, and its checkpoint callback accepts that root
+    import yaml
+
+    from kangaroo.recipe import load_recipe
+    from kangaroo.recipe.spec import merged_config
+    from kangaroo.training.checkpoints import StageCheckpoint
+    from kangaroo.training.fit import KangarooCLI
+    from kangaroo.training.fsdp import FSDP2Strategy
+
+    workdir = f"s3://{BUCKET}/kangaroo-8b"
+    shown = subprocess.run([sys.executable, "-m", "kangaroo.cli", "recipe", "show", str(ROOT / "recipes" / "kangaroo-8b.yaml"),
+                            "--workdir", workdir], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert f"default_root_dir: {workdir}/1-image-pretrain" in shown.stdout
+    assert f"init_from: {workdir}/4-instruction-tuning/model.safetensors" in shown.stdout
+
+    recipe = load_recipe(str(ROOT / "recipes" / "kangaroo-8b.yaml"))
+    config = merged_config(recipe, recipe.stages[0], workdir)
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = KangarooCLI(args=["--config", str(path), "--trainer.accelerator=cpu", "--trainer.devices=1",
+                            "--trainer.precision=32-true"], run=False)
+    assert isinstance(cli.trainer.strategy, FSDP2Strategy) and cli.trainer.strategy._save_distributed_checkpoint
+    assert cli.trainer.default_root_dir == f"{workdir}/1-image-pretrain"
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, StageCheckpoint))
+    callback.setup(cli.trainer, cli.model, "fit")
+    assert callback.save_last is True, "an object store has no links: last.ckpt is a full copy"
+    cli.model.load_pretrained, cli.model.init_from = False, None
+    with torch.device("meta"):
+        cli.model.configure_model()
+    assert cli.model.model.language_model.config.num_hidden_layers == 32
+
+
 # -- the tiny recipe on the server ----------------------------------------------------------------
 
 def test_tiny_recipe_runs_end_to_end_on_s3_and_continues_after_a_sigterm(s3, tmp_path):
