@@ -280,6 +280,18 @@ def test_a_plain_model_parallel_strategy_is_refused_for_leaving_the_model_unshar
         stage.configure_model()
 
 
+def test_one_gathered_checkpoint_file_on_an_object_store_is_refused_before_training(own_environment):
+    # sharded checkpoints go to s3:// (tests/test_cloud.py); the gathered single file has no such path
+    import lightning as L
+
+    from kangaroo.training.fsdp import FSDP2Strategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(save_distributed_checkpoint=False),
+                        max_steps=1, logger=False, default_root_dir="s3://kangaroo-runs/stage", enable_progress_bar=False)
+    with pytest.raises(ValueError, match="one gathered checkpoint file .* is not written to s3://kangaroo-runs/stage"):
+        trainer.fit(_tiny_stage(), train_dataloaders=torch.utils.data.DataLoader([]))
+
+
 # -- validation on several processes ------------------------------------------------------------
 
 QUESTION_TOKENS = 256

@@ -106,6 +106,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.units: list[str] = []
 
     def setup_environment(self) -> None:
+        if not self._save_distributed_checkpoint:  # refused before any process group or step
+            trainer = self.lightning_module.trainer
+            for callback in trainer.checkpoint_callbacks:
+                root = str(callback.dirpath or trainer.default_root_dir)
+                if storage.is_remote(root):
+                    raise ValueError(f"one gathered checkpoint file (save_distributed_checkpoint=false) is not written "
+                                     f"to {root}: keep the default sharded checkpoints on an object store")
         # every process is one data-parallel shard (Lightning's "auto" would mean one per node)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
@@ -154,64 +161,90 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def _save_to_object_store(self, checkpoint: dict[str, Any], target: str, storage_options: Any) -> None:
         """A sharded checkpoint on ``s3://``: every process writes its shard into a staging folder
-        on its own machine and uploads the files it wrote (``__<rank>_*.distcp``; rank 0 also
-        the metadata), each upload retried like every other (``storage.with_retries``). Once
-        every process has uploaded, rank 0 writes ``COMPLETE``, last. An upload that fails past
-        the retry budget fails the save on every process at once (no process waits for it in
-        a barrier), and the checkpoints written before stay whole."""
-        staging = self._staging_folder()
-        if self.global_rank == 0 and storage.exists(target):
-            storage.with_retries(lambda: storage.remove(target), target, what="removing")
-        self.barrier()
-        error: BaseException | None = None
-        try:
-            super().save_checkpoint(checkpoint, Path(staging), storage_options)
-            self.barrier()  # every shard of this machine is on disk before anyone lists the folder
-            mine = [name for name in sorted(os.listdir(staging))
-                    if name.startswith(f"__{self.global_rank}_") or (self.global_rank == 0 and not name.startswith("__"))]
-            for name in mine:
-                storage.upload(os.path.join(staging, name), storage.join(target, name))
-        except Exception as err:  # noqa: BLE001 - decided together below
-            error = err
-        failed = self._any_process(error is not None)
-        try:
-            if failed:
+        on its own machine and uploads the files it wrote (``__<rank>_0.distcp``; rank 0 also
+        ``.metadata`` and ``meta.pt``), each upload retried like every other
+        (``storage.with_retries``). Rank 0 writes ``COMPLETE`` once every process has uploaded.
+        The processes vote after each step, so a failure on one (past its retry budget) fails the
+        save on every process at once and none waits in a barrier for it. The checkpoints under
+        other names stay whole; the one saved again under its name (``last.ckpt``) is removed
+        first and has no marker until written again."""
+        staging = os.path.join(tempfile.gettempdir(), self.broadcast(f"kangaroo-checkpoint-{uuid.uuid4().hex}"))
+
+        def step(action) -> None:
+            error: BaseException | None = None
+            try:
+                action()
+            except Exception as err:  # noqa: BLE001 - decided by every process together
+                error = err
+            if self._any_process(error is not None):
+                if self.local_rank == 0:
+                    shutil.rmtree(staging, ignore_errors=True)
                 if error is not None:
                     raise error
-                raise storage.UploadError(f"another process could not upload its shard of {target}")
+                raise storage.UploadError(f"another process failed while saving {target}; the checkpoints "
+                                          "written before are intact")
+
+        def prepare() -> None:
+            os.makedirs(staging, exist_ok=True)
+            if self.global_rank == 0:
+                present = storage.with_retries(lambda: storage.exists(target), target, what="looking up")
+                if present:
+                    storage.with_retries(lambda: storage.remove(target), target, what="removing")
+
+        def upload() -> None:
+            mine = [name for name in sorted(os.listdir(staging))
+                    if name.startswith(f"__{self.global_rank}_") or (self.global_rank == 0 and not name.startswith("__"))]
+            if not any(name.startswith(f"__{self.global_rank}_") for name in mine):
+                raise OSError(f"no shard of process {self.global_rank} in {staging}: the temporary folder "
+                              "must be the same path on every machine (TMPDIR)")
+            for name in mine:
+                storage.upload(os.path.join(staging, name), storage.join(target, name))
+
+        def mark() -> None:
             if self.global_rank == 0:
                 storage.write_text(storage.join(target, COMPLETE_MARKER), "complete\n")
-        finally:
-            self.barrier()
-            if self.local_rank == 0:
-                shutil.rmtree(staging, ignore_errors=True)
+
+        step(prepare)
+        # DCP's save is collective and raises on every process when one fails
+        super().save_checkpoint(checkpoint, Path(staging), storage_options)
+        step(upload)
+        step(mark)
+        if self.local_rank == 0:  # every process of this machine has uploaded (the votes above)
+            shutil.rmtree(staging, ignore_errors=True)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        """Lightning's load, after a checkpoint on an object store (a sharded folder or one file)
-        is downloaded into a staging folder, once per machine."""
+        """Lightning's load, after a sharded checkpoint folder on an object store is downloaded
+        into a staging folder, once per machine (a retried attempt starts from an empty folder)."""
         path = self.broadcast(str(checkpoint_path))
         if not storage.is_remote(path):
             return super().load_checkpoint(path, weights_only)
-        staging = self._staging_folder()
+        staging = os.path.join(tempfile.gettempdir(), self.broadcast(f"kangaroo-checkpoint-{uuid.uuid4().hex}"))
         local = os.path.join(staging, os.path.basename(path.rstrip("/")))
+
+        def fetch() -> None:
+            shutil.rmtree(local, ignore_errors=True)
+            storage.download(path, local)
+
+        error: BaseException | None = None
         try:
+            os.makedirs(staging, exist_ok=True)
             if self.local_rank == 0:
-                storage.with_retries(lambda: storage.download(path, local), path, what="downloading")
-            self.barrier()
+                storage.with_retries(fetch, path, what="downloading")
+        except Exception as err:  # noqa: BLE001 - decided by every process together
+            error = err
+        try:
+            if self._any_process(error is not None):  # also: this machine's copy is whole
+                if error is not None:
+                    raise error
+                raise OSError(f"another machine could not download {path}")
             return super().load_checkpoint(local, weights_only)
         finally:
             self.barrier()
             if self.local_rank == 0:
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def _staging_folder(self) -> str:
-        """A new folder of the same name on every machine (its processes share it)."""
-        name = self.broadcast(f"kangaroo-checkpoint-{uuid.uuid4().hex}")
-        folder = os.path.join(tempfile.gettempdir(), name)
-        os.makedirs(folder, exist_ok=True)
-        return folder
-
     def _any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (every process calls it)."""
         value = torch.tensor([int(flag)], device=self.root_device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
