@@ -110,12 +110,17 @@ def _recipe_workdir(recipe, args: argparse.Namespace) -> str:
 
 def _recipe_run_command(args: argparse.Namespace) -> int:
     from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
-    from kangaroo.recipe import Preempted, load_recipe, run_recipe
+    from kangaroo.recipe import NodeSetup, Preempted, load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
     try:
+        nodes = NodeSetup.from_environment(args.num_nodes, args.node_rank, args.coordinator_port, args.node_timeout)
+    except ValueError as err:
+        print(f"kangaroo: error: {err}", file=sys.stderr)
+        return 2
+    try:
         summary = run_recipe(recipe, _recipe_workdir(recipe, args), only=args.only, until=args.until,
-                             restart_from=args.restart_from, prepare_workers=args.prepare_workers)
+                             restart_from=args.restart_from, prepare_workers=args.prepare_workers, nodes=nodes)
     except Preempted as err:
         print(f"kangaroo: {err}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
@@ -391,6 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--until", metavar="STAGE", help="run up to and including this stage")
     run.add_argument("--restart-from", metavar="STAGE", help="redo this stage and every later one")
     run.add_argument("--prepare-workers", type=int, default=1, help="processes for data preparation")
+    several = run.add_argument_group("several nodes", "start the same command on every node; node 0 leads, the "
+                                     "others follow it stage by stage (docs/training.md, Several machines)")
+    several.add_argument("--num-nodes", type=int, help="nodes of the allocation (default: SLURM_NNODES, else 1); "
+                         "each stage's fit gets trainer.num_nodes")
+    several.add_argument("--node-rank", type=int, help="this node's rank (default: NODE_RANK, else SLURM_NODEID)")
+    several.add_argument("--coordinator-port", type=int,
+                         help="where node 0's runner listens for the others (default: MASTER_PORT + 1)")
+    several.add_argument("--node-timeout", type=float, default=120.0,
+                         help="seconds without a sign of life after which a node counts as dead and the stage "
+                         "stops on every node (default: 120)")
     run.set_defaults(handler=_recipe_run_command)
     show = recipe.add_parser("show", help="print every stage fully resolved (configs merged)")
     show.add_argument("recipe")

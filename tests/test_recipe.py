@@ -78,8 +78,9 @@ SMALL_WORLD = dict(images=24, short_videos=12, dense_videos=12, instruction_vide
                    val_short=6, val_long=6, llm_steps=10, vision_steps=5)
 
 
-def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int = 5) -> str:
-    """The tiny recipe's first ``count`` stages with a few steps each."""
+def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int = 5, long_stage: int = 3) -> str:
+    """The tiny recipe's first ``count`` stages with a few steps each, ``stage3_steps`` in stage
+    ``long_stage``."""
     fast = {"trainer.val_check_interval": 2, "trainer.max_steps": 2, "data.prepare.tokenizer": "${world}/tokenizer",
             "trainer.enable_progress_bar": False,
             "trainer.callbacks": [{"class_path": "kangaroo.training.checkpoints.StageCheckpoint",
@@ -91,7 +92,7 @@ def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int =
         if number == 1:
             overrides["model.architecture.language_model.pretrained"] = "${world}/llm"
             overrides["model.architecture.vision_tower.pretrained"] = "${world}/vision.safetensors"
-        if number == 3:
+        if number == long_stage:
             overrides.update({"trainer.max_steps": stage3_steps, "trainer.val_check_interval": stage3_steps})
         extra = {}
         if number == 5:  # scored on its model folder, as the tiny recipe's last stage is

@@ -4,11 +4,10 @@ described in ``kangaroo.recipe.spec``."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from typing import Any
@@ -18,6 +17,7 @@ import yaml
 from kangaroo import storage
 from kangaroo.recipe.spec import (Recipe, RecipeError, Stage, config_hash, data_dir, local_stage_dir, merged_config,
                                   stage_dir)
+from kangaroo.recipe.nodes import Coordinator, NodeLost, NodeSetup, run_watched
 from kangaroo.recipe.summary import format_summary, write_summary
 from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE, latest_checkpoint
 from kangaroo.training.stage import METRICS_NAME
@@ -95,18 +95,6 @@ class Preempted(RuntimeError):
     """A stage stopped for SIGTERM with its checkpoint saved (``kangaroo recipe run`` exits 75)."""
 
 
-def _run_forwarding_sigterm(command: list[str]) -> int:
-    """Runs a stage's fit. A SIGTERM to the runner is passed on to the fit, which finishes its
-    step, saves a checkpoint and exits with ``PREEMPTED_EXIT_CODE``; the runner waits for that
-    instead of dying first and leaving the state file at "running"."""
-    process = subprocess.Popen(command)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
-    try:
-        return process.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, workers: int) -> None:
     from kangaroo.data.prepare import prepare_dataset
     from kangaroo.modules.builder import visual_layout
@@ -124,9 +112,48 @@ def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, 
         print(report.summary(), flush=True)
 
 
+def _write_stage_file(path: str, text: str) -> None:
+    """Written beside and renamed: on a shared folder another node's fit may be reading it."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def _fit_command(merged_path: str, resume: str | None, nodes: NodeSetup) -> list[str]:
+    command = [sys.executable, "-m", "kangaroo.cli", "fit", "--config", merged_path]
+    if nodes.num_nodes > 1:
+        command.append(f"--trainer.num_nodes={nodes.num_nodes}")
+    if resume:
+        command.append(f"--ckpt_path={resume}")
+    return command
+
+
 def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str | None = None,
-               restart_from: str | None = None, prepare_workers: int = 1) -> dict[str, Any]:
+               restart_from: str | None = None, prepare_workers: int = 1,
+               nodes: NodeSetup | None = None) -> dict[str, Any]:
+    """Runs the recipe; on several nodes (``nodes``), node 0 leads and the others follow it (see
+    ``kangaroo.recipe.nodes``). Returns the summary (a follower: the stages it ran)."""
+    nodes = nodes or NodeSetup()
     workdir = storage.absolute(workdir)
+    if nodes.num_nodes == 1:
+        return _lead(recipe, workdir, only, until, restart_from, prepare_workers, nodes, None)
+    coordinator = Coordinator(nodes)
+    try:
+        coordinator.joined()
+        if not nodes.leader:
+            return _follow(recipe, workdir, nodes, coordinator)
+        try:
+            return _lead(recipe, workdir, only, until, restart_from, prepare_workers, nodes, coordinator)
+        except BaseException as err:
+            coordinator.abort(f"{type(err).__name__}: {err}")
+            raise
+    finally:
+        coordinator.close()
+
+
+def _lead(recipe: Recipe, workdir: str, only: str | None, until: str | None, restart_from: str | None,
+          prepare_workers: int, nodes: NodeSetup, coordinator: Coordinator | None) -> dict[str, Any]:
     state = read_state(workdir, recipe)
     write_state(workdir, state)  # claims the workdir for this recipe
     stages = select_stages(recipe, only, until, restart_from)
@@ -134,14 +161,14 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
     write_state(workdir, state)
     if recipe.world is not None and todo:
         ensure_world(recipe.world)
-    for stage in todo:
+    for index, stage in enumerate(todo):
         entry = state["stages"][stage.name]
         root, local_root = stage_dir(workdir, stage), local_stage_dir(workdir, stage)
         os.makedirs(local_root, exist_ok=True)  # the stage folder itself for a local workdir
         merged = merged_config(recipe, stage, workdir)
+        merged_text = yaml.safe_dump(merged, sort_keys=False)
         merged_path = os.path.join(local_root, "stage.yaml")
-        with open(merged_path, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(merged, handle, sort_keys=False)
+        _write_stage_file(merged_path, merged_text)
         resume = latest_checkpoint(root) if entry.get("status") in ("running", "failed", "preempted") else None
         if entry.get("status") in (None, "pending"):
             for stale in storage.find(root, ".ckpt"):
@@ -150,23 +177,33 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
                      started=entry.get("started") or time.time())
         write_state(workdir, state)
         prepare_stage(recipe, stage, workdir, merged_path, prepare_workers)
-        command = [sys.executable, "-m", "kangaroo.cli", "fit", "--config", merged_path]
+        command = _fit_command(merged_path, resume, nodes)
         if resume:
-            command.append(f"--ckpt_path={resume}")
             print(f"[{stage.name}] resuming from {resume}", flush=True)
         print(f"[{stage.name}] {' '.join(command[2:])}", flush=True)
+        if coordinator is not None:  # the data is ready: the other nodes start their part
+            coordinator.publish(f"stage/{index}", {"name": stage.name, "config": merged_text, "resume": resume})
         started = time.time()
-        returncode = _run_forwarding_sigterm(command)
-        if local_root != root:  # the config and logs beside the stage's checkpoints
-            storage.upload(local_root, root)
+        try:
+            returncode = run_watched(command, coordinator, env=nodes.fit_environment() if coordinator else None)
+        except NodeLost as err:
+            entry.update(status="failed", returncode=None)
+            write_state(workdir, state)
+            raise RuntimeError(f"stage {stage.name!r} stopped: {err}. Run the recipe again on every node to resume "
+                               "it from its last checkpoint") from err
+        finally:
+            if local_root != root:  # the config and logs beside the stage's checkpoints
+                storage.upload(local_root, root)
         if returncode == PREEMPTED_EXIT_CODE:
             entry.update(status="preempted", returncode=returncode)
             write_state(workdir, state)
+            _verdict(coordinator, index, "preempted")
             raise Preempted(f"stage {stage.name!r} stopped for SIGTERM after saving a checkpoint; run the recipe "
                             "again to continue from it")
         if returncode != 0:
             entry.update(status="failed", returncode=returncode)
             write_state(workdir, state)
+            _verdict(coordinator, index, "failed")
             raise RuntimeError(f"stage {stage.name!r} failed with exit code {returncode}; "
                                f"logs in {root}. Running the recipe again resumes it from its last checkpoint")
         metrics = json.loads(storage.read_text(storage.join(root, METRICS_NAME)))
@@ -176,12 +213,53 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
         entry.pop("benchmarks", None)  # figures and folder of an earlier run of this stage
         entry.pop("model_folder", None)
         write_state(workdir, state)
+        _verdict(coordinator, index, "done")
+    if coordinator is not None:  # the rest (model folders, benchmarks, summary) is node 0's alone
+        coordinator.publish(f"stage/{len(todo)}", {"end": True})
+        coordinator.finish()
     for stage in stages:  # stages done now, and done stages whose model folder or benchmarks are missing
         if state["stages"][stage.name].get("status") == "done":
             finish_stage(recipe, stage, workdir, state)
     summary = write_summary(recipe, workdir, state)
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _verdict(coordinator: Coordinator | None, index: int, status: str) -> None:
+    if coordinator is not None:
+        coordinator.publish(f"verdict/{index}", {"status": status})
+
+
+def _follow(recipe: Recipe, workdir: str, nodes: NodeSetup, coordinator: Coordinator) -> dict[str, Any]:
+    """A node other than 0: runs its part of each stage node 0 announces, until the end."""
+    ran = []
+    for index in itertools.count():
+        message = coordinator.receive(f"stage/{index}")
+        if message.get("end"):
+            coordinator.finish()
+            print(f"node {nodes.node_rank}: node 0 finished the recipe's stages", flush=True)
+            return {"node": nodes.node_rank, "stages": ran}
+        stage = recipe.stage(message["name"])
+        local_root = local_stage_dir(workdir, stage)
+        os.makedirs(local_root, exist_ok=True)
+        merged_path = os.path.join(local_root, "stage.yaml")
+        _write_stage_file(merged_path, message["config"])
+        command = _fit_command(merged_path, message["resume"], nodes)
+        print(f"[{stage.name}] node {nodes.node_rank}: {' '.join(command[2:])}", flush=True)
+        try:
+            returncode = run_watched(command, coordinator, env=nodes.fit_environment())
+        except NodeLost as err:
+            raise RuntimeError(f"stage {stage.name!r} stopped: {err}. Run the recipe again on every node to resume "
+                               "it from its last checkpoint") from err
+        verdict = coordinator.receive(f"verdict/{index}")["status"]
+        if verdict == "preempted":
+            raise Preempted(f"stage {stage.name!r} stopped for SIGTERM after saving a checkpoint; run the recipe "
+                            "again on every node to continue from it")
+        if verdict != "done":
+            raise RuntimeError(f"stage {stage.name!r} failed (this node's part ended with {returncode}); node 0's "
+                               "log says why. Running the recipe again on every node resumes it")
+        ran.append(stage.name)
+    raise AssertionError("unreachable")
 
 
 MODEL_FOLDER = "model"
