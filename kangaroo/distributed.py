@@ -15,7 +15,8 @@ from typing import Any
 import torch.distributed as dist
 
 
-def _world() -> tuple[int, int]:
+def world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside a process group)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -23,10 +24,10 @@ def _world() -> tuple[int, int]:
 
 def per_rank(value: Any) -> list[Any]:
     """``value`` of every process, in rank order."""
-    rank, world = _world()
-    if world == 1:
+    rank, size = world()
+    if size == 1:
         return [value]
-    gathered: list[Any] = [None] * world
+    gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, value)
     return gathered
 
@@ -34,8 +35,8 @@ def per_rank(value: Any) -> list[Any]:
 def own_entry(values: list[Any], what: str) -> Any:
     """This process's entry of a ``per_rank`` list; a checkpoint from another number of
     processes is refused with a message naming ``what``."""
-    rank, world = _world()
-    if len(values) != world:
-        raise ValueError(f"the checkpoint holds the {what} of {len(values)} processes, but this run has {world}: "
+    rank, size = world()
+    if len(values) != size:
+        raise ValueError(f"the checkpoint holds the {what} of {len(values)} processes, but this run has {size}: "
                          f"resume with {len(values)} processes to continue exactly")
     return values[rank]

@@ -365,3 +365,47 @@ def test_validation_on_uneven_shares_finishes_with_the_one_process_metrics(image
     assert measured.keys() == expected.keys()
     for key, value in expected.items():  # the groups hold no question here: nan in both
         assert measured[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+
+
+def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_with_every_record_of_its_epoch_once(image_data, tmp_path):  # noqa: F811
+    """The model and optimizer reshard (torch distributed checkpoint), and the data rule holds:
+    the records of the interrupted epoch that neither process trained on (those in a packer's
+    buffer included) come first, each once, then the next epoch."""
+    every = ("--data.rows_per_batch=1",)  # a checkpoint every 3 steps (fit_command), at the last step
+    killed = tmp_path / "resharded"
+    run(fit_command(image_data, killed, *FSDP, *every, "--trainer.max_steps=3", "--trainer.val_check_interval=3"))
+    checkpoint = latest_checkpoint(str(killed))
+    assert {p.name for p in Path(checkpoint).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    first = [i for rank in (0, 1) for line in steps_of(killed, rank) for i in line["ids"]]
+    assert len(first) == len(set(first)) < 30, "both processes were inside their first epoch"
+
+    result = run(fit_command(image_data, killed, *FSDP[1:], "--trainer.devices=1", *every, "--trainer.max_steps=40",
+                             "--trainer.val_check_interval=40", "--ckpt_path=auto"))
+    assert "a checkpoint of 2 processes resumes on 1" in result.stderr
+    resumed = [line for line in steps_of(killed, 0) if line["step"] >= 3]
+    assert resumed[0]["step"] == 3, "the run went on from the checkpoint's step"
+    after = [i for line in resumed for i in line["ids"]]
+    everything = {f"img-{i}" for i in range(30)}
+    rest = after[: 30 - len(first)]
+    assert len(rest) == len(set(rest)) and set(rest) == everything - set(first), "the interrupted epoch's rest, once"
+    assert set(after[len(rest): len(rest) + 30]) == everything, "then the next epoch, whole"
+
+
+def test_a_sharded_checkpoint_of_one_process_resumes_on_two_splitting_the_rest_of_its_epoch(image_data, tmp_path):  # noqa: F811
+    every = ("--data.rows_per_batch=1",)
+    grown = tmp_path / "grown"
+    one = (*FSDP[1:], "--trainer.devices=1")
+    run(fit_command(image_data, grown, *one, *every, "--trainer.max_steps=3", "--trainer.val_check_interval=3"))
+    first = [i for line in steps_of(grown, 0) for i in line["ids"]]
+    assert len(first) == len(set(first)) < 30
+    result = run(fit_command(image_data, grown, *FSDP, *every, "--trainer.max_steps=12",
+                             "--trainer.val_check_interval=12", "--ckpt_path=auto"))
+    assert "a checkpoint of 1 processes resumes on 2" in result.stderr
+    left = 30 - len(first)
+    shares = {0: (left + 1) // 2, 1: left // 2}  # contiguous blocks of the sorted rest, the first one larger
+    rest = []
+    for rank in (0, 1):
+        lines = [line for line in steps_of(grown, rank) if line["step"] >= 3]
+        assert lines[0]["step"] == 3
+        rest += [i for line in lines for i in line["ids"]][: shares[rank]]
+    assert len(rest) == len(set(rest)) and set(rest) == {f"img-{i}" for i in range(30)} - set(first)

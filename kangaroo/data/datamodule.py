@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator
+import json
+import logging
+from array import array
+from typing import Any, Iterable, Iterator
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
+from kangaroo import storage
 from kangaroo.data.encode import PrepareConfig
 from kangaroo.data.frames import load_frames
 from kangaroo.data.packing import SequencePacker, collate_rows
-from kangaroo.distributed import own_entry, per_rank
+from kangaroo.distributed import per_rank, world
 from kangaroo.modules.layout import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 class IndexedStreamingDataset(StreamingDataset):
@@ -35,6 +42,12 @@ class PackedBatches:
     packer's buffer: restoring both continues the exact sequence of batches. The state is the one
     after the last batch *trained on* (``consumed``), not the last one produced: the trainer
     fetches a batch ahead, and a checkpoint saved after step k must restart at batch k + 1.
+
+    The position also holds the epoch and the records this process drew in it (``seen``, as
+    index intervals), so that a run resumed on another number of processes can finish the
+    interrupted epoch with exactly the records no process trained on (``reshard_positions``).
+    Such a run first streams its ``remainder`` (sorted indices, read through a plain loader with
+    the same workers), then goes on with the next epoch as usual.
     """
 
     def __init__(self, dataset: IndexedStreamingDataset, budget: int, rows_per_batch: int = 1,
@@ -56,11 +69,25 @@ class PackedBatches:
         self._produced = 0
         self._pending: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self._consumed: dict[str, Any] | None = None
+        self.num_workers = num_workers
+        self._drawn = array("q")  # indices of the records drawn in this epoch, in order
+        self._continuing = False  # the next pass continues a restored epoch
+        self._remainder: list[int] | None = None  # the rest of an epoch begun on another process count
+        self._epoch = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.packer.buffer = [self.dataset[i] for i in self._buffer_to_restore]
         self._buffer_to_restore = []
-        records = (record for fetched in self.loader for record in fetched)
+        if self._remainder is not None:
+            taken = len(self._drawn) if self._continuing else 0
+            self._drawn = array("q", self._remainder[:taken])
+            source: Iterable[dict[str, Any]] = self._read(self._remainder[taken:])
+        else:
+            if not self._continuing:
+                self._drawn = array("q")
+            source = (record for fetched in self.loader for record in fetched)
+        self._continuing = False
+        records = self._track(source)
         rows: list[list[dict[str, Any]]] = []
         for row in self.packer.pack(records):
             rows.append(row)
@@ -69,6 +96,21 @@ class PackedBatches:
                 rows = []
         if rows:
             yield self._collate(rows)
+        if self._remainder is not None:  # the interrupted epoch is done: the next pass is the next epoch
+            self._remainder = None
+            self.loader.current_epoch = self._epoch
+
+    def _track(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for record in records:
+            self._drawn.append(record["index"])
+            yield record
+
+    def _read(self, indices: list[int]) -> Iterable[dict[str, Any]]:
+        """The records at ``indices``, in that order, decoded by the loader's workers."""
+        if not self.num_workers:
+            return (self.dataset[i] for i in indices)
+        return torch.utils.data.DataLoader(_Records(self.dataset, indices), batch_size=None,
+                                           num_workers=self.num_workers, worker_init_fn=_ignore_sigterm)
 
     def _collate(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
         batch = collate_rows(rows, self.pad_id)
@@ -79,8 +121,13 @@ class PackedBatches:
             return batch
         self._produced += 1
         batch["data_position"] = self._produced
-        self._pending[self._produced] = {"loader": self.loader.state_dict(),
-                                         "buffer": [r["index"] for r in self.packer.buffer]}
+        buffer = [r["index"] for r in self.packer.buffer]
+        if self._remainder is not None:
+            self._pending[self._produced] = {"remainder": self._remainder, "taken": len(self._drawn),
+                                             "buffer": buffer, "epoch": self._epoch}
+        else:
+            self._pending[self._produced] = {"loader": self.loader.state_dict(), "buffer": buffer,
+                                             "drawn": len(self._drawn), "epoch": self.loader.current_epoch}
         return batch
 
     def consumed(self, position: int) -> None:
@@ -92,16 +139,93 @@ class PackedBatches:
     # rank 0 only and loads it into every rank; the data module keeps one position per rank.
     def position(self) -> dict[str, Any]:
         """The position after the last consumed batch; ``{}`` before the first (start afresh)."""
-        if self._consumed is not None:
-            return self._consumed
-        return self._restored
+        consumed = self._consumed
+        if consumed is None:
+            return self._restored
+        if "remainder" in consumed:
+            return {**consumed, "remainder": to_intervals(consumed["remainder"])}
+        drawn = np.frombuffer(self._drawn, dtype=np.int64)[: consumed["drawn"]]
+        return {"loader": consumed["loader"], "buffer": consumed["buffer"], "epoch": consumed["epoch"],
+                "seen": to_intervals(np.unique(drawn))}
 
     def restore(self, state: dict[str, Any]) -> None:
         self._restored, self._consumed = dict(state), None
         self._pending.clear()
         self._buffer_to_restore = list(state.get("buffer", []))
-        if state:
-            self.loader.load_state_dict(state["loader"])
+        if not state:
+            return
+        self._continuing = True
+        if "remainder" in state:
+            self._remainder = from_intervals(state["remainder"]).tolist()
+            self._drawn = array("q", self._remainder[: state["taken"]])
+            self._epoch = state["epoch"]
+            return
+        self.loader.load_state_dict(state["loader"])
+        self._drawn = array("q", from_intervals(state.get("seen", [])).tolist())
+
+
+class _Records(torch.utils.data.Dataset):
+    def __init__(self, dataset: IndexedStreamingDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dataset[self.indices[i]]
+
+
+def to_intervals(indices: Any) -> list[list[int]]:
+    """Sorted distinct indices as ``[start, end)`` runs: a process's records of an epoch come
+    chunk by chunk, so they take a few runs, not one entry each."""
+    values = np.asarray(indices, dtype=np.int64)
+    if values.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    starts = values[np.concatenate(([0], breaks))]
+    ends = values[np.concatenate((breaks - 1, [values.size - 1]))] + 1
+    return np.stack([starts, ends], axis=1).tolist()
+
+
+def from_intervals(intervals: list[list[int]]) -> np.ndarray:
+    if not intervals:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(start, end, dtype=np.int64) for start, end in intervals])
+
+
+def dataset_length(directory: str) -> int:
+    """Records in a prepared dataset, from its ``index.json`` (every chunk's ``chunk_size``)."""
+    index = json.loads(storage.read_text(storage.join(directory, "index.json")))
+    return sum(int(chunk["chunk_size"]) for chunk in index["chunks"])
+
+
+def reshard_positions(positions: list[dict[str, Any]], rank: int, world: int, total: int) -> dict[str, Any]:
+    """This process's position when a run saved by ``len(positions)`` processes resumes on
+    ``world``: the records of the interrupted epoch that no process trained on (drawn minus
+    those still in a packer's buffer), sorted by index and cut into ``world`` contiguous
+    blocks; this process streams block ``rank``, then the next epoch starts as usual. No record
+    of that epoch is trained on twice and none is skipped. A checkpoint whose processes were in
+    different epochs (one had begun the next) is refused: resume it on its own process count."""
+    if not any(positions):
+        return {}
+    if not all(p and "epoch" in p for p in positions):
+        raise ValueError(f"the checkpoint holds the data positions of {len(positions)} processes without their "
+                         f"records (written by an older version), but this run has {world}: resume with "
+                         f"{len(positions)} processes")
+    epochs = sorted({p["epoch"] for p in positions})
+    if len(epochs) > 1:
+        raise ValueError(f"the checkpoint's {len(positions)} processes were in different epochs ({epochs}): "
+                         f"resume it with {len(positions)} processes until the next checkpoint, then with {world}")
+    if any("remainder" in p for p in positions):
+        left = [np.asarray(p["buffer"], dtype=np.int64) for p in positions]
+        left += [from_intervals(p["remainder"])[p["taken"]:] for p in positions if "remainder" in p]
+        remaining = np.unique(np.concatenate(left))
+    else:
+        consumed = [np.setdiff1d(from_intervals(p["seen"]), np.asarray(p["buffer"], dtype=np.int64))
+                    for p in positions]
+        remaining = np.setdiff1d(np.arange(total, dtype=np.int64), np.concatenate(consumed))
+    block = np.array_split(remaining, world)[rank]
+    return {"remainder": to_intervals(block), "taken": 0, "buffer": [], "epoch": epochs[0]}
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -197,7 +321,15 @@ class KangarooDataModule(L.LightningDataModule):
     def train_dataloader(self) -> PackedBatches:
         self._train = self._batches(self.hparams.train_dir, self.hparams.shuffle, train=True)
         if self._pending_state is not None:
-            self._train.restore(self._pending_state)
+            state = self._pending_state
+            if "positions_of" in state:  # saved by another number of processes
+                rank, size = world()
+                state = reshard_positions(state["positions_of"], rank, size, dataset_length(self.hparams.train_dir))
+                log.warning("data: a checkpoint of %d processes resumes on %d: process %d first trains on %d records "
+                            "of the interrupted epoch that no process trained on, then goes on with the next epoch",
+                            len(self._pending_state["positions_of"]), size, rank,
+                            sum(end - start for start, end in state.get("remainder", [])))
+            self._train.restore(state)
             self._pending_state = None
         return self._train
 
@@ -219,6 +351,9 @@ class KangarooDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "train_by_rank" in state:
-            self._pending_state = own_entry(state["train_by_rank"], "data positions")
+            positions = state["train_by_rank"]
+            rank, size = world()
+            # another number of processes: resolved once the data's length is known (train_dataloader)
+            self._pending_state = positions[rank] if len(positions) == size else {"positions_of": positions}
         else:
             self._pending_state = state.get("train")
