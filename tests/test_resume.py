@@ -359,3 +359,21 @@ def test_sigterm_ends_a_run_stuck_in_a_collective_within_its_grace(image_data, t
         time.sleep(0.1)
     else:
         pytest.fail("the hung process is still alive 5 s after the run ended")
+
+
+def test_resharding_a_data_position_splits_what_no_process_trained_on():
+    from kangaroo.data.datamodule import reshard_positions, to_intervals
+
+    # process 0 drew 0, 1, 3, 5 (3 still buffered), process 1 drew 8, 9; twelve records in all
+    old = [{"loader": {}, "buffer": [3], "epoch": 1, "seen": to_intervals([0, 1, 3, 5])},
+           {"loader": {}, "buffer": [], "epoch": 1, "seen": to_intervals([8, 9])}]
+    assert reshard_positions(old, 0, 1, 12)["remainder"] == to_intervals([2, 3, 4, 6, 7, 10, 11])
+    halves = [reshard_positions(old, rank, 2, 12) for rank in (0, 1)]
+    assert [h["remainder"] for h in halves] == [to_intervals([2, 3, 4, 6]), to_intervals([7, 10, 11])]
+    # resharded again while streaming those blocks: what each has not trained on yet
+    again = [{**halves[0], "taken": 2, "buffer": [3]}, {**halves[1], "taken": 1}]
+    assert reshard_positions(again, 0, 1, 12)["remainder"] == to_intervals([3, 4, 6, 10, 11])
+    with pytest.raises(ValueError, match=r"were in different epochs \(\[1, 2\]\): resume it with 2 processes"):
+        reshard_positions([old[0], {**old[1], "epoch": 2}], 0, 1, 12)
+    with pytest.raises(ValueError, match="written by an older version"):
+        reshard_positions([{"loader": {}, "buffer": []}, old[1]], 0, 1, 12)
