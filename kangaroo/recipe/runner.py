@@ -145,6 +145,8 @@ def run_recipe(recipe: Recipe, workdir: str, only: str | None = None, until: str
             return _follow(recipe, workdir, nodes, coordinator)
         try:
             return _lead(recipe, workdir, only, until, restart_from, prepare_workers, nodes, coordinator)
+        except Preempted:
+            raise  # the verdict told the others: their fits save and exit 75 on their own
         except BaseException as err:
             coordinator.abort(f"{type(err).__name__}: {err}")
             raise
