@@ -100,8 +100,12 @@ def claim_output(output: str, identity: dict[str, Any]) -> None:
             raise ValueError(f"{output} holds the answers of another evaluation (it differs in {changed}); "
                              "use another --output, or remove the folder to start over")
         return
-    with open(path, "w", encoding="utf-8") as handle:
+    # written beside and renamed: the shards of one evaluation claim the folder at the same time,
+    # and one must never read another's half-written file
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(identity, handle, indent=1)
+    os.replace(temporary, path)
 
 
 def evaluate_shard(generator: Generator, questions: list[Question], videos: str, output: str, mode: str = "generate",
