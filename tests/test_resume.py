@@ -108,6 +108,12 @@ def assert_same_run(run: Path, reference: tuple[list[dict], dict], resumed_at: i
         torch.testing.assert_close(mine[name], final[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def run_fit(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def kill_at_a_random_step(command: list[str], run: Path, steps: int = STEPS) -> int:
     """Starts ``command`` and SIGKILLs it (every process of it) once a random step after the
     first checkpoint has started; returns that step."""
@@ -377,3 +383,21 @@ def test_resharding_a_data_position_splits_what_no_process_trained_on():
         reshard_positions([old[0], {**old[1], "epoch": 2}], 0, 1, 12)
     with pytest.raises(ValueError, match="written by an older version"):
         reshard_positions([{"loader": {}, "buffer": []}, old[1]], 0, 1, 12)
+
+
+def test_a_run_resumed_with_another_number_of_loader_workers_trains_on_the_rest_of_its_epoch_once(image_data, tmp_path):
+    """Each worker packs its own share, so a position holds one entry per worker: with another
+    number of workers the rest of the interrupted epoch is streamed first, each record once."""
+    run_dir = tmp_path / "workers"
+    rows = ("--data.rows_per_batch=1", "--trainer.val_check_interval=3")
+    run_fit(fit_command(image_data, run_dir, *rows, "--data.num_workers=2", "--trainer.max_steps=3"))
+    first = [i for line in steps_of(run_dir) for i in line["ids"]]
+    assert len(first) == len(set(first)) < 30
+    result = run_fit(fit_command(image_data, run_dir, *rows, "--data.num_workers=0", "--trainer.max_steps=30",
+                                 "--ckpt_path=auto"))
+    assert "a checkpoint of 1 processes resumes on 1 (loader workers then: 2, now: 1)" in result.stderr
+    after = [i for line in steps_of(run_dir) if line["step"] >= 3 for i in line["ids"]]
+    rest = after[: 30 - len(first)]
+    everything = {f"img-{i}" for i in range(30)}
+    assert len(rest) == len(set(rest)) and set(rest) == everything - set(first)
+    assert set(after[len(rest): len(rest) + 30]) == everything, "then the next epoch, whole"

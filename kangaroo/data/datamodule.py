@@ -35,70 +35,164 @@ class IndexedStreamingDataset(StreamingDataset):
         return record
 
 
-class PackedBatches:
-    """Iterates batches of ``rows_per_batch`` packed rows over a ``StreamingDataLoader``.
+class PackingStreamingDataset(IndexedStreamingDataset):
+    """Each loader worker packs and collates its own records: an item of this dataset is a whole
+    batch of ``rows_per_batch`` rows, ready for the model (uint8 frames and integer tensors).
 
-    Its ``position`` is the loader's state plus the indices of the records waiting in the
-    packer's buffer: restoring both continues the exact sequence of batches. The state is the one
-    after the last batch *trained on* (``consumed``), not the last one produced: the trainer
-    fetches a batch ahead, and a checkpoint saved after step k must restart at batch k + 1.
-
-    The position also holds the epoch and the records this process drew in it (``seen``, as
-    index intervals), so that a run resumed on another number of processes can finish the
-    interrupted epoch with exactly the records no process trained on (``reshard_positions``).
-    Such a run first streams its ``remainder`` (sorted indices, read through a plain loader with
-    the same workers), then goes on with the next epoch as usual.
+    LitData gives every worker its own share of the chunks, in an order fixed by the seed and
+    the epoch. A batch carries its worker's ``position`` after it: how many records the worker
+    has drawn and which wait in its packer's buffer. Resuming, each worker skips the records it
+    drew (LitData's own replay, fed with these counts instead of its count of yielded items,
+    which are batches here) and refills its buffer; LitData's loader resumes its round robin at
+    the worker after the last one read. So the batches come in the same order as without the
+    interruption.
     """
 
-    def __init__(self, dataset: IndexedStreamingDataset, budget: int, rows_per_batch: int = 1,
-                 packing: bool = True, buffer_size: int = 64, num_workers: int = 0, pad_id: int = 0,
-                 track_position: bool = False, pin_memory: bool = False) -> None:
+    def __init__(self, *args: Any, budget: int, rows_per_batch: int = 1, packing: bool = True,
+                 buffer_size: int = 64, pad_id: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.packing_args = (budget, buffer_size, packing)
+        self.rows_per_batch = rows_per_batch
+        self.pad_id = pad_id
+        self.worker_positions: dict[int, dict[str, Any]] = {}  # set before a resumed epoch's workers start
+
+    def __iter__(self) -> "PackingStreamingDataset":
+        resuming = bool(self._state_dict)
+        super().__iter__()  # LitData: this worker's chunks, and on a resume our _resume below
+        self._packer = SequencePacker(*self.packing_args)
+        position = self.worker_positions.get(self.worker_env.rank, {}) if resuming else {}
+        self._packer.buffer = [self[i] for i in position.get("buffer", [])]
+        self._drawn = int(position.get("drawn", 0))
+        self._rows: list[list[dict[str, Any]]] = []
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()
+        self._exhausted = False
+        return self
+
+    def _resume(self, workers_chunks: list[list[int]], workers_intervals: list[Any]) -> None:
+        # LitData replays a resumed worker from its count of yielded items, derived from the
+        # loader's total under a round robin of one record per item. An item here is a batch of
+        # any number of records, so the count of records each worker drew is substituted.
+        import litdata.streaming.dataset as streaming
+
+        drawn = {w: int(self.worker_positions.get(w, {}).get("drawn", 0)) for w in range(self.worker_env.world_size)}
+        replay, used = streaming._replay_sampling, []
+        streaming._replay_sampling = lambda *args: used.append(True) or dict(drawn)
+        try:
+            super()._resume(workers_chunks, workers_intervals)
+        finally:
+            streaming._replay_sampling = replay
+        if not used:
+            raise RuntimeError("this LitData version resumes workers differently: install the tested versions "
+                               "(pip install -c constraints.txt)")
+
+    def __next__(self) -> dict[str, Any]:
+        while not self._ready:
+            if self._exhausted:
+                raise StopIteration
+            try:
+                record = super().__next__()
+            except StopIteration:
+                self._exhausted = True
+                for row in self._packer.flush():
+                    self._add_row(row)
+                if self._rows:
+                    self._emit()
+                continue
+            self._drawn += 1
+            for row in self._packer.add(record):
+                self._add_row(row)
+        return self._ready.popleft()
+
+    def _add_row(self, row: list[dict[str, Any]]) -> None:
+        self._rows.append(row)
+        if len(self._rows) == self.rows_per_batch:
+            self._emit()
+
+    def _emit(self) -> None:
+        # taken when the batch is complete: its records have left the buffer, the next row's
+        # records (the packer yields lazily) are still in it
+        batch = collate_rows(self._rows, self.pad_id)
+        batch["record_indices"] = [record["index"] for row in self._rows for record in row]
+        batch["packing_efficiency"] = self._packer.efficiency
+        batch["worker_position"] = {"worker": self.worker_env.rank, "drawn": self._drawn,
+                                    "buffer": [record["index"] for record in self._packer.buffer]}
+        self._rows = []
+        self._ready.append(batch)
+
+
+class PackedBatches:
+    """Iterates the batches the loader's workers pack (``PackingStreamingDataset``).
+
+    Its ``position`` is the loader's state plus every worker's position (records drawn, records
+    waiting in its packer's buffer): restoring both continues the exact sequence of batches.
+    The state is the one after the last batch *trained on* (``consumed``), not the last one
+    produced: the trainer fetches a batch ahead, and a checkpoint saved after step k must
+    restart at batch k + 1.
+
+    The position also holds the epoch and the records of the batches this process received in
+    it (``seen``, as index intervals), so that a run resumed on another number of processes or
+    loader workers can finish the interrupted epoch with exactly the records no process trained
+    on (``reshard_positions``). Such a run first streams its ``remainder`` (sorted indices, read
+    by the same number of workers and packed in this process), then goes on with the next epoch
+    as usual.
+    """
+
+    def __init__(self, dataset: PackingStreamingDataset, num_workers: int = 0, track_position: bool = False,
+                 pin_memory: bool = False) -> None:
         self.dataset = dataset
         # Its own generator: starting an iterator never draws from the global one, whose state a
         # resumed run restores for the model's own randomness (dropout, drop path).
         self.loader = StreamingDataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=list,
                                           generator=torch.Generator().manual_seed(dataset.seed),
                                           worker_init_fn=_ignore_sigterm if num_workers else None)
-        self.packer = SequencePacker(budget, buffer_size, packing)
-        self.rows_per_batch = rows_per_batch
-        self.pad_id = pad_id
+        self.packer = SequencePacker(*dataset.packing_args)  # for a remainder only
         self.track_position = track_position
         self.pin_memory = pin_memory
+        self.num_workers = num_workers
         self._restored: dict[str, Any] = {}
-        self._buffer_to_restore: list[int] = []
         self._produced = 0
         self._pending: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self._consumed: dict[str, Any] | None = None
-        self.num_workers = num_workers
-        self._drawn = array("q")  # indices of the records drawn in this epoch, in order
+        self._workers: dict[int, dict[str, Any]] = {}  # each worker's position after its last batch read
+        self._drawn = array("q")  # indices of the records of the batches read in this epoch
         self._continuing = False  # the next pass continues a restored epoch
         self._remainder: list[int] | None = None  # the rest of an epoch begun on another process count
+        self._buffer_to_restore: list[int] = []  # a remainder's packer buffer
         self._epoch = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._remainder is not None:
+            yield from self._iter_remainder()
+            return
+        if not self._continuing:
+            self._drawn = array("q")
+            self._workers = {}
+        self._continuing = False
+        for fetched in self.loader:
+            batch = fetched[0]
+            position = batch.pop("worker_position")
+            self._workers[position["worker"]] = position
+            self._drawn.extend(batch.pop("record_indices"))
+            yield self._finish(batch)
+
+    def _iter_remainder(self) -> Iterator[dict[str, Any]]:
+        assert self._remainder is not None
+        taken = len(self._drawn) if self._continuing else 0
+        self._continuing = False
+        self._drawn = array("q", self._remainder[:taken])
         self.packer.buffer = [self.dataset[i] for i in self._buffer_to_restore]
         self._buffer_to_restore = []
-        if self._remainder is not None:
-            taken = len(self._drawn) if self._continuing else 0
-            self._drawn = array("q", self._remainder[:taken])
-            source: Iterable[dict[str, Any]] = self._read(self._remainder[taken:])
-        else:
-            if not self._continuing:
-                self._drawn = array("q")
-            source = (record for fetched in self.loader for record in fetched)
-        self._continuing = False
-        records = self._track(source)
         rows: list[list[dict[str, Any]]] = []
-        for row in self.packer.pack(records):
+        for row in self.packer.pack(self._track(self._read(self._remainder[taken:]))):
             rows.append(row)
-            if len(rows) == self.rows_per_batch:
-                yield self._collate(rows)
+            if len(rows) == self.dataset.rows_per_batch:
+                yield self._finish(self._collate(rows))
                 rows = []
         if rows:
-            yield self._collate(rows)
-        if self._remainder is not None:  # the interrupted epoch is done: the next pass is the next epoch
-            self._remainder = None
-            self.loader.current_epoch = self._epoch
+            yield self._finish(self._collate(rows))
+        # the interrupted epoch is done: the next pass is the next epoch
+        self._remainder = None
+        self.loader.current_epoch = self._epoch
 
     def _track(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for record in records:
@@ -113,20 +207,22 @@ class PackedBatches:
                                            num_workers=self.num_workers, worker_init_fn=_ignore_sigterm)
 
     def _collate(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
-        batch = collate_rows(rows, self.pad_id)
+        batch = collate_rows(rows, self.dataset.pad_id)
         batch["packing_efficiency"] = self.packer.efficiency
+        return batch
+
+    def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.pin_memory:  # page-locked: the copy to the GPU runs asynchronously (non_blocking)
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if not self.track_position:
             return batch
         self._produced += 1
         batch["data_position"] = self._produced
-        buffer = [r["index"] for r in self.packer.buffer]
         if self._remainder is not None:
             self._pending[self._produced] = {"remainder": self._remainder, "taken": len(self._drawn),
-                                             "buffer": buffer, "epoch": self._epoch}
+                                             "buffer": [r["index"] for r in self.packer.buffer], "epoch": self._epoch}
         else:
-            self._pending[self._produced] = {"loader": self.loader.state_dict(), "buffer": buffer,
+            self._pending[self._produced] = {"loader": self.loader.state_dict(), "workers": dict(self._workers),
                                              "drawn": len(self._drawn), "epoch": self.loader.current_epoch}
         return batch
 
@@ -145,23 +241,39 @@ class PackedBatches:
         if "remainder" in consumed:
             return {**consumed, "remainder": to_intervals(consumed["remainder"])}
         drawn = np.frombuffer(self._drawn, dtype=np.int64)[: consumed["drawn"]]
-        return {"loader": consumed["loader"], "buffer": consumed["buffer"], "epoch": consumed["epoch"],
-                "seen": to_intervals(np.unique(drawn))}
+        buffered = sorted(i for worker in consumed["workers"].values() for i in worker["buffer"])
+        return {"loader": consumed["loader"], "workers": consumed["workers"], "buffer": buffered,
+                "epoch": consumed["epoch"], "seen": to_intervals(np.unique(drawn))}
 
     def restore(self, state: dict[str, Any]) -> None:
         self._restored, self._consumed = dict(state), None
         self._pending.clear()
-        self._buffer_to_restore = list(state.get("buffer", []))
         if not state:
             return
         self._continuing = True
         if "remainder" in state:
             self._remainder = from_intervals(state["remainder"]).tolist()
             self._drawn = array("q", self._remainder[: state["taken"]])
+            self._buffer_to_restore = list(state.get("buffer", []))
             self._epoch = state["epoch"]
             return
         self.loader.load_state_dict(state["loader"])
+        self._workers = {int(w): p for w, p in state["workers"].items()}
+        self.dataset.worker_positions = dict(self._workers)
         self._drawn = array("q", from_intervals(state.get("seen", [])).tolist())
+
+    def resumes_exactly(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` (this process's own) can be continued as it is: it was written with
+        workers packing (``workers``) by as many loader workers as this run has."""
+        if not state or "remainder" in state:
+            return True
+        return "workers" in state and _saved_workers(state) == max(self.num_workers, 1)
+
+
+def _saved_workers(state: dict[str, Any]) -> int:
+    """Loader workers of a saved position (LitData counts the loading process as one when
+    there are none)."""
+    return int(state["loader"]["dataset"]["num_workers"])
 
 
 class _Records(torch.utils.data.Dataset):
@@ -313,21 +425,25 @@ class KangarooDataModule(L.LightningDataModule):
 
     def _batches(self, directory: str, shuffle: bool, train: bool = False) -> PackedBatches:
         hp = self.hparams
-        dataset = IndexedStreamingDataset(directory, shuffle=shuffle, seed=hp.seed, drop_last=False)
+        dataset = PackingStreamingDataset(directory, shuffle=shuffle, seed=hp.seed, drop_last=False,
+                                          budget=hp.max_tokens, rows_per_batch=hp.rows_per_batch, packing=hp.packing,
+                                          buffer_size=hp.buffer_size, pad_id=hp.pad_id)
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return PackedBatches(dataset, hp.max_tokens, hp.rows_per_batch, hp.packing, hp.buffer_size,
-                             hp.num_workers, hp.pad_id, track_position=train, pin_memory=pin)
+        return PackedBatches(dataset, hp.num_workers, track_position=train, pin_memory=pin)
 
     def train_dataloader(self) -> PackedBatches:
         self._train = self._batches(self.hparams.train_dir, self.hparams.shuffle, train=True)
         if self._pending_state is not None:
-            state = self._pending_state
-            if "positions_of" in state:  # saved by another number of processes
-                rank, size = world()
-                state = reshard_positions(state["positions_of"], rank, size, dataset_length(self.hparams.train_dir))
-                log.warning("data: a checkpoint of %d processes resumes on %d: process %d first trains on %d records "
-                            "of the interrupted epoch that no process trained on, then goes on with the next epoch",
-                            len(self._pending_state["positions_of"]), size, rank,
+            positions = self._pending_state["positions_of"]
+            rank, size = world()
+            state = positions[rank] if len(positions) == size else None
+            if state is None or not self._train.resumes_exactly(state):
+                state = reshard_positions(positions, rank, size, dataset_length(self.hparams.train_dir))
+                log.warning("data: a checkpoint of %d processes resumes on %d (loader workers then: %s, now: %d): "
+                            "process %d first trains on %d records of the interrupted epoch that no process trained "
+                            "on, then goes on with the next epoch", len(positions), size,
+                            "/".join(str(_saved_workers(p)) for p in positions if p and "loader" in p) or "-",
+                            max(self.hparams.num_workers, 1), rank,
                             sum(end - start for start, end in state.get("remainder", [])))
             self._train.restore(state)
             self._pending_state = None
@@ -351,9 +467,8 @@ class KangarooDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "train_by_rank" in state:
-            positions = state["train_by_rank"]
-            rank, size = world()
-            # another number of processes: resolved once the data's length is known (train_dataloader)
-            self._pending_state = positions[rank] if len(positions) == size else {"positions_of": positions}
-        else:
-            self._pending_state = state.get("train")
+            # every process's position: resolved in train_dataloader, where the data's length is
+            # known should the number of processes or loader workers have changed
+            self._pending_state = {"positions_of": state["train_by_rank"]}
+        elif state.get("train") is not None:
+            self._pending_state = {"positions_of": [state["train"]]}
