@@ -23,11 +23,13 @@ NODE_TIMEOUT = 15
 STOP_BOUND = NODE_TIMEOUT + 15  # the timeout, the poll, and the kill of the fit's processes
 
 
-def start_nodes(recipe: str, work: Path, logs: Path, run: int) -> list[subprocess.Popen]:
+def start_nodes(recipe: str, work: Path, logs: Path, run: int,
+                extra_env: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
     master, coordinator = free_port(), free_port()
     processes = []
     for node in (0, 1):
-        env = {**os.environ, "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
+        env = {**os.environ, "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master),
+               **(extra_env or {}).get(node, {})}
         log = open(logs / f"run{run}-node{node}.log", "w")
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "kangaroo.cli", "recipe", "run", recipe, "--workdir", str(work), "--num-nodes", "2",
@@ -109,6 +111,37 @@ def test_recipe_on_two_nodes_one_state_one_preparation_and_a_dead_node_stops_the
     assert len(prepared) == 6 == len(set(prepared)), prepared  # three stages, train and val
     assert "summary" not in log(2, 1).lower()
     assert (work / "summary.json").exists()
+
+
+FAILING_FIT = """
+import os, sys
+if os.environ.get("FAIL_FIT") and "fit" in sys.argv and "recipe" not in sys.argv:
+    sys.stderr.write("this node's fit fails at start\\n")
+    os._exit(3)
+"""
+
+
+def test_a_follower_whose_fit_fails_stops_node_0_at_once(tmp_path):
+    """Node 1's fit dies at start: node 0's fit would wait for it in the rendezvous (for the
+    process group's timeout); the reported exit code stops it, and both runners exit 1."""
+    from kangaroo.world import WorldConfig, synthesize
+
+    synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
+    recipe = chain_recipe(tmp_path, str(tmp_path / "world"), count=1)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAILING_FIT)  # runs at the start of every Python process of node 1
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    logs.mkdir()
+    runners = start_nodes(recipe, work, logs, 1, {1: {"FAIL_FIT": "1", "PYTHONPATH": str(hook)}})
+    wait_all(runners, 300)
+    node0, node1 = ((logs / f"run1-node{n}.log").read_text() for n in (0, 1))
+    assert [p.returncode for p in runners] == [1, 1], node0[-3000:] + node1[-3000:]
+    assert "this node's fit fails at start" in node1
+    assert "stage '1-image-pretrain' stopped: node 1's part of the stage ended with exit code 3" in node0, node0[-3000:]
+    assert "stage '1-image-pretrain' failed" in node1, node1[-3000:]
+    state = json.loads((work / "recipe-state.json").read_text())
+    assert state["stages"]["1-image-pretrain"]["status"] == "failed"
 
 
 def test_node_setup_reads_the_launchers_variables():

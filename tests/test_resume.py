@@ -401,3 +401,18 @@ def test_a_run_resumed_with_another_number_of_loader_workers_trains_on_the_rest_
     everything = {f"img-{i}" for i in range(30)}
     assert len(rest) == len(set(rest)) and set(rest) == everything - set(first)
     assert set(after[len(rest): len(rest) + 30]) == everything, "then the next epoch, whole"
+
+
+def test_two_resumes_inside_a_later_epoch_with_loader_workers_keep_the_order(image_data, tmp_path):
+    """Stopped twice inside epoch 2 (8 batches an epoch), two workers: every resume continues
+    the uninterrupted sequence (LitData would replay epoch 1's order on the second one if the
+    saved position kept the epoch its main-process dataset was built with)."""
+    workers = ("--data.num_workers=2",)
+    reference = tmp_path / "reference"
+    run_fit(fit_command(image_data, reference, *workers, "--trainer.max_steps=15", "--trainer.val_check_interval=15"))
+    stopped = tmp_path / "stopped"
+    for steps in (9, 12, 15):  # a checkpoint every 3 steps; 9 and 12 both fall in the second epoch
+        run_fit(fit_command(image_data, stopped, *workers, f"--trainer.max_steps={steps}",
+                            f"--trainer.val_check_interval={steps}", *(["--ckpt_path=auto"] if steps > 9 else [])))
+    assert [line["step"] for line in steps_of(stopped)] == list(range(15))
+    assert steps_of(stopped) == steps_of(reference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 from array import array
@@ -222,7 +223,7 @@ class PackedBatches:
             self._pending[self._produced] = {"remainder": self._remainder, "taken": len(self._drawn),
                                              "buffer": [r["index"] for r in self.packer.buffer], "epoch": self._epoch}
         else:
-            self._pending[self._produced] = {"loader": self.loader.state_dict(), "workers": dict(self._workers),
+            self._pending[self._produced] = {"loader": _loader_state(self.loader), "workers": dict(self._workers),
                                              "drawn": len(self._drawn), "epoch": self.loader.current_epoch}
         return batch
 
@@ -257,10 +258,14 @@ class PackedBatches:
             self._buffer_to_restore = list(state.get("buffer", []))
             self._epoch = state["epoch"]
             return
-        self.loader.load_state_dict(state["loader"])
-        self._workers = {int(w): p for w, p in state["workers"].items()}
+        loader = copy.deepcopy(state["loader"])
+        loader["dataset"]["current_epoch"] = loader["current_epoch"]  # see _loader_state
+        self.loader.load_state_dict(loader)
+        # LitData resumes only inside an epoch: a position at its very end starts the next one
+        self._continuing = self.loader.restore
+        self._workers = {int(w): p for w, p in state["workers"].items()} if self._continuing else {}
         self.dataset.worker_positions = dict(self._workers)
-        self._drawn = array("q", from_intervals(state.get("seen", [])).tolist())
+        self._drawn = array("q", from_intervals(state.get("seen", [])).tolist() if self._continuing else [])
 
     def resumes_exactly(self, state: dict[str, Any]) -> bool:
         """Whether ``state`` (this process's own) can be continued as it is: it was written with
@@ -268,6 +273,17 @@ class PackedBatches:
         if not state or "remainder" in state:
             return True
         return "workers" in state and _saved_workers(state) == max(self.num_workers, 1)
+
+
+def _loader_state(loader: StreamingDataLoader) -> dict[str, Any]:
+    """A copy of the loader's state, its dataset's epoch set from the loader's. LitData hands out
+    its restored dataset state itself (updated in place at every call) and, with worker
+    processes, takes the epoch from the main process's dataset object, which keeps the epoch it
+    was built with while a restored state is loaded: a second resume in that epoch would
+    replay another epoch's order."""
+    state = copy.deepcopy(loader.state_dict())
+    state["dataset"]["current_epoch"] = state["current_epoch"]
+    return state
 
 
 def _saved_workers(state: dict[str, Any]) -> int:
@@ -321,6 +337,9 @@ def reshard_positions(positions: list[dict[str, Any]], rank: int, world: int, to
     if not any(positions):
         return {}
     if not all(p and "epoch" in p for p in positions):
+        if len(positions) == world:
+            raise ValueError("the checkpoint's data positions were written before loader workers packed batches "
+                             "(an older version of kangaroo): resume it with that version, or restart the stage")
         raise ValueError(f"the checkpoint holds the data positions of {len(positions)} processes without their "
                          f"records (written by an older version), but this run has {world}: resume with "
                          f"{len(positions)} processes")

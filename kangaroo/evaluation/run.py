@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
@@ -102,7 +103,7 @@ def claim_output(output: str, identity: dict[str, Any]) -> None:
         return
     # written beside and renamed: the shards of one evaluation claim the folder at the same time,
     # and one must never read another's half-written file
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(identity, handle, indent=1)
     os.replace(temporary, path)

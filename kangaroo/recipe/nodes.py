@@ -39,6 +39,10 @@ class NodeAborted(NodeLost):
     """Node 0 stopped the recipe (its error is in the message)."""
 
 
+class StageEnded(NodeLost):
+    """Node 0 ended the stage (failed or preempted) while this node's part still ran."""
+
+
 @dataclass
 class NodeSetup:
     """Where this runner stands in the allocation."""
@@ -104,12 +108,17 @@ class Coordinator:
         from torch.distributed import TCPStore
 
         self.setup = setup
-        timeout = datetime.timedelta(seconds=setup.join_timeout)
+        joining = datetime.timedelta(seconds=setup.join_timeout)
+        # every call on a follower's link waits at most node_timeout: a machine that vanished
+        # sends no reset, and a call would otherwise wait for the store's timeout
+        working = datetime.timedelta(seconds=max(5.0, setup.node_timeout))
         try:
-            self.store = TCPStore(setup.address, setup.port, setup.num_nodes, setup.leader, timeout=timeout,
+            self.store = TCPStore(setup.address, setup.port, setup.num_nodes, setup.leader, timeout=joining,
                                   wait_for_workers=False)
+            if not setup.leader:  # connected (node 0 may start later): now the links that are used
+                self.store = TCPStore(setup.address, setup.port, setup.num_nodes, False, timeout=working)
             # the heartbeat thread has a connection of its own
-            self._beat_store = TCPStore(setup.address, setup.port, setup.num_nodes, False, timeout=timeout)
+            self._beat_store = TCPStore(setup.address, setup.port, setup.num_nodes, False, timeout=working)
         except Exception as err:  # noqa: BLE001 - torch raises several kinds for one cause
             role = "listen on" if setup.leader else "reach node 0 at"
             raise NodeLost(f"could not {role} {setup.address}:{setup.port} within {setup.join_timeout:.0f} s: {err}")
@@ -172,6 +181,48 @@ class Coordinator:
 
     def publish(self, key: str, value: dict[str, Any]) -> None:
         self.store.set(key, json.dumps(value))
+
+    def report(self, index: int, returncode: int) -> None:
+        """A follower: how its part of stage ``index`` ended."""
+        self.store.set(f"result/{index}/{self.setup.node_rank}", str(returncode))
+
+    def check_stage(self, index: int) -> None:
+        """Node 0, while its fit of stage ``index`` runs: ``check()``, and ``NodeLost`` when a
+        follower's part of the stage failed (any exit but 0 and the preemption code): node 0's own
+        processes would otherwise wait in a collective for its timeout (NCCL's: 30 minutes)."""
+        from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
+
+        self.check()
+        for node in self.peers():
+            key = f"result/{index}/{node}"
+            if self.store.check([key]):
+                code = int(self.store.get(key))
+                if code not in (0, PREEMPTED_EXIT_CODE):
+                    raise NodeLost(f"node {node}'s part of the stage ended with exit code {code} (its log says why)")
+
+    def check_follower(self, index: int) -> None:
+        """A follower, while its fit of stage ``index`` runs: ``check()``, and ``StageEnded`` when
+        node 0 already gave a verdict that ends the run (its part stopped first: this one's
+        processes, waiting in a collective, would otherwise wait for its timeout)."""
+        self.check()
+        key = f"verdict/{index}"
+        if self.store.check([key]) and json.loads(self.store.get(key))["status"] != "done":
+            raise StageEnded(f"node 0 ended stage {index}")
+
+    def acknowledge(self, index: int) -> None:
+        """A follower has read the verdict of stage ``index``."""
+        self.store.add(f"verdict-read/{index}/{self.setup.node_rank}", 1)
+
+    def wait_acknowledged(self, index: int) -> None:
+        """Node 0, after a verdict that ends the run: waits for every live follower to have read
+        it (so that none takes the closed store for a dead node 0 and exits with another code)."""
+        for node in self.peers():
+            try:
+                while not self.store.check([f"verdict-read/{index}/{node}"]):
+                    self.check([node])
+                    time.sleep(POLL_S)
+            except NodeLost:
+                pass  # a dead node reads nothing
 
     def abort(self, reason: str) -> None:
         """Node 0 gave up (an error, a failed stage): followers stop their fits and exit. Waits a
@@ -258,25 +309,23 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def run_watched(command: list[str], coordinator: Coordinator | None, env: dict[str, str] | None = None,
-                on_start: Callable[[subprocess.Popen], None] | None = None) -> int:
+def run_watched(command: list[str], watch: Callable[[], None] | None = None,
+                env: dict[str, str] | None = None) -> int:
     """Runs a stage's fit, passing SIGTERM on to it (it finishes its step, saves and exits with
     ``PREEMPTED_EXIT_CODE``: the runner waits for that instead of dying first and leaving the
-    state file at "running"). With other nodes, their heartbeats are watched meanwhile: a dead
-    node ends this node's fit at once (``NodeLost``)."""
+    state file at "running"). With other nodes, ``watch`` checks them meanwhile: a dead node, or
+    a failed part of the stage, ends this node's fit at once (``NodeLost``)."""
     process = subprocess.Popen(command, env=env)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
     try:
-        if on_start is not None:
-            on_start(process)
         while True:
             try:
                 return process.wait(timeout=POLL_S)
             except subprocess.TimeoutExpired:
                 pass
-            if coordinator is not None:
+            if watch is not None:
                 try:
-                    coordinator.check()
+                    watch()
                 except NodeLost:
                     kill_tree(process)
                     raise

@@ -8,8 +8,10 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
+import uuid
 from typing import Any
 
 import yaml
@@ -17,7 +19,7 @@ import yaml
 from kangaroo import storage
 from kangaroo.recipe.spec import (Recipe, RecipeError, Stage, config_hash, data_dir, local_stage_dir, merged_config,
                                   stage_dir)
-from kangaroo.recipe.nodes import Coordinator, NodeLost, NodeSetup, run_watched
+from kangaroo.recipe.nodes import Coordinator, NodeLost, NodeSetup, StageEnded, run_watched
 from kangaroo.recipe.summary import format_summary, write_summary
 from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE, latest_checkpoint
 from kangaroo.training.stage import METRICS_NAME
@@ -114,7 +116,7 @@ def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, 
 
 def _write_stage_file(path: str, text: str) -> None:
     """Written beside and renamed: on a shared folder another node's fit may be reading it."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # unique on every node
     with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(temporary, path)
@@ -187,10 +189,12 @@ def _lead(recipe: Recipe, workdir: str, only: str | None, until: str | None, res
             coordinator.publish(f"stage/{index}", {"name": stage.name, "config": merged_text, "resume": resume})
         started = time.time()
         try:
-            returncode = run_watched(command, coordinator, env=nodes.fit_environment() if coordinator else None)
+            watch = (lambda: coordinator.check_stage(index)) if coordinator else None  # noqa: B023 - called in-loop
+            returncode = run_watched(command, watch, env=nodes.fit_environment() if coordinator else None)
         except NodeLost as err:
             entry.update(status="failed", returncode=None)
             write_state(workdir, state)
+            _verdict(coordinator, index, "failed")
             raise RuntimeError(f"stage {stage.name!r} stopped: {err}. Run the recipe again on every node to resume "
                                "it from its last checkpoint") from err
         finally:
@@ -230,6 +234,8 @@ def _lead(recipe: Recipe, workdir: str, only: str | None, until: str | None, res
 def _verdict(coordinator: Coordinator | None, index: int, status: str) -> None:
     if coordinator is not None:
         coordinator.publish(f"verdict/{index}", {"status": status})
+        if status != "done":  # the run ends here: the followers read it before the store closes
+            coordinator.wait_acknowledged(index)
 
 
 def _follow(recipe: Recipe, workdir: str, nodes: NodeSetup, coordinator: Coordinator) -> dict[str, Any]:
@@ -249,11 +255,17 @@ def _follow(recipe: Recipe, workdir: str, nodes: NodeSetup, coordinator: Coordin
         command = _fit_command(merged_path, message["resume"], nodes)
         print(f"[{stage.name}] node {nodes.node_rank}: {' '.join(command[2:])}", flush=True)
         try:
-            returncode = run_watched(command, coordinator, env=nodes.fit_environment())
+            returncode: int | None = run_watched(command, lambda: coordinator.check_follower(index),  # noqa: B023
+                                                 env=nodes.fit_environment())
+        except StageEnded:
+            returncode = None  # stopped: the verdict below says how the stage ended
         except NodeLost as err:
             raise RuntimeError(f"stage {stage.name!r} stopped: {err}. Run the recipe again on every node to resume "
                                "it from its last checkpoint") from err
+        if returncode is not None:
+            coordinator.report(index, returncode)
         verdict = coordinator.receive(f"verdict/{index}")["status"]
+        coordinator.acknowledge(index)
         if verdict == "preempted":
             raise Preempted(f"stage {stage.name!r} stopped for SIGTERM after saving a checkpoint; run the recipe "
                             "again on every node to continue from it")
