@@ -14,7 +14,7 @@ the stage's dataset by a ``StreamingDataLoader`` with one worker process, which 
 ``--wait-share WORKDIR``: the tiny recipe's stage 4 (``kangaroo fit`` on its merged
 ``stage.yaml`` and prepared data in ``WORKDIR``) for ``--steps`` steps with ``num_workers: 2``
 under Lightning's ``SimpleProfiler``: the time in ``train_dataloader_next`` (waiting for the
-next batch, packing and collation included) over the training epoch's time.
+next batch from the loader's workers, which pack and collate it) over the training epoch's time.
 
 Writes real h264 videos (25 fps, 320x240) into a temporary folder, prepares them once with
 `kangaroo data prepare`'s code path, then times (a) the stage DataModule reading and collating
