@@ -221,7 +221,8 @@ def test_a_write_cut_off_never_takes_the_checkpoint_name(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_a_checkpoint_from_another_number_of_processes_is_refused_with_a_message():
+def test_a_per_process_entry_from_another_number_of_processes_is_refused_with_a_message():
+    """own_entry, used for the random states (a data position reshards instead: see below)."""
     from kangaroo.distributed import own_entry, per_rank
 
     assert own_entry(per_rank({"buffer": [3]}), "data positions") == {"buffer": [3]}
