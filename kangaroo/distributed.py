@@ -3,9 +3,11 @@
 Lightning saves the checkpoint of rank 0, but some state differs per process: the data position
 (each rank streams its own share, and the packer's buffer holds that rank's records) and the
 random generators (drop path draws as many numbers as the rank's batch has samples).
-``per_rank`` gathers one value from every process into the list that rank 0 saves;
-``own_entry`` gives a resumed process its own value back. Both are collective calls: every rank
-makes them at the same point (Lightning builds the checkpoint dict on every rank).
+``per_rank`` gathers one value from every process into the list that rank 0 saves, a collective
+call that every rank makes at the same point (Lightning builds the checkpoint dict on every
+rank); a resumed process takes its own entry back, or, on another number of processes, the data
+module reshards the positions (``kangaroo.data.datamodule.reshard_positions``) and the random
+states are left as seeded.
 """
 
 from __future__ import annotations
@@ -24,19 +26,9 @@ def world() -> tuple[int, int]:
 
 def per_rank(value: Any) -> list[Any]:
     """``value`` of every process, in rank order."""
-    rank, size = world()
+    _, size = world()
     if size == 1:
         return [value]
     gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def own_entry(values: list[Any], what: str) -> Any:
-    """This process's entry of a ``per_rank`` list; a checkpoint from another number of
-    processes is refused with a message naming ``what``."""
-    rank, size = world()
-    if len(values) != size:
-        raise ValueError(f"the checkpoint holds the {what} of {len(values)} processes, but this run has {size}: "
-                         f"resume with {len(values)} processes to continue exactly")
-    return values[rank]

@@ -24,6 +24,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -161,7 +162,8 @@ def write_bytes(path: str, data: bytes) -> None:
 
 @contextlib.contextmanager
 def local_output(path: str, durable: bool = False) -> Iterator[str]:
-    """A local file name to write ``path``'s content to. Locally: ``path.partial``, renamed to
+    """A local file name to write ``path``'s content to. Locally: ``path.<random>.partial``, one per
+    writer (processes on several machines may write one shared path at once), renamed to
     ``path`` on success (with ``durable``, synced to disk first). Remotely: a temporary file,
     uploaded with retries on success. A failure leaves ``path`` as it was."""
     if is_remote(path):
@@ -172,7 +174,7 @@ def local_output(path: str, durable: bool = False) -> Iterator[str]:
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    partial = path + ".partial"
+    partial = f"{path}.{uuid.uuid4().hex[:12]}.partial"
     try:
         yield partial
         if durable:

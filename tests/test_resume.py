@@ -221,15 +221,6 @@ def test_a_write_cut_off_never_takes_the_checkpoint_name(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_a_per_process_entry_from_another_number_of_processes_is_refused_with_a_message():
-    """own_entry, used for the random states (a data position reshards instead: see below)."""
-    from kangaroo.distributed import own_entry, per_rank
-
-    assert own_entry(per_rank({"buffer": [3]}), "data positions") == {"buffer": [3]}
-    with pytest.raises(ValueError, match="holds the data positions of 2 processes, but this run has 1: resume with 2"):
-        own_entry([{"buffer": [3]}, {"buffer": [4]}], "data positions")
-
-
 ACCUMULATE = ("--trainer.accumulate_grad_batches=2", "--data.num_workers=2")
 """Two micro-batches per optimizer step, read by two loader workers: SampleLog writes a line per
 micro-batch, both lines of a window carrying the window's step."""

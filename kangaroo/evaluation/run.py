@@ -13,11 +13,11 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
 
+from kangaroo import storage
 from kangaroo.data.video import FrameSampling, MediaError
 from kangaroo.evaluation.benchmarks import Question, extract_letter
 from kangaroo.inference.generation import Generator
@@ -101,12 +101,9 @@ def claim_output(output: str, identity: dict[str, Any]) -> None:
             raise ValueError(f"{output} holds the answers of another evaluation (it differs in {changed}); "
                              "use another --output, or remove the folder to start over")
         return
-    # written beside and renamed: the shards of one evaluation claim the folder at the same time,
-    # and one must never read another's half-written file
-    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(identity, handle, indent=1)
-    os.replace(temporary, path)
+    # renamed into place: the shards of one evaluation claim the folder at the same time, and
+    # one must never read another's half-written file
+    storage.write_text(path, json.dumps(identity, indent=1))
 
 
 def evaluate_shard(generator: Generator, questions: list[Question], videos: str, output: str, mode: str = "generate",

@@ -216,13 +216,17 @@ class Coordinator:
     def wait_acknowledged(self, index: int) -> None:
         """Node 0, after a verdict that ends the run: waits for every live follower to have read
         it (so that none takes the closed store for a dead node 0 and exits with another code)."""
+        self._await_followers(f"verdict-read/{index}")
+
+    def _await_followers(self, key: str) -> None:
+        """Node 0: waits until every follower has set ``key/<node>``; one found dead is not waited for."""
         for node in self.peers():
             try:
-                while not self.store.check([f"verdict-read/{index}/{node}"]):
+                while not self.store.check([f"{key}/{node}"]):
                     self.check([node])
                     time.sleep(POLL_S)
             except NodeLost:
-                pass  # a dead node reads nothing
+                pass
 
     def abort(self, reason: str) -> None:
         """Node 0 gave up (an error, a failed stage): followers stop their fits and exit. Waits a
@@ -257,13 +261,7 @@ class Coordinator:
         """Node 0 waits for every follower to have read the end (so that none takes the closed
         store for a dead node 0); followers say they have. Then the heartbeat stops."""
         if self.setup.leader:
-            for node in self.peers():
-                try:
-                    while not self.store.check([f"finished/{node}"]):
-                        self.check([node])
-                        time.sleep(POLL_S)
-                except NodeLost:
-                    pass  # its part is done either way
+            self._await_followers("finished")
         else:
             self.store.add(f"finished/{self.setup.node_rank}", 1)
         self.close()

@@ -8,10 +8,8 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import sys
 import time
-import uuid
 from typing import Any
 
 import yaml
@@ -114,14 +112,6 @@ def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, 
         print(report.summary(), flush=True)
 
 
-def _write_stage_file(path: str, text: str) -> None:
-    """Written beside and renamed: on a shared folder another node's fit may be reading it."""
-    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # unique on every node
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
-
-
 def _fit_command(merged_path: str, resume: str | None, nodes: NodeSetup) -> list[str]:
     command = [sys.executable, "-m", "kangaroo.cli", "fit", "--config", merged_path]
     if nodes.num_nodes > 1:
@@ -172,7 +162,7 @@ def _lead(recipe: Recipe, workdir: str, only: str | None, until: str | None, res
         merged = merged_config(recipe, stage, workdir)
         merged_text = yaml.safe_dump(merged, sort_keys=False)
         merged_path = os.path.join(local_root, "stage.yaml")
-        _write_stage_file(merged_path, merged_text)
+        storage.write_text(merged_path, merged_text)  # renamed into place: another node may be reading it
         resume = latest_checkpoint(root) if entry.get("status") in ("running", "failed", "preempted") else None
         if entry.get("status") in (None, "pending"):
             for stale in storage.find(root, ".ckpt"):
@@ -251,7 +241,7 @@ def _follow(recipe: Recipe, workdir: str, nodes: NodeSetup, coordinator: Coordin
         local_root = local_stage_dir(workdir, stage)
         os.makedirs(local_root, exist_ok=True)
         merged_path = os.path.join(local_root, "stage.yaml")
-        _write_stage_file(merged_path, message["config"])
+        storage.write_text(merged_path, message["config"])
         command = _fit_command(merged_path, message["resume"], nodes)
         print(f"[{stage.name}] node {nodes.node_rank}: {' '.join(command[2:])}", flush=True)
         try:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from kangaroo import storage
-from kangaroo.distributed import own_entry, per_rank, world
+from kangaroo.distributed import per_rank, world
 from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
@@ -266,11 +266,12 @@ class KangarooStage(L.LightningModule):
         states = checkpoint.get("rng_states")
         if isinstance(states, dict):  # a checkpoint from before states were kept per process
             states = [states]
-        if states and len(states) != world()[1]:  # resumed on another number of processes
+        rank, size = world()
+        if states and len(states) != size:  # resumed on another number of processes
             log.warning("random states of %d processes in the checkpoint, %d now: not restored (the generators "
-                        "keep the run's seed)", len(states), world()[1])
+                        "keep the run's seed)", len(states), size)
             states = None
-        self._rng_to_restore = own_entry(states, "random states") if states else None
+        self._rng_to_restore = states[rank] if states else None
 
     def on_fit_end(self) -> None:
         root = self.trainer.default_root_dir
