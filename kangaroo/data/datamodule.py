@@ -10,18 +10,18 @@ from array import array
 from typing import Any, Iterable, Iterator
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
-import torch.distributed as dist
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
 from kangaroo import storage
 from kangaroo.data.encode import PrepareConfig
+from kangaroo.data.even_epochs import FILLER_KEY, EvenBatches, even_epoch, filler_batch
 from kangaroo.data.frames import load_frames
 from kangaroo.data.packing import SequencePacker, collate_rows
 from kangaroo.distributed import per_rank, world
-from kangaroo.modules.layout import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,18 @@ class PackingStreamingDataset(IndexedStreamingDataset):
 
 
 class PackedBatches:
-    """Iterates the batches the loader's workers pack (``PackingStreamingDataset``).
+    """Iterates the batches the loader's workers pack (``PackingStreamingDataset``), as many on
+    every process in every epoch (``kangaroo.data.even_epochs.even_epoch``: a share that ran out
+    is followed by empty micro-batches up to the longest share, rounded up to a multiple of
+    ``multiple_of``, the accumulation window).
 
     Its ``position`` is the loader's state plus every worker's position (records drawn, records
     waiting in its packer's buffer): restoring both continues the exact sequence of batches.
     The state is the one after the last batch *trained on* (``consumed``), not the last one
     produced: the trainer fetches a batch ahead, and a checkpoint saved after step k must
-    restart at batch k + 1.
+    restart at batch k + 1. It also counts the micro-batches of the epoch (``batches``) and says
+    whether this process's share had run out (``drained``: the rest of the epoch is empty
+    micro-batches) or the epoch had ended (``epoch_finished``).
 
     The position also holds the epoch and the records of the batches this process received in
     it (``seen``, as index intervals), so that a run resumed on another number of processes or
@@ -139,7 +144,7 @@ class PackedBatches:
     """
 
     def __init__(self, dataset: PackingStreamingDataset, num_workers: int = 0, track_position: bool = False,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, multiple_of: int = 1) -> None:
         self.dataset = dataset
         # Its own generator: starting an iterator never draws from the global one, whose state a
         # resumed run restores for the model's own randomness (dropout, drop path).
@@ -150,6 +155,7 @@ class PackedBatches:
         self.track_position = track_position
         self.pin_memory = pin_memory
         self.num_workers = num_workers
+        self.multiple_of = multiple_of
         self._restored: dict[str, Any] = {}
         self._produced = 0
         self._pending: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
@@ -160,8 +166,33 @@ class PackedBatches:
         self._remainder: list[int] | None = None  # the rest of an epoch begun on another process count
         self._buffer_to_restore: list[int] = []  # a remainder's packer buffer
         self._epoch = 0
+        self._in_epoch = 0  # micro-batches yielded in this epoch, empty ones included
+        self._drained_from: dict[str, Any] | None = None  # a restored position whose share had run out
+        self._last_real: dict[str, Any] | None = None  # the pending state of this pass's last real batch
+        self._end: dict[str, Any] | None = None  # this process's position once its share ran out
+        self.counts = {"batches": 0, "empty": 0}  # of the last (or running) pass, for the epoch's report
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        done = self._in_epoch if (self._continuing or self._drained_from is not None) else 0
+        self._in_epoch, self._last_real, self._end = done, None, None
+        self.counts = {"batches": done, "empty": 0}
+        share = self._drained_share() if self._drained_from is not None else self._share()
+        last: dict[str, Any] | None = None
+        for batch in even_epoch(share, self.multiple_of, done, self._filler):
+            self._in_epoch += 1
+            self.counts["batches"] += 1
+            self.counts["empty"] += int(batch.get(FILLER_KEY, False))
+            last = self._finish(batch)
+            yield last
+        # every process ends its epoch here, after the same micro-batch
+        self._in_epoch = 0
+        if self.track_position and last is not None:
+            self._pending_or_consumed(last["data_position"])["epoch_finished"] = True
+        if self.track_position:
+            report_epoch(per_rank(self.counts), self.multiple_of)
+
+    def _share(self) -> Iterator[dict[str, Any]]:
+        """This process's own batches of the epoch (or of the rest of an interrupted one)."""
         if self._remainder is not None:
             yield from self._iter_remainder()
             return
@@ -174,7 +205,33 @@ class PackedBatches:
             position = batch.pop("worker_position")
             self._workers[position["worker"]] = position
             self._drawn.extend(batch.pop("record_indices"))
-            yield self._finish(batch)
+            yield batch
+        self._share_ended(None)
+
+    def _drained_share(self) -> Iterator[dict[str, Any]]:
+        """A restored epoch whose share had run out: nothing more of it (empty micro-batches follow)."""
+        self._share_ended(self._drained_from)
+        self._drained_from = None
+        return iter(())
+
+    def _share_ended(self, end: dict[str, Any] | None) -> None:
+        """Notes the position after this process's last batch of the epoch: the one empty
+        micro-batches carry, and the one of that last batch (which the trainer fetched ahead
+        and may be saved before any empty one)."""
+        if end is None and self._last_real is not None:
+            end = self._full_position(self._last_real) if "drawn" in self._last_real else dict(self._last_real)
+        if end is None:  # a share without a batch in this epoch
+            end = {"loader": _loader_state(self.loader), "workers": dict(self._workers), "buffer": [],
+                   "epoch": self.loader.current_epoch, "seen": to_intervals(np.unique(self._drawn))}
+        self._end = {k: v for k, v in end.items() if k not in ("drained", "batches", "epoch_finished")}
+        if self._last_real is not None:
+            self._last_real["drained"] = True
+
+    def _filler(self) -> dict[str, Any]:
+        return filler_batch(self.dataset.pad_id)
+
+    def _pending_or_consumed(self, position: int) -> dict[str, Any]:
+        return self._pending[position] if position in self._pending else self._consumed
 
     def _iter_remainder(self) -> Iterator[dict[str, Any]]:
         assert self._remainder is not None
@@ -187,11 +244,13 @@ class PackedBatches:
         for row in self.packer.pack(self._track(self._read(self._remainder[taken:]))):
             rows.append(row)
             if len(rows) == self.dataset.rows_per_batch:
-                yield self._finish(self._collate(rows))
+                yield self._collate(rows)
                 rows = []
         if rows:
-            yield self._finish(self._collate(rows))
+            yield self._collate(rows)
         # the interrupted epoch is done: the next pass is the next epoch
+        self._share_ended({"remainder": self._remainder, "taken": len(self._remainder), "buffer": [],
+                           "epoch": self._epoch})
         self._remainder = None
         self.loader.current_epoch = self._epoch
 
@@ -219,12 +278,19 @@ class PackedBatches:
             return batch
         self._produced += 1
         batch["data_position"] = self._produced
-        if self._remainder is not None:
-            self._pending[self._produced] = {"remainder": self._remainder, "taken": len(self._drawn),
-                                             "buffer": [r["index"] for r in self.packer.buffer], "epoch": self._epoch}
+        if batch.get(FILLER_KEY):
+            assert self._end is not None, "an empty micro-batch before this process's share ended"
+            state = {**self._end, "drained": True}
+        elif self._remainder is not None:
+            state = {"remainder": self._remainder, "taken": len(self._drawn),
+                     "buffer": [r["index"] for r in self.packer.buffer], "epoch": self._epoch}
+            self._last_real = state
         else:
-            self._pending[self._produced] = {"loader": _loader_state(self.loader), "workers": dict(self._workers),
-                                             "drawn": len(self._drawn), "epoch": self.loader.current_epoch}
+            state = {"loader": _loader_state(self.loader), "workers": dict(self._workers),
+                     "drawn": len(self._drawn), "epoch": self.loader.current_epoch}
+            self._last_real = state
+        state["batches"] = self._in_epoch
+        self._pending[self._produced] = state
         return batch
 
     def consumed(self, position: int) -> None:
@@ -239,18 +305,33 @@ class PackedBatches:
         consumed = self._consumed
         if consumed is None:
             return self._restored
+        if "drawn" in consumed:
+            flags = {k: consumed[k] for k in ("drained", "batches", "epoch_finished") if k in consumed}
+            return {**self._full_position(consumed), **flags}
         if "remainder" in consumed:
             return {**consumed, "remainder": to_intervals(consumed["remainder"])}
-        drawn = np.frombuffer(self._drawn, dtype=np.int64)[: consumed["drawn"]]
-        buffered = sorted(i for worker in consumed["workers"].values() for i in worker["buffer"])
-        return {"loader": consumed["loader"], "workers": consumed["workers"], "buffer": buffered,
-                "epoch": consumed["epoch"], "seen": to_intervals(np.unique(drawn))}
+        return dict(consumed)
+
+    def _full_position(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A loader batch's pending state as a position: the records drawn up to it, as intervals."""
+        drawn = np.frombuffer(self._drawn, dtype=np.int64)[: state["drawn"]]
+        buffered = sorted(i for worker in state["workers"].values() for i in worker["buffer"])
+        return {"loader": state["loader"], "workers": state["workers"], "buffer": buffered,
+                "epoch": state["epoch"], "seen": to_intervals(np.unique(drawn))}
 
     def restore(self, state: dict[str, Any]) -> None:
         self._restored, self._consumed = dict(state), None
         self._pending.clear()
+        self._in_epoch, self._drained_from = 0, None
         if not state:
             return
+        if state.get("epoch_finished"):  # saved after the epoch's last micro-batch: the next pass is the next epoch
+            if "remainder" in state:
+                self._remainder, self._epoch = None, state["epoch"]
+                self.loader.current_epoch = self._epoch
+                return
+            state = {**state, "drained": False}
+        self._in_epoch = int(state.get("batches", 0))
         self._continuing = True
         if "remainder" in state:
             self._remainder = from_intervals(state["remainder"]).tolist()
@@ -261,11 +342,17 @@ class PackedBatches:
         loader = copy.deepcopy(state["loader"])
         loader["dataset"]["current_epoch"] = loader["current_epoch"]  # see _loader_state
         self.loader.load_state_dict(loader)
+        if state.get("drained"):  # the share of this epoch had run out: empty micro-batches until it ends
+            self._drained_from = state
+            self._continuing = False
+            return
         # LitData resumes only inside an epoch: a position at its very end starts the next one
         self._continuing = self.loader.restore
         self._workers = {int(w): p for w, p in state["workers"].items()} if self._continuing else {}
         self.dataset.worker_positions = dict(self._workers)
         self._drawn = array("q", from_intervals(state.get("seen", [])).tolist() if self._continuing else [])
+        if not self._continuing:
+            self._in_epoch = 0
 
     def resumes_exactly(self, state: dict[str, Any]) -> bool:
         """Whether ``state`` (this process's own) can be continued as it is: it was written with
@@ -273,6 +360,20 @@ class PackedBatches:
         if not state or "remainder" in state:
             return True
         return "workers" in state and _saved_workers(state) == max(self.num_workers, 1)
+
+
+def report_epoch(counts: list[dict[str, int]], multiple_of: int) -> None:
+    """Logs (on the first process) what evening the epoch's shares cost: the micro-batches every
+    process ran, and how many of them were empty (``kangaroo.data.even_epochs``)."""
+    if not counts:
+        return
+    batches, empty = counts[0]["batches"], sum(c["empty"] for c in counts)
+    total = batches * len(counts)
+    shares = "/".join(str(c["batches"] - c["empty"]) for c in counts)
+    rank_zero_info(f"data: the epoch ended after {batches} micro-batches on each of {len(counts)} processes "
+                   f"({batches // multiple_of} optimizer steps of {multiple_of}); shares of {shares} real "
+                   f"micro-batches, {empty} empty ones added ({100.0 * empty / max(total, 1):.1f}% of the epoch's "
+                   "micro-batches); no record repeated or dropped")
 
 
 def _loader_state(loader: StreamingDataLoader) -> dict[str, Any]:
@@ -355,6 +456,8 @@ def reshard_positions(positions: list[dict[str, Any]], rank: int, world: int, to
         consumed = [np.setdiff1d(from_intervals(p["seen"]), np.asarray(p["buffer"], dtype=np.int64))
                     for p in positions]
         remaining = np.setdiff1d(np.arange(total, dtype=np.int64), np.concatenate(consumed))
+    if all(p.get("epoch_finished") for p in positions):  # saved after the epoch's last step: the next one follows
+        return {"remainder": [], "taken": 0, "buffer": [], "epoch": epochs[0], "epoch_finished": True}
     block = np.array_split(remaining, world)[rank]
     return {"remainder": to_intervals(block), "taken": 0, "buffer": [], "epoch": epochs[0]}
 
@@ -367,47 +470,6 @@ def _ignore_sigterm(worker_id: int) -> None:
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class EvenBatches:
-    """Validation batches, as many on every process: a process whose share ran out yields a
-    filler batch (one row of padding, no labels, no samples) while any other still has one.
-
-    Held-out shares differ in size (the last partial batch is kept, and packing makes the count
-    of batches depend on the samples), but every validation step is a collective under FSDP2
-    (each unit gathers its parameters) and the metrics sync at the end: a process that stopped
-    early would wait in the sync while another waits in a gather. The filler runs the model
-    (text only: the vision tower on its blank frame) and adds nothing to any metric. Deciding
-    whether to go on is itself one small all-reduce per step, made by every process.
-    """
-
-    def __init__(self, batches: Any, pad_id: int = 0) -> None:
-        self.batches = batches
-        self.pad_id = pad_id
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        iterator = iter(self.batches)
-        while True:
-            batch = next(iterator, None)
-            if not _any_process(batch is not None):
-                return
-            yield batch if batch is not None else self.filler()
-
-    def filler(self) -> dict[str, Any]:
-        return {"input_ids": torch.full((1, 2), self.pad_id, dtype=torch.long),
-                "labels": torch.full((1, 2), IGNORE_INDEX, dtype=torch.long),
-                "position_ids": torch.arange(2).unsqueeze(0), "sample_ids": [], "tasks": [], "categories": [],
-                "num_tokens": 0}
-
-
-def _any_process(flag: bool) -> bool:
-    """Whether ``flag`` holds on any process (a collective call: every process makes it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 class KangarooDataModule(L.LightningDataModule):
@@ -448,7 +510,9 @@ class KangarooDataModule(L.LightningDataModule):
                                           budget=hp.max_tokens, rows_per_batch=hp.rows_per_batch, packing=hp.packing,
                                           buffer_size=hp.buffer_size, pad_id=hp.pad_id)
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return PackedBatches(dataset, hp.num_workers, track_position=train, pin_memory=pin)
+        # an epoch ends on every process after the same micro-batch, at the end of an accumulation window
+        window = self.trainer.accumulate_grad_batches if self.trainer is not None and train else 1
+        return PackedBatches(dataset, hp.num_workers, track_position=train, pin_memory=pin, multiple_of=window)
 
     def train_dataloader(self) -> PackedBatches:
         self._train = self._batches(self.hparams.train_dir, self.hparams.shuffle, train=True)
@@ -466,6 +530,12 @@ class KangarooDataModule(L.LightningDataModule):
                             sum(end - start for start, end in state.get("remainder", [])))
             self._train.restore(state)
             self._pending_state = None
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if processes > 1 or self._train.multiple_of > 1:
+            rank_zero_info(f"data: every process runs as many micro-batches per epoch as the longest of the "
+                           f"{processes} shares, rounded up to a multiple of {self._train.multiple_of} "
+                           "(accumulate_grad_batches); a shorter share ends with empty micro-batches (no record "
+                           "repeated or dropped; their count is logged at each epoch's end)")
         return self._train
 
     def val_dataloader(self) -> EvenBatches | list:

@@ -46,8 +46,10 @@ def labelled_token_loss(
     wanted = targets[selected]
     count = selected.sum()
     if rows.shape[0] == 0:
-        # Keeps the graph connected so every rank runs the same backward.
-        return hidden.sum() * 0.0, count
+        # Keeps the graph connected, through the head too, so that every rank runs the same
+        # backward: DDP reduces every parameter's gradient, FSDP2 every unit's (an empty
+        # micro-batch of kangaroo.data.even_epochs has no labelled token at all).
+        return head(hidden[:, :1]).float().sum() * 0.0, count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
