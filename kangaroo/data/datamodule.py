@@ -325,12 +325,11 @@ class PackedBatches:
         self._in_epoch, self._drained_from = 0, None
         if not state:
             return
-        if state.get("epoch_finished"):  # saved after the epoch's last micro-batch: the next pass is the next epoch
-            if "remainder" in state:
-                self._remainder, self._epoch = None, state["epoch"]
-                self.loader.current_epoch = self._epoch
-                return
-            state = {**state, "drained": False}
+        finished = bool(state.get("epoch_finished"))  # saved after the epoch's last micro-batch
+        if finished and "remainder" in state:  # the next pass is the next epoch
+            self._remainder, self._epoch = None, state["epoch"]
+            self.loader.current_epoch = self._epoch
+            return
         self._in_epoch = int(state.get("batches", 0))
         self._continuing = True
         if "remainder" in state:
@@ -342,9 +341,16 @@ class PackedBatches:
         loader = copy.deepcopy(state["loader"])
         loader["dataset"]["current_epoch"] = loader["current_epoch"]  # see _loader_state
         self.loader.load_state_dict(loader)
-        if state.get("drained"):  # the share of this epoch had run out: empty micro-batches until it ends
-            self._drained_from = state
+        if finished or state.get("drained"):
+            # This process's share of the epoch had run out. LitData would resume inside it (it
+            # counts the batches it yielded against the share's records): its next pass must be
+            # the next epoch instead.
+            self.loader.restore = False
             self._continuing = False
+            if not finished:  # empty micro-batches until every process's share has run out
+                self._drained_from = state
+            else:
+                self._in_epoch = 0
             return
         # LitData resumes only inside an epoch: a position at its very end starts the next one
         self._continuing = self.loader.restore
@@ -510,8 +516,11 @@ class KangarooDataModule(L.LightningDataModule):
                                           budget=hp.max_tokens, rows_per_batch=hp.rows_per_batch, packing=hp.packing,
                                           buffer_size=hp.buffer_size, pad_id=hp.pad_id)
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        # an epoch ends on every process after the same micro-batch, at the end of an accumulation window
-        window = self.trainer.accumulate_grad_batches if self.trainer is not None and train else 1
+        # An epoch ends on every process after the same micro-batch, at the end of an accumulation
+        # window. One process has no peer to wait for: Lightning's step at its last micro-batch is
+        # harmless there, and no empty micro-batch is added.
+        several = self.trainer is not None and self.trainer.world_size > 1
+        window = self.trainer.accumulate_grad_batches if several and train else 1
         return PackedBatches(dataset, hp.num_workers, track_position=train, pin_memory=pin, multiple_of=window)
 
     def train_dataloader(self) -> PackedBatches:
@@ -531,7 +540,7 @@ class KangarooDataModule(L.LightningDataModule):
             self._train.restore(state)
             self._pending_state = None
         processes = self.trainer.world_size if self.trainer is not None else 1
-        if processes > 1 or self._train.multiple_of > 1:
+        if processes > 1:
             rank_zero_info(f"data: every process runs as many micro-batches per epoch as the longest of the "
                            f"{processes} shares, rounded up to a multiple of {self._train.multiple_of} "
                            "(accumulate_grad_batches); a shorter share ends with empty micro-batches (no record "

@@ -20,6 +20,7 @@ from kangaroo.recipe.spec import (Recipe, RecipeError, Stage, config_hash, data_
 from kangaroo.recipe.nodes import Coordinator, NodeLost, NodeSetup, StageEnded, run_watched
 from kangaroo.recipe.summary import format_summary, write_summary
 from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE, latest_checkpoint
+from kangaroo.training.watchdog import STALLED_EXIT_CODE
 from kangaroo.training.stage import METRICS_NAME
 from kangaroo.training.weights import WEIGHTS_NAME
 
@@ -200,7 +201,9 @@ def _lead(recipe: Recipe, workdir: str, only: str | None, until: str | None, res
             entry.update(status="failed", returncode=returncode)
             write_state(workdir, state)
             _verdict(coordinator, index, "failed")
-            raise RuntimeError(f"stage {stage.name!r} failed with exit code {returncode}; "
+            why = (" (a process made no progress within StallWatchdog's bound: a stuck collective)"
+                   if returncode == STALLED_EXIT_CODE else "")
+            raise RuntimeError(f"stage {stage.name!r} failed with exit code {returncode}{why}; "
                                f"logs in {root}. Running the recipe again resumes it from its last checkpoint")
         metrics = json.loads(storage.read_text(storage.join(root, METRICS_NAME)))
         entry.update(status="done", checkpoint=storage.join(root, WEIGHTS_NAME),

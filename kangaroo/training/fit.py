@@ -9,6 +9,7 @@ from kangaroo import storage
 from kangaroo.training.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint, latest_checkpoint
 from kangaroo.data.datamodule import KangarooDataModule
 from kangaroo.training.stage import KangarooStage
+from kangaroo.training.watchdog import StallWatchdog
 
 AUTO_RESUME = "auto"
 """``--ckpt_path=auto``: resume from the newest whole checkpoint under the stage's
@@ -21,23 +22,24 @@ class KangarooCLI(LightningCLI):
 
     Checkpoints go to ``<default_root_dir>/checkpoints`` unless a ``ModelCheckpoint`` names its
     ``dirpath``. Every fit writes checkpoints atomically (``AtomicCheckpointIO``, unless the config names
-    another checkpoint IO plugin), saves one on SIGTERM (``PreemptionCheckpoint``, unless the config
-    lists its own under ``trainer.callbacks``), and takes
+    another checkpoint IO plugin), saves one on SIGTERM (``PreemptionCheckpoint``), ends a run whose process made no progress
+    for 5 minutes with exit code 76 (``StallWatchdog``; each unless the config lists its own
+    under ``trainer.callbacks``), and takes
     ``--ckpt_path=auto``."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("trainer_defaults", {"callbacks": [PreemptionCheckpoint()]})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [PreemptionCheckpoint(), StallWatchdog()]})
         super().__init__(KangarooStage, KangarooDataModule, args=args, run=run, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if any(isinstance(callback, PreemptionCheckpoint) for callback in callbacks):
-            # the config's own (e.g. another ``grace_s``) replaces the default one
-            self.trainer_defaults["callbacks"] = [c for c in self.trainer_defaults.get("callbacks", [])
-                                                  if not isinstance(c, PreemptionCheckpoint)]
+        # the config's own (e.g. another ``grace_s`` or ``timeout_s``) replaces the default one
+        listed = {type(callback) for callback in callbacks}
+        self.trainer_defaults["callbacks"] = [c for c in self.trainer_defaults.get("callbacks", [])
+                                              if type(c) not in listed]
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
