@@ -74,6 +74,29 @@ def _merge_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_command(args: argparse.Namespace) -> int:
+    from kangaroo.data.stats import cached_record_tokens, epoch_plan
+    from kangaroo.training.stage_file import load_stage_file, read_stage_yaml
+
+    trainer = read_stage_yaml(args.config).get("trainer") or {}
+    hp = load_stage_file(args.config, ("data",))["data"].hparams
+    devices = args.devices or int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
+    if args.accumulate:
+        accumulate = args.accumulate
+    elif hp.global_batch:  # as the fit derives it (KangarooDataModule.apply_schedule)
+        accumulate = max(1, hp.global_batch // (devices * hp.rows_per_batch))
+    else:
+        accumulate = int(trainer.get("accumulate_grad_batches", 1))
+    tokens = cached_record_tokens(args.directory)
+    for epoch in range(1, args.epochs + 1):
+        plan = epoch_plan(args.directory, hp.max_tokens, packing=hp.packing, rows_per_batch=hp.rows_per_batch,
+                          buffer_size=hp.buffer_size, shuffle=hp.shuffle, seed=hp.seed, num_workers=hp.num_workers,
+                          processes=devices, accumulate=accumulate, epoch=epoch, tokens=tokens)
+        print(f"epoch {epoch} of {args.directory} at {args.config}'s budget, on {devices} processes "
+              f"with {max(hp.num_workers, 1)} loader worker(s) each:\n{plan.summary()}")
+    return 0
+
+
 def _synth_command(args: argparse.Namespace) -> int:
     from kangaroo.world import WorldConfig, synthesize
 
@@ -113,6 +136,18 @@ def _recipe_run_command(args: argparse.Namespace) -> int:
     from kangaroo.recipe import NodeSetup, Preempted, load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.rehearse:
+        from kangaroo.recipe.rehearsal import rehearsal
+
+        args.workdir = args.workdir or os.path.join("runs", f"{recipe.name}-rehearsal")
+        recipe, notes = rehearsal(recipe, devices=args.devices or 2, world=os.path.join(args.workdir, "world"))
+        print(f"rehearsal of {args.recipe} on {args.devices or 2} CPU processes, in {args.workdir}; what it changes "
+              "in the stage files:")
+        print("\n".join(f"  {note}" for note in notes), flush=True)
+    elif args.devices:
+        print("kangaroo: error: --devices goes with --rehearse (a recipe's own stages name their devices)",
+              file=sys.stderr)
+        return 2
     try:
         nodes = NodeSetup.from_environment(args.num_nodes, args.node_rank, args.coordinator_port, args.node_timeout)
     except ValueError as err:
@@ -282,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("output", help="the --output the parts were prepared into (local or s3://)")
     merge.add_argument("--keep-parts", action="store_true", help="keep OUTPUT/parts after merging")
     merge.set_defaults(handler=_merge_command)
+    stats = data.add_parser("stats", help="records, tokens, packed rows and optimizer steps of an epoch of prepared "
+                            "data at a stage's budget, on N processes")
+    stats.add_argument("directory", help="prepared data (local or s3://)")
+    stats.add_argument("--config", required=True, help="the stage file (its data section and trainer's accumulation)")
+    stats.add_argument("--devices", type=int, help="processes of the run (default: the stage's devices x num_nodes)")
+    stats.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (default: from the stage's "
+                       "data.global_batch, else its trainer.accumulate_grad_batches)")
+    stats.add_argument("--epochs", type=int, default=1, help="epochs to show (their order, so their rows, differ)")
+    stats.set_defaults(handler=_stats_command)
     synth = data.add_parser("synth", help="write the tiny synthetic world: videos, manifests for all five stages, "
                                           "held-out questions, tokenizer and text-trained tiny LLM")
     synth.add_argument("--output", default="data/kangaroo-tiny", help="folder (default data/kangaroo-tiny)")
@@ -396,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--until", metavar="STAGE", help="run up to and including this stage")
     run.add_argument("--restart-from", metavar="STAGE", help="redo this stage and every later one")
     run.add_argument("--prepare-workers", type=int, default=1, help="processes for data preparation")
+    run.add_argument("--rehearse", action="store_true", help="run the recipe's own stage files at tiny scale on CPU "
+                     "processes: tiny models, a small synthetic world, few steps (every change printed)")
+    run.add_argument("--devices", type=int, help="processes of a rehearsal (default 2)")
     several = run.add_argument_group("several nodes", "start the same command on every node; node 0 leads, the "
                                      "others follow it stage by stage (docs/training.md, Several machines)")
     several.add_argument("--num-nodes", type=int, help="nodes of the allocation (default: SLURM_NNODES, else 1); "

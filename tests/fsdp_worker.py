@@ -14,6 +14,9 @@ whose answers hold 1 to 40 tokens) split over processes and micro-batches: unit 
 rank ``i % devices``, micro-batch ``(i // devices) % K``; one process with ``K = 1`` holds all
 four in one batch. ``OUT/grad_norms.json`` holds each step's gradient norm before clipping.
 
+With ``--uneven`` every epoch holds ``UNEVEN`` micro-batches per process (see there), so that
+epochs end on shares of different lengths, mid-window but for the empty micro-batches.
+
 Writes ``OUT/losses.json`` (the stage's global-batch loss per step), ``OUT/media.rank{r}.json``
 (steps at which the rank's batch held frames), ``OUT/media_counts.rank{r}.json`` (media items
 per step) and ``OUT/model.safetensors``.
@@ -135,6 +138,42 @@ class FixedBatches(L.LightningDataModule):
         return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
 
 
+UNEVEN = (7, 5)
+"""With ``--uneven``: each process's micro-batches in every epoch (one sample each, answers of 1
+to 9 tokens, some text only): on 2 processes with accumulation 4 the epoch's second window holds
+process 0's last 3 and process 1's last one, topped up with empty micro-batches
+(``kangaroo.data.even_epochs``). One process with accumulation 8 holds, in each window, the
+micro-batches the two processes hold in theirs."""
+
+
+class UnevenEpochs(L.LightningDataModule):
+    def __init__(self, accumulate: int) -> None:
+        super().__init__()
+        self.accumulate = accumulate
+
+    def train_dataloader(self):
+        layout = self.trainer.lightning_module.model.placeholder_ids
+        shares = [[pack([sample(m, 10 * r, layout, FRAMES if (m + r) % 3 else 0, 1 + (7 * m + 3 * r) % 9)])
+                   for m in range(count)] for r, count in enumerate(UNEVEN)]
+        if self.trainer.world_size > 1:
+            return EvenEpochs(shares[self.trainer.global_rank], self.accumulate)
+        per_process = self.accumulate // len(UNEVEN)
+        windows = range(0, max(UNEVEN), per_process)
+        return EvenEpochs([b for w in windows for share in shares for b in share[w:w + per_process]], 1)
+
+
+class EvenEpochs:
+    """A list of micro-batches as an epoch of ``kangaroo.data.even_epochs.even_epoch``."""
+
+    def __init__(self, batches: list[dict], multiple_of: int) -> None:
+        self.batches, self.multiple_of = batches, multiple_of
+
+    def __iter__(self):
+        from kangaroo.data.even_epochs import even_epoch
+
+        return even_epoch(self.batches, self.multiple_of)
+
+
 class RecordingStage(KangarooStage):
     """The stage, noting each step's gradient norm once the window's gradients are normalised."""
 
@@ -159,6 +198,7 @@ def main() -> None:
     parser.add_argument("--media-mix", action="store_true", help="ranks hold 0, 1 or 3 media items per step")
     parser.add_argument("--accumulate", type=int, help="micro-batches per optimizer step over UNITS")
     parser.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2", help="on 2 processes")
+    parser.add_argument("--uneven", action="store_true", help="epochs of UNEVEN micro-batches per process")
     parser.add_argument("--init-from", help="the stage's init_from (patchify a new part)")
     parser.add_argument("--init-on-meta", type=int, default=1, help="FSDP2Strategy.init_on_meta")
     args = parser.parse_args()
@@ -185,7 +225,9 @@ def main() -> None:
                         gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=args.out, limit_val_batches=0, accumulate_grad_batches=args.accumulate or 1)
-    trainer.fit(stage, FixedBatches(args.steps, args.out, args.media_mix, args.accumulate))
+    data = (UnevenEpochs(args.accumulate or 1) if args.uneven
+            else FixedBatches(args.steps, args.out, args.media_mix, args.accumulate))
+    trainer.fit(stage, data)
     if trainer.is_global_zero:
         with open(os.path.join(args.out, "losses.json"), "w") as handle:
             json.dump([loss for _, loss in stage.loss_history], handle)

@@ -104,6 +104,33 @@ def test_uneven_shares_end_their_epochs_after_the_same_step_on_every_process(une
         assert sorted(ids) == sorted(set(ids)) and len(ids) == RECORDS, f"epoch {epoch}: every record once"
     assert "empty ones added" in result.stderr + result.stdout
     assert json.loads((tmp_path / "stage-metrics.json").read_text())["steps"] == 5
+    # kangaroo data stats predicted each epoch: the rows each process's loader yielded, the steps
+    from kangaroo.data.stats import epoch_plan
+
+    for epoch in (0, 1):
+        plan = epoch_plan(uneven_data[0], 170, rows_per_batch=1, buffer_size=4, processes=devices, accumulate=4,
+                          epoch=epoch + 1)
+        assert plan.rows == plan.micro_batches == [real_micro_batches(r, epoch) for r in lines], f"epoch {epoch}"
+        assert plan.steps == len({line["step"] for line in lines[0] if line["epoch"] == epoch}) == 2
+
+
+def test_data_stats_prints_an_epoch_at_the_stage_budget(uneven_data, tmp_path):
+    import yaml
+
+    config = yaml.safe_load(STAGE.read_text())
+    config["data"].update(max_tokens=170, packing=True, rows_per_batch=1, buffer_size=4)
+    config["trainer"]["accumulate_grad_batches"] = 4
+    config["model"]["architecture"]["language_model"] = str(STAGE.parent / "language-model.yaml")
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "stats", uneven_data[0], "--config",
+                             str(stage), "--devices", "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line and "epoch" not in line[:6])
+    assert lines["records"].strip() == str(RECORDS)
+    assert lines["rows per process"].strip() == "6/7", "as tests above saw the loaders yield"
+    assert lines["empty micro-batches added"].strip() == "3"
+    assert lines["optimizer steps per epoch"].strip() == "2"
 
 
 def test_a_kill_in_the_window_of_a_share_end_resumes_on_two_and_on_one_process(uneven_data, tmp_path):
@@ -194,3 +221,25 @@ def test_a_process_that_stops_answering_ends_the_run_with_code_76_within_the_bou
         "the stopped process was ended with the run"
     checkpoint = latest_checkpoint(str(tmp_path))
     assert checkpoint is not None and torch.load(checkpoint, weights_only=False)["global_step"] >= 1
+
+
+def test_two_processes_across_epoch_ends_train_like_one_holding_both_shares(tmp_path):
+    """tests/fsdp_worker.py --uneven: shares of 7 and 5 micro-batches per epoch, accumulation 4
+    on 2 processes (FSDP2 and DDP), through two epoch ends, against 1 process with accumulation 8
+    whose windows hold both processes' micro-batches: the same losses, gradient norms and
+    weights (an empty micro-batch adds exactly nothing)."""
+    from test_parallel import WORKER, assert_same_weights
+
+    runs = {}
+    for devices, accumulate, strategy in ((1, 8, "fsdp2"), (2, 4, "fsdp2"), (2, 4, "ddp")):
+        runs[devices, strategy] = tmp_path / f"{devices}-{strategy}"
+        run([sys.executable, str(WORKER), "--uneven", "--devices", str(devices), "--accumulate", str(accumulate),
+             "--strategy", strategy, "--steps", "5", "--out", str(runs[devices, strategy])], timeout=240)
+    reference = runs.pop((1, "fsdp2"))
+    one = {name: json.loads((reference / name).read_text()) for name in ("losses.json", "grad_norms.json")}
+    assert len(one["losses.json"]) == 5, "two steps an epoch: 5 steps cross two epoch ends"
+    for key, out in runs.items():
+        for name, expected in one.items():
+            torch.testing.assert_close(torch.tensor(json.loads((out / name).read_text())), torch.tensor(expected),
+                                       rtol=1e-4, atol=0, msg=lambda m: f"{key} {name}: {m}")
+        assert_same_weights(out, reference, key)

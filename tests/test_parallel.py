@@ -43,13 +43,20 @@ def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess
     return result
 
 
-def assert_same_weights(out: Path, reference: Path, what: object = "") -> None:
+def assert_same_weights(out: Path, reference: Path, what: object = "", steps: int = 6, lr: float = 1e-2) -> None:
     """The stage weights two runs wrote agree: the same keys, and values within float32 drift
-    over a few optimizer steps (AdamW's normalisation amplifies last-bit differences)."""
+    over a few optimizer steps. AdamW divides each gradient element by the root of its running
+    square: an element whose gradient is near zero (an embedding row barely used) turns a
+    last-bit difference of its gradient into an update that may differ by up to ``lr`` per step,
+    while every other element stays within rounding. So: all but 0.1% of each tensor's elements
+    within float32 rounding (rtol 1e-3, atol 1e-4), and none further than ``steps x lr``."""
     mine, final = (load_file(Path(run) / "model.safetensors") for run in (out, reference))
     assert set(mine) == set(final)
     for name, value in final.items():
-        torch.testing.assert_close(mine[name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{what} {name}: {m}")
+        diff = (mine[name].float() - value.float()).abs()
+        close = diff <= 1e-4 + 1e-3 * value.float().abs()
+        assert close.float().mean() >= 0.999, f"{what} {name}: {int((~close).sum())} of {close.numel()} elements apart"
+        assert float(diff.max()) <= steps * lr, f"{what} {name}: an element {float(diff.max()):.3g} apart"
 
 
 @pytest.fixture(scope="module")

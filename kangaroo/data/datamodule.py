@@ -6,6 +6,7 @@ import collections
 import copy
 import json
 import logging
+import math
 from array import array
 from typing import Any, Iterable, Iterator
 
@@ -494,12 +495,27 @@ class KangarooDataModule(L.LightningDataModule):
         prepare: how ``kangaroo data prepare --config`` turns manifests into ``train_dir`` and
             ``val_dir`` (frames, resolution, tokenizer, budget); kept here so that one stage
             file describes both. Its ``max_tokens`` may not exceed ``max_tokens``.
+        global_batch: packed rows per optimizer step over all processes. When set,
+            ``trainer.accumulate_grad_batches`` follows from it: global_batch / (processes x
+            rows_per_batch), which must divide evenly; adding processes then keeps the optimisation.
+        epochs: how long the stage trains, in passes over ``train_dir``. When set,
+            ``trainer.max_steps`` (and so the warm-up/cosine schedule) follows from it: epochs x the
+            optimizer steps of the first epoch at this budget and process count (``kangaroo data
+            stats`` prints them; every record's token count is read once and kept in
+            ``train_dir/record-tokens.npy`` when the folder is local and writable).
+        validate_every_steps: validation cadence in optimizer steps (sets
+            ``trainer.val_check_interval``, which Lightning counts in micro-batches).
     """
 
     def __init__(self, train_dir: str, val_dir: str | None = None, max_tokens: int = 2560, packing: bool = False,
                  rows_per_batch: int = 1, buffer_size: int = 64, num_workers: int = 0, shuffle: bool = True,
-                 seed: int = 0, pad_id: int = 0, prepare: PrepareConfig | None = None) -> None:
+                 seed: int = 0, pad_id: int = 0, prepare: PrepareConfig | None = None, global_batch: int | None = None,
+                 epochs: float | None = None, validate_every_steps: int | None = None) -> None:
         super().__init__()
+        for name, value in (("global_batch", global_batch), ("epochs", epochs),
+                            ("validate_every_steps", validate_every_steps)):
+            if value is not None and value <= 0:
+                raise ValueError(f"data.{name} must be positive, got {value}")
         if prepare is not None and prepare.max_tokens > max_tokens:
             raise ValueError(f"data.prepare.max_tokens ({prepare.max_tokens}) exceeds the row budget "
                              f"data.max_tokens ({max_tokens}): prepared samples would not fit a row")
@@ -509,6 +525,40 @@ class KangarooDataModule(L.LightningDataModule):
         self.prepare = prepare
         self._train: PackedBatches | None = None
         self._pending_state: dict[str, Any] | None = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer is not None:
+            self.apply_schedule(self.trainer)
+
+    def apply_schedule(self, trainer: "L.Trainer") -> None:
+        """Sets the trainer's accumulation, length and validation cadence from ``global_batch``,
+        ``epochs`` and ``validate_every_steps`` (see the class docstring), each stated in the log."""
+        hp, processes = self.hparams, trainer.world_size
+        if hp.global_batch is not None:
+            per_micro_batch = processes * hp.rows_per_batch
+            if hp.global_batch % per_micro_batch:
+                raise ValueError(f"data.global_batch ({hp.global_batch} rows) is not a multiple of {processes} processes "
+                                 f"x data.rows_per_batch {hp.rows_per_batch}: choose a global batch, process count "
+                                 "or rows per batch that divide")
+            trainer.accumulate_grad_batches = hp.global_batch // per_micro_batch
+            rank_zero_info(f"schedule: global batch {hp.global_batch} rows = {processes} processes x "
+                           f"{hp.rows_per_batch} rows x {trainer.accumulate_grad_batches} micro-batches "
+                           "(accumulate_grad_batches)")
+        if hp.epochs is not None:
+            from kangaroo.data.stats import cached_record_tokens, epoch_plan
+
+            plan = epoch_plan(hp.train_dir, hp.max_tokens, packing=hp.packing, rows_per_batch=hp.rows_per_batch,
+                              buffer_size=hp.buffer_size, shuffle=hp.shuffle, seed=hp.seed,
+                              num_workers=hp.num_workers, processes=processes,
+                              accumulate=trainer.accumulate_grad_batches, tokens=cached_record_tokens(hp.train_dir))
+            trainer.fit_loop.epoch_loop.max_steps = max(1, math.ceil(hp.epochs * plan.steps))
+            rank_zero_info(f"schedule: {hp.epochs:g} epoch(s) of {sum(plan.rows)} packed rows "
+                           f"({plan.records} records) = {plan.steps} optimizer steps per epoch -> "
+                           f"max_steps {trainer.max_steps}")
+        if hp.validate_every_steps is not None:
+            trainer.val_check_interval = hp.validate_every_steps * trainer.accumulate_grad_batches
+            rank_zero_info(f"schedule: validation every {hp.validate_every_steps} optimizer steps "
+                           f"({trainer.val_check_interval} micro-batches)")
 
     def _batches(self, directory: str, shuffle: bool, train: bool = False) -> PackedBatches:
         hp = self.hparams

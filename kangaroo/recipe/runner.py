@@ -155,7 +155,7 @@ def _lead(recipe: Recipe, workdir: str, only: str | None, until: str | None, res
     todo = plan(recipe, workdir, state, stages, restart_from)
     write_state(workdir, state)
     if recipe.world is not None and todo:
-        ensure_world(recipe.world)
+        ensure_world(recipe.world, recipe.world_config)
     for index, stage in enumerate(todo):
         entry = state["stages"][stage.name]
         root, local_root = stage_dir(workdir, stage), local_stage_dir(workdir, stage)
@@ -330,10 +330,10 @@ def finish_stage(recipe: Recipe, stage: Stage, workdir: str, state: dict[str, An
         write_state(workdir, state)
 
 
-def ensure_world(path: str) -> None:
+def ensure_world(path: str, sizes: dict[str, Any] | None = None) -> None:
     if os.path.exists(os.path.join(path, "world.json")):
         return
-    from kangaroo.world import synthesize
+    from kangaroo.world import WorldConfig, synthesize
 
     print(f"generating the synthetic world in {path}", flush=True)
-    synthesize(path)
+    synthesize(path, WorldConfig(**(sizes or {})))

@@ -88,6 +88,9 @@ class Recipe:
     stages: list[Stage]
     workdir: str | None = None
     world: str | None = None
+    world_config: dict[str, Any] | None = None
+    """Sizes of the synthetic world generated into ``world`` when it is missing
+    (``kangaroo.world.WorldConfig`` fields; default: the tiny recipe's world)."""
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
