@@ -243,3 +243,25 @@ def test_two_processes_across_epoch_ends_train_like_one_holding_both_shares(tmp_
             torch.testing.assert_close(torch.tensor(json.loads((out / name).read_text())), torch.tensor(expected),
                                        rtol=1e-4, atol=0, msg=lambda m: f"{key} {name}: {m}")
         assert_same_weights(out, reference, key)
+
+
+def test_the_schedule_follows_the_global_batch_and_the_epochs(uneven_data):
+    """One process (a real Trainer, nothing fitted): global batch 8 rows of 1 -> accumulation 8;
+    2.5 epochs of 13 rows -> 2 steps an epoch (ceil 13 / 8) -> max_steps 5; validation every
+    3 steps -> every 24 micro-batches. A global batch the processes and rows cannot divide is
+    refused, naming the values."""
+    import lightning as L
+
+    from kangaroo.data.datamodule import KangarooDataModule
+
+    data = KangarooDataModule(uneven_data[0], max_tokens=170, packing=True, rows_per_batch=1, buffer_size=4,
+                              global_batch=8, epochs=2.5, validate_every_steps=3)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    data.apply_schedule(trainer)
+    assert trainer.accumulate_grad_batches == 8
+    assert trainer.max_steps == 5
+    assert trainer.val_check_interval == 24
+    odd = KangarooDataModule(uneven_data[0], max_tokens=170, rows_per_batch=3, global_batch=8)
+    with pytest.raises(ValueError, match=r"global_batch \(8 rows\).*rows_per_batch 3"):
+        odd.apply_schedule(trainer)

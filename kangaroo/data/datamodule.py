@@ -27,6 +27,18 @@ from kangaroo.distributed import per_rank, world
 log = logging.getLogger(__name__)
 
 
+class _DropLastIsHandled(logging.Filter):
+    """LitData warns that ``drop_last=False`` in a distributed run may stop training at an epoch's
+    end (processes with shares of different lengths); the even epochs (``kangaroo.data.even_epochs``)
+    are what makes it safe here, so the warning would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "disabled the `drop_last` option" not in record.getMessage()
+
+
+logging.getLogger("litdata.streaming.dataset").addFilter(_DropLastIsHandled())
+
+
 class IndexedStreamingDataset(StreamingDataset):
     """A ``StreamingDataset`` whose records carry their global ``index``, so that records held in
     the packer's buffer can be fetched again after a resume."""

@@ -244,8 +244,8 @@ class KangarooStage(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
         total = self.trainer.max_steps
         if total is None or total < 1:
-            raise ValueError("trainer.max_steps must be set: the cosine schedule needs the stage's length "
-                             "(the streams have no epoch length)")
+            raise ValueError("trainer.max_steps or data.epochs must be set: the cosine schedule needs the stage's "
+                             "length (the streams have no epoch length of their own)")
         warmup, min_ratio = self.optim.warmup_steps, self.optim.min_lr / self.optim.lr
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio))
