@@ -80,18 +80,23 @@ def _stats_command(args: argparse.Namespace) -> int:
 
     trainer = read_stage_yaml(args.config).get("trainer") or {}
     hp = load_stage_file(args.config, ("data",))["data"].hparams
-    devices = args.devices or int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
+    nodes = int(trainer.get("num_nodes", 1))
+    devices = args.devices or int(trainer.get("devices", 1)) * nodes
     if args.accumulate:
         accumulate = args.accumulate
     elif hp.global_batch:  # as the fit derives it (KangarooDataModule.apply_schedule)
-        accumulate = max(1, hp.global_batch // (devices * hp.rows_per_batch))
+        if hp.global_batch % (devices * hp.rows_per_batch):
+            raise ValueError(f"data.global_batch ({hp.global_batch} rows) is not a multiple of {devices} processes x "
+                             f"data.rows_per_batch {hp.rows_per_batch}")
+        accumulate = hp.global_batch // (devices * hp.rows_per_batch)
     else:
         accumulate = int(trainer.get("accumulate_grad_batches", 1))
     tokens = cached_record_tokens(args.directory)
     for epoch in range(1, args.epochs + 1):
         plan = epoch_plan(args.directory, hp.max_tokens, packing=hp.packing, rows_per_batch=hp.rows_per_batch,
                           buffer_size=hp.buffer_size, shuffle=hp.shuffle, seed=hp.seed, num_workers=hp.num_workers,
-                          processes=devices, accumulate=accumulate, epoch=epoch, tokens=tokens)
+                          processes=devices, nodes=nodes if devices % nodes == 0 else 1, accumulate=accumulate,
+                          epoch=epoch, tokens=tokens)
         print(f"epoch {epoch} of {args.directory} at {args.config}'s budget, on {devices} processes "
               f"with {max(hp.num_workers, 1)} loader worker(s) each:\n{plan.summary()}")
     return 0

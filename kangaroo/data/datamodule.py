@@ -186,6 +186,10 @@ class PackedBatches:
         self.counts = {"batches": 0, "empty": 0}  # of the last (or running) pass, for the epoch's report
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.track_position:  # held-out batches: EvenBatches evens them
+            for batch in self._share():
+                yield self._finish(batch)
+            return
         done = self._in_epoch if (self._continuing or self._drained_from is not None) else 0
         self._in_epoch, self._last_real, self._end = done, None, None
         self.counts = {"batches": done, "empty": 0}
@@ -199,10 +203,9 @@ class PackedBatches:
             yield last
         # every process ends its epoch here, after the same micro-batch
         self._in_epoch = 0
-        if self.track_position and last is not None:
+        if last is not None:
             self._pending_or_consumed(last["data_position"])["epoch_finished"] = True
-        if self.track_position:
-            report_epoch(per_rank(self.counts), self.multiple_of)
+        report_epoch(per_rank(self.counts), self.multiple_of)
 
     def _share(self) -> Iterator[dict[str, Any]]:
         """This process's own batches of the epoch (or of the rest of an interrupted one)."""
@@ -557,20 +560,27 @@ class KangarooDataModule(L.LightningDataModule):
                            f"{hp.rows_per_batch} rows x {trainer.accumulate_grad_batches} micro-batches "
                            "(accumulate_grad_batches)")
         if hp.epochs is not None:
-            from kangaroo.data.stats import cached_record_tokens, epoch_plan
-
-            plan = epoch_plan(hp.train_dir, hp.max_tokens, packing=hp.packing, rows_per_batch=hp.rows_per_batch,
-                              buffer_size=hp.buffer_size, shuffle=hp.shuffle, seed=hp.seed,
-                              num_workers=hp.num_workers, processes=processes,
-                              accumulate=trainer.accumulate_grad_batches, tokens=cached_record_tokens(hp.train_dir))
-            trainer.fit_loop.epoch_loop.max_steps = max(1, math.ceil(hp.epochs * plan.steps))
-            rank_zero_info(f"schedule: {hp.epochs:g} epoch(s) of {sum(plan.rows)} packed rows "
-                           f"({plan.records} records) = {plan.steps} optimizer steps per epoch -> "
-                           f"max_steps {trainer.max_steps}")
+            # the first process plans (reading every record's token count once, then kept), the others wait
+            summary = self._plan_epoch(trainer) if trainer.is_global_zero else None
+            rows, records, steps = trainer.strategy.broadcast(summary, src=0)
+            trainer.fit_loop.epoch_loop.max_steps = max(1, math.ceil(hp.epochs * steps))
+            rank_zero_info(f"schedule: {hp.epochs:g} epoch(s) of {rows} packed rows ({records} records) = {steps} "
+                           f"optimizer steps per epoch -> max_steps {trainer.max_steps}")
         if hp.validate_every_steps is not None:
             trainer.val_check_interval = hp.validate_every_steps * trainer.accumulate_grad_batches
             rank_zero_info(f"schedule: validation every {hp.validate_every_steps} optimizer steps "
                            f"({trainer.val_check_interval} micro-batches)")
+
+    def _plan_epoch(self, trainer: "L.Trainer") -> tuple[int, int, int]:
+        """(packed rows, records, optimizer steps) of the first epoch of ``train_dir`` on this run."""
+        from kangaroo.data.stats import cached_record_tokens, epoch_plan
+
+        hp = self.hparams
+        plan = epoch_plan(hp.train_dir, hp.max_tokens, packing=hp.packing, rows_per_batch=hp.rows_per_batch,
+                          buffer_size=hp.buffer_size, shuffle=hp.shuffle, seed=hp.seed, num_workers=hp.num_workers,
+                          processes=trainer.world_size, nodes=trainer.num_nodes,
+                          accumulate=trainer.accumulate_grad_batches, tokens=cached_record_tokens(hp.train_dir))
+        return sum(plan.rows), plan.records, plan.steps
 
     def _batches(self, directory: str, shuffle: bool, train: bool = False) -> PackedBatches:
         hp = self.hparams

@@ -135,10 +135,13 @@ class EpochPlan:
 
 
 def epoch_plan(directory: str, budget: int, *, packing: bool = True, rows_per_batch: int = 1, buffer_size: int = 64,
-               shuffle: bool = True, seed: int = 0, num_workers: int = 0, processes: int = 1, accumulate: int = 1,
-               epoch: int = 1, tokens: np.ndarray | None = None) -> EpochPlan:
-    """Rows and micro-batches each of ``processes`` processes' loaders yields in ``epoch`` (LitData
+               shuffle: bool = True, seed: int = 0, num_workers: int = 0, processes: int = 1, nodes: int = 1,
+               accumulate: int = 1, epoch: int = 1, tokens: np.ndarray | None = None) -> EpochPlan:
+    """Rows and micro-batches each of ``processes`` processes (on ``nodes`` machines: LitData
+    shuffles within each machine's share from the second epoch on) yields in ``epoch`` (LitData
     counts epochs from 1), exactly as ``KangarooDataModule``'s training loader does."""
+    if processes % nodes:
+        raise ValueError(f"{processes} processes do not split evenly over {nodes} nodes")
     tokens = record_tokens(directory) if tokens is None else tokens
     workers = max(num_workers, 1)
     plan = EpochPlan(records=len(tokens), tokens=int(tokens.sum()), budget=budget, rows_per_batch=rows_per_batch,
@@ -149,7 +152,7 @@ def epoch_plan(directory: str, budget: int, *, packing: bool = True, rows_per_ba
             dataset = _TokenCounts(directory, shuffle=shuffle, seed=seed, drop_last=False, budget=budget,
                                    rows_per_batch=rows_per_batch, packing=packing, buffer_size=buffer_size,
                                    tokens=tokens)
-            dataset.distributed_env = _DistributedEnv(world_size=processes, global_rank=rank, num_nodes=1)
+            dataset.distributed_env = _DistributedEnv(world_size=processes, global_rank=rank, num_nodes=nodes)
             dataset._forced_worker_env = _WorkerEnv(world_size=workers, rank=worker)
             dataset.set_batch_size(1)  # as the loader sets them (PackedBatches)
             dataset.set_num_workers(num_workers)

@@ -37,8 +37,9 @@ MAX_ACCUMULATE = 4
 """The rehearsal's micro-batches per step on ``REFERENCE_PROCESSES``: the 8B file's accumulation on
 its 8 GPUs, at most this."""
 REFERENCE_PROCESSES = 2
-"""The rehearsal's global batch is the one of this many processes, whatever ``--devices`` says
-(as the 8B files' global batch is the one of 8 GPUs): on another count the accumulation follows."""
+"""The rehearsal's global batch is the one of this many processes (as the 8B files' global batch is
+the one of 8 GPUs): on another count that divides it the accumulation follows; on one that does
+not, the global batch is that count's (``--devices`` x rows x accumulation)."""
 CADENCE = 2
 """Checkpoint and validation cadence, in optimizer steps."""
 
@@ -91,7 +92,8 @@ def stage_overrides(stage: Stage, devices: int, world: str) -> dict[str, Any]:
     if data.get("global_batch"):  # the accumulation the file has on its 8 GPUs, at most MAX_ACCUMULATE
         gpus = int(trainer.get("devices", 8)) * int(trainer.get("num_nodes", 1))
         accumulate = max(1, min(MAX_ACCUMULATE, data["global_batch"] // (gpus * int(data.get("rows_per_batch", 1)))))
-        overrides["data.global_batch"] = REFERENCE_PROCESSES * rows * accumulate
+        reference = REFERENCE_PROCESSES if (REFERENCE_PROCESSES * accumulate) % devices == 0 else devices
+        overrides["data.global_batch"] = reference * rows * accumulate
     if data.get("epochs") is not None:
         if stage.name in EPOCHS:
             overrides["data.epochs"] = EPOCHS[stage.name]

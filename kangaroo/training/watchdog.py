@@ -58,10 +58,8 @@ class StallWatchdog(Callback):
                 raise ValueError(f"{name} must be positive, got {value}")
         self.timeout_s = timeout_s
         self.save_timeout_s = save_timeout_s
-        self._phase = "starting"
-        self._bound = timeout_s
-        self._since = time.monotonic()
-        self._step = 0
+        # (phase, step, bound, since), replaced whole so that the thread never reads a mix
+        self._state: tuple[str, int, float | None, float] = ("starting", 0, timeout_s, time.monotonic())
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._where = ""
@@ -70,9 +68,7 @@ class StallWatchdog(Callback):
     # -- what the process is doing ---------------------------------------------------------
 
     def _beat(self, phase: str, trainer, bound: float | None = None) -> None:
-        self._phase, self._step = phase, trainer.global_step
-        self._bound = bound if bound is not None else self.timeout_s
-        self._since = time.monotonic()
+        self._state = (phase, trainer.global_step, bound if bound is not None else self.timeout_s, time.monotonic())
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start(trainer)
@@ -112,8 +108,13 @@ class StallWatchdog(Callback):
         self.close()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # a SIGTERM's checkpoint is saved after this hook (PreemptionCheckpoint): bounded as a save
-        self._beat("stopping after an exception (saving a checkpoint on SIGTERM)", trainer, bound=self.save_timeout_s)
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException):  # Lightning calls no teardown after an exception
+            self.close()
+            return
+        # PreemptionCheckpoint saves in its own on_exception, before or after this one: bounded as a save
+        self._beat("stopping for SIGTERM (saving a checkpoint)", trainer, bound=self.save_timeout_s)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.close()
@@ -132,13 +133,13 @@ class StallWatchdog(Callback):
 
     def _watch(self) -> None:
         while not self._closed.wait(1.0):
-            bound = self._bound
-            waited = time.monotonic() - self._since
+            phase, step, bound, since = self._state
+            waited = time.monotonic() - since
             if bound is None or waited <= bound:
                 continue
             sys.stderr.write(
                 f"kangaroo: {self._where} made no progress for {waited:.0f} s (bound {bound:g} s) at step "
-                f"{self._step}, in {self._phase}. Another process probably stopped answering (a lost node or "
+                f"{step}, in {phase}. Another process probably stopped answering (a lost node or "
                 "GPU, a hung file system) and this one waits in a collective. Exiting with code "
                 f"{STALLED_EXIT_CODE}; the newest whole checkpoint is intact: run the same command with "
                 "--ckpt_path=auto to continue from it\n")
