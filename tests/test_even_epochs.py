@@ -179,7 +179,9 @@ def test_a_kill_in_the_window_of_a_share_end_resumes_on_two_and_on_one_process(u
 
 
 def _process_of_rank(run_dir: Path, rank: int) -> int:
-    """The pid of the training process of ``rank`` whose command line names ``run_dir``."""
+    """The pid of the training process of ``rank`` whose command line names ``run_dir`` (the
+    lowest such: loader workers are its children)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -189,8 +191,9 @@ def _process_of_rank(run_dir: Path, rank: int) -> int:
         except OSError:
             continue
         if str(run_dir).encode() in cmdline and f"LOCAL_RANK={rank}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no process of rank {rank} for {run_dir}")
+            found.append(int(entry.name))
+    assert found, f"no process of rank {rank} for {run_dir}"
+    return min(found)
 
 
 def test_a_process_that_stops_answering_ends_the_run_with_code_76_within_the_bound(uneven_data, tmp_path):

@@ -21,13 +21,11 @@ from litdata.streaming.sampler import ChunkedIndex
 from litdata.utilities.env import _DistributedEnv, _WorkerEnv
 from tqdm import tqdm
 
-from kangaroo.data.datamodule import PackingStreamingDataset
+from kangaroo.data.streaming import PackingStreamingDataset, dataset_length
 
 
 def record_tokens(directory: str) -> np.ndarray:
     """Every record's token count (``num_tokens``), by index: each record is read once."""
-    from kangaroo.data.datamodule import dataset_length
-
     dataset = StreamingDataset(directory)  # its len() is this process's share in a distributed run
     total = dataset_length(directory)
     return np.asarray([int(dataset[i]["num_tokens"]) for i in tqdm(range(total), desc="records", leave=False)],
@@ -45,8 +43,6 @@ def cached_record_tokens(directory: str) -> np.ndarray:
     import os
 
     from kangaroo import storage
-    from kangaroo.data.datamodule import dataset_length
-
     total = dataset_length(directory)
 
     if storage.is_remote(directory):
