@@ -18,15 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from kangaroo.training.checkpoints import latest_checkpoint
 from kangaroo.training.watchdog import STALLED_EXIT_CODE
 from test_parallel import run
-from test_resume import steps_of, weights
+from test_resume import prepare_images, steps_of, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "configs" / "kangaroo-tiny" / "1-image-pretrain.yaml"
@@ -38,27 +36,11 @@ FSDP2 = "--trainer.strategy.class_path=kangaroo.training.fsdp.FSDP2Strategy"
 def uneven_data(tmp_path_factory, tiny_tokenizer_dir):
     """32 images, captions of one word for the first 16 and three for the rest (4 of those exceed
     stage 1's sample budget of 64 tokens and are rejected: 28 records)."""
-    from kangaroo.data.prepare import prepare_dataset
-    from kangaroo.modules.builder import visual_layout
-    from kangaroo.training.stage_file import load_stage_file
-
     root = tmp_path_factory.mktemp("uneven-data")
-    (root / "media").mkdir()
-    rng = np.random.default_rng(0)
-    words = ["red", "green", "blue", "ring", "square", "bar"]
-    with open(root / "images.jsonl", "w") as manifest:
-        for i in range(32):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "media" / f"{i}.png")
-            caption = " ".join(rng.choice(words, 1 if i < 16 else 3))
-            manifest.write(json.dumps({"id": f"img-{i}", "image": f"media/{i}.png", "task": "caption",
-                                       "caption": caption}) + "\n")
-    sections = load_stage_file(str(STAGE))
-    sections["data"].prepare.tokenizer = tiny_tokenizer_dir
-    prepare_dataset(str(root / "images.jsonl"), str(root / "prepared"), sections["data"].prepare,
-                    visual_layout(sections["model"].architecture))
+    prepared = prepare_images(root, tiny_tokenizer_dir, 32, lambda i: 1 if i < 16 else 3)
     rejected = (root / "prepared" / "rejects.jsonl").read_text().splitlines()
     assert len(rejected) == 32 - RECORDS, rejected
-    return str(root / "prepared"), tiny_tokenizer_dir
+    return prepared, tiny_tokenizer_dir
 
 
 def fit_command(data: tuple[str, str], run_dir: Path, devices: int, accumulate: int, steps: int,

@@ -25,32 +25,38 @@ STAGE = ROOT / "configs" / "kangaroo-tiny" / "1-image-pretrain.yaml"
 STEPS, EVERY = 14, 3
 
 
+def prepare_images(root: Path, tokenizer: str, count: int, words_of, frame_format: str = "raw") -> str:
+    """``count`` random 32-px images captioned with ``words_of(i)`` words, prepared with stage 1's
+    own ``data.prepare`` into ``root/prepared``."""
+    from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.training.stage_file import load_stage_file
+
+    (root / "media").mkdir()
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "ring", "square", "bar"]
+    with open(root / "images.jsonl", "w") as manifest:
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "media" / f"{i}.png")
+            manifest.write(json.dumps({"id": f"img-{i}", "image": f"media/{i}.png", "task": "caption",
+                                       "caption": " ".join(rng.choice(words, words_of(i)))}) + "\n")
+    sections = load_stage_file(str(STAGE))
+    sections["data"].prepare.tokenizer = tokenizer
+    sections["data"].prepare.frame_format = frame_format
+    prepare_dataset(str(root / "images.jsonl"), str(root / "prepared"), sections["data"].prepare,
+                    visual_layout(sections["model"].architecture))
+    return str(root / "prepared")
+
+
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory, tiny_tokenizer_dir):
     """30 captioned images prepared with stage 1's own ``data.prepare`` (shuffled and packed in
     training, so the packer's buffer and the epoch boundary are part of what must resume), the
     frames stored as jpeg: the loader's workers decode them (``num_workers: 2`` below)."""
-    from kangaroo.training.stage_file import load_stage_file
-    from kangaroo.data.prepare import prepare_dataset
-    from kangaroo.modules.builder import visual_layout
-
     root = tmp_path_factory.mktemp("resume-data")
-    (root / "media").mkdir()
-    rng = np.random.default_rng(0)
-    words = ["red", "green", "blue", "ring", "square", "bar"]
-    with open(root / "images.jsonl", "w") as manifest:
-        for i in range(30):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "media" / f"{i}.png")
-            caption = " ".join(rng.choice(words, 1 + i % 2))
-            manifest.write(json.dumps({"id": f"img-{i}", "image": f"media/{i}.png", "task": "caption",
-                                       "caption": caption}) + "\n")
-    sections = load_stage_file(str(STAGE))
-    sections["data"].prepare.tokenizer = tiny_tokenizer_dir
-    sections["data"].prepare.frame_format = "jpeg"
-    prepare_dataset(str(root / "images.jsonl"), str(root / "prepared"), sections["data"].prepare,
-                    visual_layout(sections["model"].architecture))
+    prepared = prepare_images(root, tiny_tokenizer_dir, 30, lambda i: 1 + i % 2, frame_format="jpeg")
     assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"
-    return str(root / "prepared"), tiny_tokenizer_dir
+    return prepared, tiny_tokenizer_dir
 
 
 def fit_command(data: tuple[str, str], run: Path, *extra: str) -> list[str]:

@@ -124,7 +124,8 @@ class PackedBatches:
             self._workers[position["worker"]] = position
             self._drawn.extend(batch.pop("record_indices"))
             yield batch
-        self._share_ended(None)
+        if self.track_position:
+            self._share_ended(None)
 
     def _drained_share(self) -> Iterator[dict[str, Any]]:
         """A restored epoch whose share had run out: nothing more of it (empty micro-batches follow)."""
