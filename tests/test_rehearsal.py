@@ -94,8 +94,11 @@ def test_the_8b_stage_files_run_at_tiny_scale_on_two_processes(tmp_path):
     folder = workdir / "5-long-video-tuning" / "model"
     assert (folder / "model.safetensors").exists()
     video = next((workdir / "world").rglob("*.mp4"))
+    history = tmp_path / "history.json"
     chat = subprocess.run([sys.executable, "-m", "kangaroo.cli", "chat", "--model", str(folder), "--video", str(video),
-                           "--query", "What happens in the video?", "--max-new-tokens", "8"],
+                           "--query", "What happens in the video?", "--max-new-tokens", "8", "--history", str(history)],
                           capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0, chat.stderr[-2000:]
-    assert chat.stdout.strip(), "a reply"
+    # a few steps of a tiny model may answer with end-of-turn at once: the reply may be empty, the turn is kept
+    turns = json.loads(history.read_text())["messages"]
+    assert [turn["role"] for turn in turns] == ["user", "assistant"] and video.name in history.read_text()
