@@ -191,7 +191,9 @@ def _export_command(args: argparse.Namespace) -> int:
 def _load_generator(args: argparse.Namespace):
     from kangaroo.inference import Generator, load_pretrained
 
-    return Generator(load_pretrained(args.model, device=args.device, dtype=args.dtype))
+    loaded = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    print(loaded.describe(), file=sys.stderr, flush=True)
+    return Generator(loaded)
 
 
 def _chat_command(args: argparse.Namespace) -> int:

@@ -64,6 +64,62 @@ def test_a_folder_with_a_missing_or_mismatched_weight_file_is_an_error_naming_it
         load_pretrained(str(tmp_path / "nowhere"))
 
 
+def test_loading_in_bf16_keeps_the_rope_tables_training_keeps_in_fp32(random_model_folder, clip):
+    """bf16 rounds the LLM's RoPE frequencies (0.5623413 -> 0.5625): at 22K positions the fastest
+    phases move by radians. A bf16 load casts what FSDP2's bf16 training casts (parameters, the
+    buffers inside blocks) and nothing else."""
+    from kangaroo.modules.precision import keeps_fp32
+    from kangaroo.training.fsdp import decoder_layers
+
+    folder, model = random_model_folder
+    loaded = load_pretrained(str(folder), dtype="bfloat16")
+    stored = dict(model.named_buffers())
+    buffers = dict(loaded.model.named_buffers())
+    kept = {name for name in buffers if keeps_fp32(name)}
+    assert "language_model.model.rotary_emb.inv_freq" in kept
+    for name, buffer in buffers.items():
+        assert buffer.dtype == (torch.float32 if name in kept else torch.bfloat16), name
+        if name in kept:
+            assert torch.equal(buffer, stored[name]), name
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    # the same rule as training: FSDP2 casts the buffers inside the blocks it shards, keeps the rest
+    blocks = [*model.vision_tower.trunk.blocks, *decoder_layers(model.language_model)]
+    inside = {id(b) for block in blocks for b in block.buffers()}
+    assert kept == {name for name, b in model.named_buffers() if id(b) not in inside}
+    reply = Generator(loaded).generate([Generator(loaded).prompt([{"role": "user", "content": "hi"}], clip)],
+                                       max_new_tokens=2)[0]
+    assert reply.prompt_tokens > 0
+
+
+def test_attention_auto_is_resolved_for_the_device_and_dtype_of_the_load(random_model_folder, tmp_path, monkeypatch):
+    """On a machine with CUDA and flash-attn, ``auto`` trains with flash_attention_2; a load on the
+    CPU, or in fp32, gets sdpa (flash-attn would fail at the first request) and says so."""
+    import importlib.util
+    import shutil
+
+    from kangaroo.modules.language_model import resolve_attention
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert resolve_attention("auto") == "flash_attention_2", "a training run on GPUs"
+    assert resolve_attention("auto", "cuda", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attention("auto", "cuda", torch.float32) == "sdpa"
+    assert resolve_attention("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert resolve_attention("flash_attention_2", "cpu", torch.float32) == "sdpa"
+    assert resolve_attention("eager", "cpu", torch.float32) == "eager"
+
+    auto = tmp_path / "auto"
+    shutil.copytree(random_model_folder[0], auto)
+    config = json.loads((auto / "config.json").read_text())
+    config["architecture"]["language_model"]["attn_implementation"] = "auto"
+    (auto / "config.json").write_text(json.dumps(config))
+    loaded = load_pretrained(str(auto))
+    assert loaded.attention == "sdpa" and "attention sdpa" in loaded.describe() and "cpu, float32" in loaded.describe()
+    assert loaded.model.language_model.config._attn_implementation == "sdpa"
+
+
 def test_export_from_a_stage_folder_a_checkpoint_and_a_sharded_checkpoint(tmp_path, tiny_tokenizer_dir, random_model_folder):
     """``kangaroo export`` takes a stage folder (its stage.yaml and model.safetensors) or a
     Lightning checkpoint inside its checkpoints/ folder; a mismatched weights file is refused."""

@@ -30,7 +30,8 @@ from kangaroo import storage
 from kangaroo.data.encode import PrepareConfig
 from kangaroo.data.video import FrameSampling
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
-from kangaroo.modules.language_model import resolve_llm_config
+from kangaroo.modules.language_model import resolve_attention, resolve_llm_config
+from kangaroo.modules.precision import cast_model
 from kangaroo.training.weights import WEIGHTS_NAME, load_weights, read_state_dict, save_state_dict
 
 log = logging.getLogger(__name__)
@@ -232,11 +233,21 @@ class LoadedModel:
     preprocessing: Preprocessing
     generation: GenerationDefaults
     folder: str
+    attention: str = "sdpa"
+    """The attention kernel this load runs (the folder's choice resolved for its device and dtype)."""
+
+    def describe(self) -> str:
+        """One line for the log: the folder, the device, the dtype and the attention kernel."""
+        parameter = next(self.model.parameters())
+        return (f"model folder {self.folder}: {parameter.device}, {str(parameter.dtype).removeprefix('torch.')}, "
+                f"attention {self.attention}")
 
 
 def load_pretrained(folder: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> LoadedModel:
     """Loads a model folder (see the module docstring) on ``device``; ``dtype`` casts the weights
-    (e.g. ``bfloat16`` on a GPU). Any missing, unreadable or mismatched file is an error naming it."""
+    (e.g. ``bfloat16`` on a GPU) as training did: the RoPE tables stay fp32
+    (``kangaroo.modules.precision``). The attention kernel is the folder's choice resolved for this
+    device and dtype (``resolve_attention``), logged. Any missing, unreadable or mismatched file is an error naming it."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(folder):
@@ -251,11 +262,14 @@ def load_pretrained(folder: str, device: str | torch.device = "cpu", dtype: torc
                          f"reads {FORMAT})")
     architecture = architecture_from_dict(config["architecture"], paths[CONFIG_NAME])
     architecture.language_model.trust_remote_code = False
-    model = build_kangaroo(architecture, load_weights=False)
-    load_weights(model, paths[WEIGHTS_NAME])  # strict; safetensors only
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    llm = architecture.language_model
+    # the kernel this load can run: `auto` (and a stored flash_attention_2) against its device and dtype
+    llm.attn_implementation = resolve_attention(llm.attn_implementation, device, dtype or torch.float32)  # loads into fp32
+    model = build_kangaroo(architecture, load_weights=False)
+    load_weights(model, paths[WEIGHTS_NAME])  # strict; safetensors only
+    model = cast_model(model, dtype).to(device) if dtype is not None else model.to(device)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
@@ -263,7 +277,7 @@ def load_pretrained(folder: str, device: str | torch.device = "cpu", dtype: torc
         raise ValueError(f"model folder {folder}: cannot read its tokenizer: {err}") from err
     preprocessing = Preprocessing.from_dict(_read_json(paths[PREPROCESSOR_NAME]))
     generation = GenerationDefaults.from_dict(_read_json(paths[GENERATION_NAME]))
-    return LoadedModel(model, tokenizer, preprocessing, generation, folder)
+    return LoadedModel(model, tokenizer, preprocessing, generation, folder, llm.attn_implementation)
 
 
 def _read_json(path: str) -> dict[str, Any]:

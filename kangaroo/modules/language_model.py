@@ -168,13 +168,32 @@ def _check_matches_architecture(loaded, fields: dict[str, Any], source: str) -> 
         raise ValueError(f"language model weights at {source!r} do not match language_model.transformers_config ({details})")
 
 
-def resolve_attention(implementation: str) -> str:
-    """The implementation ``auto`` stands for here (see ``LanguageModelConfig.attn_implementation``)."""
+def resolve_attention(implementation: str, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> str:
+    """The implementation ``implementation`` stands for where the model runs (see
+    ``LanguageModelConfig.attn_implementation``).
+
+    ``device`` and ``dtype``: those of a load (``kangaroo.inference.load_pretrained``); ``None``
+    means a training run, which places the model on a GPU when there is one and computes in that
+    run's dtype. ``flash_attention_2`` needs CUDA, flash-attn and 16-bit weights: ``auto`` takes it
+    only then, and a stored ``flash_attention_2`` falls back to ``sdpa`` (with a warning) on a load
+    that cannot run it (a model folder trained on GPUs and asked about on a CPU)."""
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    if device is None:
+        on_gpu, half = torch.cuda.is_available(), True
+    else:
+        on_gpu = torch.device(device).type == "cuda"
+        half = dtype in (torch.bfloat16, torch.float16)
+    flash_runs = on_gpu and half and flash_installed
+    if implementation == "flash_attention_2" and device is not None and not flash_runs:
+        log.warning("attn_implementation flash_attention_2 cannot run on %s in %s%s: using sdpa", device,
+                    str(dtype or torch.float32).removeprefix("torch."), "" if flash_installed else " (flash-attn is not installed)")
+        return "sdpa"
     if implementation != "auto":
         return implementation
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if flash_runs:
         return "flash_attention_2"
-    if torch.cuda.is_available():
+    if on_gpu and not flash_installed:
         log.warning("attn_implementation auto: flash-attn is not installed, so packed rows get sdpa with a dense "
                     "S x S mask (0.5 GB at 22,528 tokens) and dense attention work; pip install 'kangaroo[gpu]'")
     return "sdpa"

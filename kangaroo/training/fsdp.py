@@ -44,6 +44,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from kangaroo import storage
+from kangaroo.modules.precision import cast_buffers
 from kangaroo.training.checkpoints import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
@@ -329,12 +330,9 @@ def materialize(model: nn.Module, device: torch.device | str) -> int:
 def _cast_block_buffers(block: nn.Module, dtype: torch.dtype) -> None:
     """FSDP2 casts parameters to ``param_dtype`` but not buffers; a block computing with a float
     buffer beside its weights (EVA's zero key bias, concatenated into the qkv bias) would then mix
-    dtypes in one matmul. A block's float buffers follow the compute dtype (RoPE tables live
-    outside the blocks and keep theirs)."""
-    for module in block.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
-                module._buffers[name] = buffer.to(dtype)
+    dtypes in one matmul. A block's float buffers follow the compute dtype; RoPE tables keep fp32
+    (``kangaroo.modules.precision``, the rule loading in bf16 follows too)."""
+    cast_buffers(block, dtype)
 
 
 def apply_activation_checkpointing(model: nn.Module, parts: dict[str, bool]) -> None:
