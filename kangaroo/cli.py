@@ -213,7 +213,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     generator = _load_generator(args)
     name = args.served_model_name or os.path.basename(os.path.abspath(args.model).rstrip("/"))
     config = ServeConfig(name, [os.path.abspath(root) for root in args.allowed_media_root or []],
-                         args.allow_remote_media, int(args.max_media_mb * 2**20), args.max_frames)
+                         args.allow_remote_media, int(args.max_media_mb * 2**20), args.max_frames, args.max_tokens,
+                         args.request_timeout, args.allow_media_host)
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(generator, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -401,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-media-mb", type=float, default=64.0, help="largest media file or data: URL (default 64)")
     serve.add_argument("--max-frames", type=int, help="most frames a request may ask for (default: the folder's "
                                                       "sampling maximum)")
+    serve.add_argument("--allow-media-host", action="append", default=[],
+                       help="with --allow-remote-media: a host, address or network (10.0.0.0/8) media may come "
+                            "from although it is loopback, link-local or private (repeatable; default: none)")
+    serve.add_argument("--max-tokens", type=int, help="most new tokens a request may ask for (default: the folder's "
+                                                      "max_new_tokens); more is a 400")
+    serve.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds a request may take from its arrival (default 300); then the model is freed "
+                            "and the client gets a 408")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=_serve_command)
 

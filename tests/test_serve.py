@@ -169,8 +169,12 @@ def test_a_client_that_goes_away_frees_the_model(random_model_folder, tmp_path):
     """A random model replies at length: a stream closed after two chunks must not keep the model
     decoding its 2,000 tokens; the next request is answered at once."""
     folder, _ = random_model_folder
-    with serving(folder) as (base, _):
+    with serving(folder, "--max-tokens", "2000") as (base, _):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as refused:  # the cap: a request's KV cache is bounded
+            client.chat.completions.create(model="kangaroo-test", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=2001)
+        assert refused.value.body["code"] == "max_tokens_too_large" and "2000" in refused.value.body["message"]
         short = client.chat.completions.create(model="kangaroo-test", messages=[{"role": "user", "content": "Hi"}],
                                                temperature=0, max_tokens=20)
         assert short.usage.completion_tokens == 20 and short.choices[0].finish_reason == "length"
@@ -198,6 +202,34 @@ def test_a_client_that_goes_away_frees_the_model(random_model_folder, tmp_path):
         text = short.choices[0].message.content
         assert stopped.choices[0].message.content == text[:text.find(text[5:8])].strip()
         assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_a_request_past_its_deadline_is_answered_408_and_frees_the_model(random_model_folder):
+    """One client asking for a long reply must not hold the model: at the deadline the decoding
+    stops, the client gets OpenAI's error shape (an error event when streaming) and the next
+    request is served. The cap defaults to the folder's max_new_tokens."""
+    folder, _ = random_model_folder
+    hi = [{"role": "user", "content": "Hi"}]
+    with serving(folder) as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError, match="limit of 512"):
+            client.chat.completions.create(model="kangaroo-test", messages=hi, max_tokens=513)
+        capped = client.chat.completions.create(model="kangaroo-test", messages=hi, temperature=0)
+        assert capped.usage.completion_tokens <= 512
+    with serving(folder, "--max-tokens", "1000000", "--request-timeout", "2") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        started = time.perf_counter()
+        with pytest.raises(openai.APIStatusError) as late:
+            client.chat.completions.create(model="kangaroo-test", messages=hi, temperature=0, max_tokens=1000000)
+        assert late.value.status_code == 408 and late.value.body["code"] == "request_timeout"
+        assert time.perf_counter() - started < 60, "stopped at the deadline, not at a million tokens"
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": "kangaroo-test", "messages": hi, "temperature": 0, "max_tokens": 1000000, "stream": True})
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "request_timeout", events[-2:]
+        assert "[DONE]" not in events
+        after = client.chat.completions.create(model="kangaroo-test", messages=hi, temperature=0, max_tokens=3)
+        assert after.usage.completion_tokens == 3, "the model was freed"
 
 
 def test_sixteen_clients_times_four_requests_are_all_answered_and_memory_stays_flat(random_model_folder, tmp_path):
@@ -237,3 +269,60 @@ def test_sixteen_clients_times_four_requests_are_all_answered_and_memory_stays_f
     assert len(set(first + second)) == 1, "the same greedy answer every time"
     # a request's decoded frames and temporary file kept would add up over 64 requests
     assert after_second < after_first * 1.05, (after_first, after_second)
+
+
+def test_remote_media_from_loopback_or_private_hosts_is_refused_after_every_redirect(tmp_path):
+    """With --allow-remote-media, a URL that resolves to a loopback, link-local or private address,
+    first or after a redirect, is refused unless --allow-media-host names it: real HTTP servers
+    on 127.0.0.1 and 127.0.0.2, one redirecting to the other."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kangaroo.inference.server import MediaStore, RequestError, ServeConfig
+
+    clip = b"\x00\x00\x00\x18ftypmp42 not really a video"
+
+    def start(host: str, location: str | None = None) -> ThreadingHTTPServer:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                if self.path == "/redirect" and location:
+                    self.send_response(302)
+                    self.send_header("Location", location)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(clip)))
+                self.end_headers()
+                self.wfile.write(clip)
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        server = ThreadingHTTPServer((host, 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    inner = start("127.0.0.2")
+    inner_url = f"http://127.0.0.2:{inner.server_port}/clip.mp4"
+    outer = start("127.0.0.1", inner_url)
+    port = outer.server_port
+    try:
+        def fetch(url: str, *hosts: str) -> bytes:
+            store = MediaStore(ServeConfig("m", allow_remote_media=True, allowed_media_hosts=list(hosts)))
+            scratch = tmp_path / f"scratch-{len(list(tmp_path.iterdir()))}"
+            scratch.mkdir()
+            return Path(store.resolve(url, str(scratch), "video_url")).read_bytes()
+
+        for url in (f"http://127.0.0.1:{port}/clip.mp4", f"http://localhost:{port}/clip.mp4",
+                    "http://10.1.2.3/clip.mp4", "http://169.254.169.254/latest/meta-data"):
+            with pytest.raises(RequestError) as refused:
+                fetch(url)
+            assert refused.value.status == 403 and refused.value.code == "media_host_not_allowed", url
+        assert fetch(f"http://127.0.0.1:{port}/clip.mp4", "127.0.0.1") == clip
+        with pytest.raises(RequestError, match="127.0.0.2") as redirected:  # the first hop allowed, the second not
+            fetch(f"http://127.0.0.1:{port}/redirect", "127.0.0.1")
+        assert redirected.value.status == 403
+        assert fetch(f"http://127.0.0.1:{port}/redirect", "127.0.0.0/8") == clip
+        assert fetch(f"http://localhost:{port}/redirect", "localhost", "127.0.0.2") == clip
+    finally:
+        outer.shutdown()
+        inner.shutdown()

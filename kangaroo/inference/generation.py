@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
@@ -59,7 +60,8 @@ class Reply:
     text: str
     token_ids: list[int]
     finish_reason: str
-    """``stop`` (a stop token came) or ``length`` (``max_new_tokens`` ran out)."""
+    """``stop`` (a stop token came), ``length`` (``max_new_tokens`` ran out), ``cancelled`` or
+    ``timeout`` (see ``Generator.generate``)."""
     prompt_tokens: int
 
 
@@ -187,24 +189,33 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], streamer=None, seed: int | None = None,
-                 cancel: threading.Event | None = None, **options: Any) -> list[Reply]:
+                 cancel: threading.Event | None = None, deadline: float | None = None,
+                 **options: Any) -> list[Reply]:
         """Replies to ``prompts``, decoded together (left padding: each reply is the one it gets
         alone). ``options``: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``top_k`` over the folder's defaults (temperature 0 is greedy). ``streamer``: a
         transformers streamer (one prompt). ``cancel``: decoding stops at the next token once it
         is set (a server's client went away); the replies so far come back with
-        ``finish_reason`` ``cancelled``."""
+        ``finish_reason`` ``cancelled``. ``deadline`` (``time.monotonic()`` seconds): waiting for
+        the model and decoding stop there; the replies so far come back with ``finish_reason``
+        ``timeout``."""
         if not prompts:
             return []
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        def expired() -> bool:
+            return deadline is not None and time.monotonic() >= deadline
+
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):  # noqa: ARG002 - transformers' signature
-                return torch.full((input_ids.shape[0],), bool(cancel is not None and cancel.is_set()),
-                                  dtype=torch.bool, device=input_ids.device)
+                stop = bool(cancel is not None and cancel.is_set()) or expired()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         config = self._generation_config(**options)
-        with self._lock:  # one generation at a time per model (a server's threads share it)
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.acquire(timeout=wait):  # one generation at a time per model (a server's threads share it)
+            return [Reply("", [], "timeout", len(p.input_ids)) for p in prompts]
+        try:
             if cancel is not None and cancel.is_set():  # given up while it waited for the model
                 return [Reply("", [], "cancelled", len(p.input_ids)) for p in prompts]
             if seed is not None:
@@ -213,11 +224,14 @@ class Generator:
             out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                                      generation_config=config, streamer=streamer,
                                                      stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        finally:
+            self._lock.release()
         replies = []
         for prompt, row in zip(prompts, out.tolist()):
             stop = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
             tokens = row if stop is None else row[:stop]
-            reason = "stop" if stop is not None else "cancelled" if cancel is not None and cancel.is_set() else "length"
+            reason = ("stop" if stop is not None else "cancelled" if cancel is not None and cancel.is_set()
+                      else "timeout" if expired() else "length")
             replies.append(Reply(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, reason,
                                  len(prompt.input_ids)))
         return replies

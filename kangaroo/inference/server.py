@@ -3,9 +3,13 @@
 ``GET /v1/models`` and ``POST /v1/chat/completions`` with ``text``, ``image_url`` and
 ``video_url`` content parts. A media URL is a ``data:`` URL (decoded into a private temporary
 folder, deleted after the request), a local path (or ``file://`` URL) under an allowed media
-root, or, only with ``allow_remote_media``, an ``http(s)`` URL. ``stream: true`` answers with
-server-sent events in OpenAI's chunk format. Requests wait for the model one at a time; a
-client that goes away stops its decoding at the next token and frees the model.
+root, or, only with ``allow_remote_media``, an ``http(s)`` URL whose host, and every host it
+redirects to, resolves to public addresses (loopback, link-local and private ones only where
+``allowed_media_hosts`` names them). ``stream: true`` answers with server-sent events in
+OpenAI's chunk format. Requests wait for the model one at a time; a client that goes away stops
+its decoding at the next token and frees the model. Each request is bounded: ``max_tokens`` by
+the server's cap (a 400 past it) and its time by a deadline (a 408, or an error event when
+streaming, and the model freed).
 
 Every error is a 4xx or 5xx JSON body in OpenAI's shape, ``{"error": {"message", "type",
 "param", "code"}}``, and the server keeps serving.
@@ -16,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -59,6 +65,15 @@ class ServeConfig:
     max_frames: int | None = None
     """The most frames a request may ask for (``video_url.num_frames``); default: the model
     folder's sampling maximum."""
+    max_tokens: int | None = None
+    """The most new tokens a request may ask for (``max_tokens``; more is a 400); default: the
+    model folder's ``max_new_tokens``. Bounds each request's KV cache."""
+    request_timeout_s: float = 300.0
+    """A request's deadline from its arrival: waiting for the model and decoding stop there, the
+    model is freed and the client gets a 408 (an error event when streaming)."""
+    allowed_media_hosts: list[str] = field(default_factory=list)
+    """Hosts (names, addresses or networks such as ``10.0.0.0/8``) that remote media may come from
+    although they are loopback, link-local or private; others of those kinds are refused."""
 
 
 class MediaStore:
@@ -67,6 +82,12 @@ class MediaStore:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.roots = [os.path.realpath(root) for root in config.allowed_media_roots]
+        self.hosts, self.networks = set(), []
+        for entry in config.allowed_media_hosts:
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.hosts.add(entry.lower())
 
     def resolve(self, url: str, scratch: str, kind: str) -> str:
         if not isinstance(url, str) or not url:
@@ -114,12 +135,48 @@ class MediaStore:
             handle.write(data)
         return path
 
+    def check_host(self, url: str, kind: str) -> None:
+        """Refuses (403) a remote media URL whose host resolves to a loopback, link-local, private
+        or otherwise non-public address, unless ``allowed_media_hosts`` names the host or a network
+        holding the address: the server must not become a way into the network it runs in."""
+        parsed = urllib.parse.urlparse(url)
+        host = (parsed.hostname or "").lower()
+        if parsed.scheme not in ("http", "https") or not host:
+            raise RequestError(400, f"media URL {url!r} is not an http(s) URL with a host", f"{kind}.url")
+        if host in self.hosts:
+            return
+        try:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            addresses = {ipaddress.ip_address(info[4][0].split("%")[0])
+                         for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except (OSError, ValueError) as err:
+            raise RequestError(400, f"could not resolve the media host {host!r}: {err}", f"{kind}.url",
+                               "media_not_found") from None
+        for address in addresses:
+            if address.is_global and not address.is_multicast:
+                continue
+            if any(address in network for network in self.networks):
+                continue
+            raise RequestError(403, f"media host {host!r} resolves to {address}, a non-public address; the server "
+                                    "fetches from those only where --allow-media-host names them", f"{kind}.url",
+                               "media_host_not_allowed")
+
     def _fetch(self, url: str, scratch: str, kind: str) -> str:
         suffix = os.path.splitext(urllib.parse.urlparse(url).path)[1] or (".png" if kind == "image_url" else ".mp4")
         path = os.path.join(scratch, f"media{suffix}")
         limit = self.config.max_media_bytes
+        store = self
+
+        class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+            # urllib follows redirects (at most 10); each new location is checked like the first
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                store.check_host(urllib.parse.urljoin(req.full_url, newurl), kind)
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        self.check_host(url, kind)
+        opener = urllib.request.build_opener(CheckedRedirects)
         try:
-            with urllib.request.urlopen(url, timeout=30) as response, open(path, "wb") as handle:
+            with opener.open(url, timeout=30) as response, open(path, "wb") as handle:
                 received = 0
                 while chunk := response.read(1 << 16):
                     received += len(chunk)
@@ -182,7 +239,9 @@ def parse_messages(body: dict[str, Any], media: MediaStore, scratch: str, max_fr
     return out, path, frames
 
 
-def sampling_options(body: dict[str, Any]) -> dict[str, Any]:
+def sampling_options(body: dict[str, Any], max_tokens: int | None = None) -> dict[str, Any]:
+    """The generation options a request asks for; ``max_tokens`` is the server's cap (a request
+    asking for more is refused; one that names none gets at most the cap)."""
     options: dict[str, Any] = {}
     for name, key, kind in (("temperature", "temperature", (int, float)), ("top_p", "top_p", (int, float)),
                             ("max_tokens", "max_new_tokens", int), ("max_completion_tokens", "max_new_tokens", int),
@@ -195,6 +254,11 @@ def sampling_options(body: dict[str, Any]) -> dict[str, Any]:
         options[key] = value
     if options.get("max_new_tokens", 1) < 1:
         raise RequestError(400, "max_tokens must be positive", "max_tokens")
+    if max_tokens is not None:
+        if options.get("max_new_tokens", 0) > max_tokens:
+            raise RequestError(400, f"max_tokens {options['max_new_tokens']} is over this server's limit of {max_tokens} "
+                                    "(kangaroo serve --max-tokens)", "max_tokens", "max_tokens_too_large")
+        options.setdefault("max_new_tokens", max_tokens)
     if not 0 <= options.get("temperature", 0) <= 2 or not 0 < options.get("top_p", 1) <= 1:
         raise RequestError(400, "temperature must lie in [0, 2] and top_p in (0, 1]", "temperature")
     if body.get("n", 1) != 1:
@@ -248,6 +312,7 @@ def create_app(generator: Generator, config: ServeConfig):
     store = MediaStore(config)
     sampling = generator.encoder.prepare.sampling
     max_frames = config.max_frames or max(sampling.max_frames, sampling.num_frames)
+    max_tokens = config.max_tokens or generator.defaults.max_new_tokens
     started = int(time.time())
 
     @app.exception_handler(RequestError)
@@ -275,6 +340,7 @@ def create_app(generator: Generator, config: ServeConfig):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        deadline = time.monotonic() + config.request_timeout_s
         limit = config.max_media_bytes * 4 // 3 + 2**20  # a data: URL of the largest media item, and text
         if int(request.headers.get("content-length") or 0) > limit:
             raise RequestError(413, f"request body larger than the media limit ({config.max_media_bytes} bytes)",
@@ -294,7 +360,8 @@ def create_app(generator: Generator, config: ServeConfig):
         if body.get("model") != config.model_name:
             raise RequestError(404, f"the model {body.get('model')!r} does not exist; this server has "
                                     f"{config.model_name!r}", "model", "model_not_found")
-        options = sampling_options(body)
+        options = sampling_options(body, max_tokens)
+        options["deadline"] = deadline
         stops = stop_strings(body)
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
@@ -304,7 +371,8 @@ def create_app(generator: Generator, config: ServeConfig):
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
             return StreamingResponse(_events(generator, prompt, options, stops, ident, config.model_name,
-                                             bool(stream_options.get("include_usage")), request),
+                                             bool(stream_options.get("include_usage")), request,
+                                             config.request_timeout_s),
                                      media_type="text/event-stream")
         cancel = threading.Event()
         task = asyncio.ensure_future(run_in_threadpool(_complete, generator, prompt, options, stops, cancel))
@@ -314,6 +382,8 @@ def create_app(generator: Generator, config: ServeConfig):
                 break
             await asyncio.wait({task}, timeout=0.1)
         reply, text, finish = await task
+        if reply.finish_reason == "timeout":
+            raise _timed_out(config.request_timeout_s, reply)
         return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": config.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": _usage(reply)}
@@ -360,6 +430,12 @@ def _complete(generator: Generator, prompt, options: dict, stops: list[str],
     return reply, text, "stop" if cut.stopped or reply.finish_reason != "length" else "length"
 
 
+def _timed_out(seconds: float, reply: Reply) -> RequestError:
+    return RequestError(408, f"the request ran past this server's deadline of {seconds:g} s after "
+                             f"{len(reply.token_ids)} new tokens; the model was freed (ask for fewer max_tokens, or "
+                             "retry when the server is less busy)", code="request_timeout", kind="timeout_error")
+
+
 def _usage(reply: Reply) -> dict[str, int]:
     completion = len(reply.token_ids)
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion,
@@ -367,7 +443,7 @@ def _usage(reply: Reply) -> dict[str, int]:
 
 
 async def _events(generator: Generator, prompt, options: dict, stops: list[str], ident: str, model: str,
-                  include_usage: bool, request) -> Any:
+                  include_usage: bool, request, timeout: float) -> Any:
     """Server-sent events in OpenAI's chunk format; decoding stops when the client goes away. A
     failure after the first event is sent as an event in OpenAI's error shape."""
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -411,6 +487,9 @@ async def _events(generator: Generator, prompt, options: dict, stops: list[str],
         sent += tail
         yield chunk({"content": tail})
     reply = result[0] if result else Reply(sent, [], "stop", len(prompt.input_ids))
+    if reply.finish_reason == "timeout":
+        yield f"data: {json.dumps(_timed_out(timeout, reply).body())}\n\n"
+        return
     yield chunk({}, "length" if reply.finish_reason == "length" and not cut.stopped else "stop")
     if include_usage:
         yield chunk({}, usage=_usage(reply))
