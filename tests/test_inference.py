@@ -237,6 +237,36 @@ def test_decoded_frames_go_in_directly_and_bad_media_is_a_one_line_error(generat
         generator.prompt([{"role": "assistant", "content": "A"}], clip)
 
 
+def test_frames_are_resized_as_they_are_decoded_and_give_the_same_pixels(generator, tmp_path):
+    """A request holds its clip at the model's resolution, not the file's: 16 frames of a 640x360
+    video never sit in memory at full size (before: 16 decoded frames and their stack), and the
+    pixels equal those of resizing the full-size frames, in every resize mode."""
+    import tracemalloc
+
+    from kangaroo.data.transforms import FrameScaler, fit_frames
+    from kangaroo.data.video import FrameSampling, read_video
+
+    video = random_video(tmp_path / "wide.mp4", frames=16, size=(360, 640))
+    sampling = FrameSampling("uniform", num_frames=16, multiple_of=2)
+    full = read_video(video, sampling).frames
+    frame_bytes = full[0].nbytes
+    for mode in ("pad", "crop", "stretch"):
+        small = read_video(video, sampling, FrameScaler(112, mode)).frames
+        assert small.shape[1:3] == {"pad": (63, 112), "crop": (112, 199), "stretch": (112, 112)}[mode]
+        assert torch.equal(fit_frames(small, 112, mode), fit_frames(full, 112, mode)), mode
+    question = [{"role": "user", "content": "What?"}]
+    tracemalloc.start()
+    try:
+        by_path = generator.prompt(question, video, sampling=sampling)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert by_path.frames == 16
+    assert peak < 6 * frame_bytes, f"decoding held {peak / frame_bytes:.1f} full-size frames at once"
+    by_frames = generator.prompt(question, Frames(full, read_video(video, sampling).timestamps), sampling=sampling)
+    assert torch.equal(by_frames.pixels, by_path.pixels)
+
+
 def chat(folder, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kangaroo.cli", "chat", "--model", str(folder), *args],
                           input=stdin, capture_output=True, text=True, timeout=300)

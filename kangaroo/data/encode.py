@@ -15,7 +15,7 @@ from kangaroo import storage
 from kangaroo.data.frames import FRAME_FORMATS, store_frames
 from kangaroo.data.manifest import ManifestSample, Reject
 from kangaroo.data.tokenization import ChatEncoder
-from kangaroo.data.transforms import ResizeMode, fit_frames
+from kangaroo.data.transforms import ResizeMode, FrameScaler, fit_frames
 from kangaroo.data.video import FrameSampling, MediaError, read_video
 from kangaroo.modules.layout import VisualLayout
 
@@ -155,7 +155,9 @@ class SampleEncoder:
 
     def _decode(self, sample: ManifestSample, path: str) -> Media:
         if sample.media_type == "video":
-            clip = read_video(path, self.prepare.sampling)
+            # each frame resized as it is decoded: a request or prepare worker holds the clip at
+            # the model's resolution (fit_frames then only pads or crops it)
+            clip = read_video(path, self.prepare.sampling, FrameScaler(self.layout.image_size, self.prepare.resize))
             return Media(clip.frames, clip.timestamps)
         return Media(read_image(path)[None], np.asarray([self._image_time(sample.id)], np.float32))
 

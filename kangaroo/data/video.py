@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import av
 import numpy as np
+
+
+FrameTransform = Callable[[np.ndarray], np.ndarray]
+"""A function of one decoded ``(H, W, 3)`` uint8 frame, applied as it is decoded."""
 
 
 class MediaError(Exception):
@@ -81,17 +85,19 @@ def select_frames(times: list[float], duration: float, sampling: FrameSampling) 
     return [int(np.abs(array - t).argmin()) for t in sampling.target_times(duration)]
 
 
-def read_video(path: str, sampling: FrameSampling) -> VideoClip:
+def read_video(path: str, sampling: FrameSampling, transform: FrameTransform | None = None) -> VideoClip:
     """Decodes the sampled frames of ``path``'s first video stream.
 
     Timestamps are the frames' own presentation times (``pts x time_base`` minus the stream
-    start), so variable frame rate videos keep their real timing. Raises ``MediaError``.
+    start), so variable frame rate videos keep their real timing. ``transform`` is applied to
+    each frame as it is decoded (``kangaroo.data.transforms.FrameScaler``: the clip is held at the
+    model's resolution, not the file's). Raises ``MediaError``.
     """
     index = index_video(path)
     if index.duration < sampling.min_duration:
         raise MediaError(f"video is {index.duration:.2f} s long, shorter than the minimum {sampling.min_duration} s")
     chosen = select_frames(index.times, index.duration, sampling)
-    return VideoClip(decode_frames(path, index, chosen),
+    return VideoClip(decode_frames(path, index, chosen, transform),
                      np.asarray([index.times[i] for i in chosen], dtype=np.float32), index.duration)
 
 
@@ -114,9 +120,10 @@ def index_video(path: str) -> VideoIndex:
     return VideoIndex(pts, times, times[-1] + interval)
 
 
-def decode_frames(path: str, index: VideoIndex, chosen: list[int]) -> np.ndarray:
-    """``(len(chosen), H, W, 3)`` uint8 RGB frames at positions ``chosen`` of ``index``."""
-    decoded = _decode_pts(path, {index.pts[i] for i in chosen})
+def decode_frames(path: str, index: VideoIndex, chosen: list[int], transform: FrameTransform | None = None) -> np.ndarray:
+    """``(len(chosen), H, W, 3)`` uint8 RGB frames at positions ``chosen`` of ``index``, each
+    through ``transform`` as it is decoded."""
+    decoded = _decode_pts(path, {index.pts[i] for i in chosen}, transform)
     missing = [index.pts[i] for i in chosen if index.pts[i] not in decoded]
     if missing:
         raise MediaError(f"could not decode {len(missing)} of the sampled frames (truncated or corrupt video)")
@@ -142,13 +149,14 @@ def _frame_pts(path: str) -> tuple[list[int], object, int]:
     return pts, time_base, start
 
 
-def _decode_pts(path: str, wanted: set[int]) -> dict[int, np.ndarray]:
+def _decode_pts(path: str, wanted: set[int], transform: FrameTransform | None = None) -> dict[int, np.ndarray]:
     found: dict[int, np.ndarray] = {}
     try:
         with av.open(path) as container:
             for frame in container.decode(video=0):
                 if frame.pts in wanted:
-                    found[frame.pts] = frame.to_ndarray(format="rgb24")
+                    rgb = frame.to_ndarray(format="rgb24")
+                    found[frame.pts] = transform(rgb) if transform is not None else rgb
                     if len(found) == len(wanted):
                         break
     except av.FFmpegError as err:
