@@ -214,7 +214,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     name = args.served_model_name or os.path.basename(os.path.abspath(args.model).rstrip("/"))
     config = ServeConfig(name, [os.path.abspath(root) for root in args.allowed_media_root or []],
                          args.allow_remote_media, int(args.max_media_mb * 2**20), args.max_frames, args.max_tokens,
-                         args.request_timeout, args.allow_media_host)
+                         args.request_timeout, args.max_batch, args.max_batch_tokens, args.allow_media_host)
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(generator, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -410,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=300.0,
                        help="seconds a request may take from its arrival (default 300); then the model is freed "
                             "and the client gets a 408")
+    serve.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
+    serve.add_argument("--max-batch-tokens", type=int, default=65536,
+                       help="most tokens in a batch's KV cache: rows x (longest prompt + most new tokens) "
+                            "(default 65536)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=_serve_command)
 

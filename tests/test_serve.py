@@ -271,6 +271,81 @@ def test_sixteen_clients_times_four_requests_are_all_answered_and_memory_stays_f
     assert after_second < after_first * 1.05, (after_first, after_second)
 
 
+def test_concurrent_requests_are_batched_and_each_gets_its_one_at_a_time_answer(random_model_folder, tmp_path):
+    """Requests that arrive together are decoded together: under greedy decoding each reply equals
+    the one it gets alone; a broken video fails its own request; a stream closed mid-batch stops
+    its own row while the others finish; the server is free right after."""
+    from conftest import random_video
+
+    folder, _ = random_model_folder
+    clips = [Path(random_video(tmp_path / f"clip{n}.mp4", frames=n, seed=n)) for n in (4, 8)]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 64)
+    questions = [[{"role": "user", "content": "Hi"}],
+                 [{"role": "user", "content": "Describe a long afternoon by the river, in detail."}],
+                 [video_message(data_url(clips[0]), "What?")],
+                 [video_message(data_url(clips[1]), "What colour is the screen?")],
+                 [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                  {"role": "user", "content": "C?"}]]
+    with serving(folder, "--max-tokens", "2000", "--max-batch", "8") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(messages, tokens: int = 24):
+            return client.chat.completions.create(model="kangaroo-test", messages=messages, temperature=0,
+                                                  max_tokens=tokens)
+
+        alone = [ask(q) for q in questions]
+        timed = time.perf_counter()
+        assert ask(questions[0], tokens=200).usage.completion_tokens == 200, "this model decodes long replies"
+        per_token = (time.perf_counter() - timed) / 200
+        assert len({a.choices[0].message.content for a in alone}) > 1, "the prompts get different replies"
+        before = httpx.get(f"{base}/health", timeout=10).json()
+        assert before["largest_batch"] == 1, "one at a time"
+
+        results: dict[str, object] = {}
+        start = threading.Barrier(len(questions) + 2)
+
+        def run(name: str, call) -> None:
+            start.wait(timeout=60)
+            try:
+                results[name] = call()
+            except BaseException as err:  # compared below
+                results[name] = err
+
+        def closed_stream() -> int:
+            stream = client.chat.completions.create(model="kangaroo-test", messages=questions[0], temperature=0,
+                                                    max_tokens=2000, stream=True)
+            for count, _ in enumerate(stream):
+                if count == 3:
+                    break
+            stream.close()
+            return count
+
+        calls = {f"q{i}": (lambda q=q: ask(q)) for i, q in enumerate(questions)}
+        calls["broken"] = lambda: ask([video_message(data_url(broken), "What?")])
+        calls["stream"] = closed_stream
+        threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in threads), "every request answered in time"
+        for i, single in enumerate(alone):
+            together = results[f"q{i}"]
+            assert not isinstance(together, BaseException), together
+            assert together.choices[0].message.content == single.choices[0].message.content, i
+            assert together.usage.completion_tokens == single.usage.completion_tokens
+        assert isinstance(results["broken"], openai.BadRequestError), results["broken"]
+        assert results["stream"] == 3
+        stats = httpx.get(f"{base}/health", timeout=10).json()
+        assert stats["largest_batch"] >= 2 and stats["waiting"] == 0, stats
+        started = time.perf_counter()
+        after = ask(questions[0], tokens=4)
+        assert after.usage.completion_tokens == 4
+        # had the closed stream's row decoded on, this request would wait for ~2,000 tokens first
+        assert time.perf_counter() - started < 500 * per_token, (time.perf_counter() - started, per_token)
+
+
 def test_remote_media_from_loopback_or_private_hosts_is_refused_after_every_redirect(tmp_path):
     """With --allow-remote-media, a URL that resolves to a loopback, link-local or private address,
     first or after a redirect, is refused unless --allow-media-host names it: real HTTP servers

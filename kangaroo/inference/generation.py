@@ -190,7 +190,7 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], streamer=None, seed: int | None = None,
                  cancel: threading.Event | None = None, deadline: float | None = None,
-                 **options: Any) -> list[Reply]:
+                 stopping: Sequence[Any] = (), **options: Any) -> list[Reply]:
         """Replies to ``prompts``, decoded together (left padding: each reply is the one it gets
         alone). ``options``: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``top_k`` over the folder's defaults (temperature 0 is greedy). ``streamer``: a
@@ -198,7 +198,8 @@ class Generator:
         is set (a server's client went away); the replies so far come back with
         ``finish_reason`` ``cancelled``. ``deadline`` (``time.monotonic()`` seconds): waiting for
         the model and decoding stop there; the replies so far come back with ``finish_reason``
-        ``timeout``."""
+        ``timeout``. ``stopping``: further transformers ``StoppingCriteria`` (per-row limits, see
+        ``kangaroo.inference.batching``)."""
         if not prompts:
             return []
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -223,7 +224,7 @@ class Generator:
             embeds, mask = self.embed(prompts)
             out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                                      generation_config=config, streamer=streamer,
-                                                     stopping_criteria=StoppingCriteriaList([Cancelled()]))
+                                                     stopping_criteria=StoppingCriteriaList([Cancelled(), *stopping]))
         finally:
             self._lock.release()
         replies = []

@@ -6,8 +6,10 @@ folder, deleted after the request), a local path (or ``file://`` URL) under an a
 root, or, only with ``allow_remote_media``, an ``http(s)`` URL whose host, and every host it
 redirects to, resolves to public addresses (loopback, link-local and private ones only where
 ``allowed_media_hosts`` names them). ``stream: true`` answers with server-sent events in
-OpenAI's chunk format. Requests wait for the model one at a time; a client that goes away stops
-its decoding at the next token and frees the model. Each request is bounded: ``max_tokens`` by
+OpenAI's chunk format. Requests that arrive together are decoded together
+(``kangaroo.inference.batching``: up to ``max_batch`` rows and ``max_batch_tokens``); a client
+that goes away stops its own row at the next token. ``GET /health`` reports the queue and the
+batches run. Each request is bounded: ``max_tokens`` by
 the server's cap (a 400 past it) and its time by a deadline (a 408, or an error event when
 streaming, and the model freed).
 
@@ -37,6 +39,7 @@ from typing import Any, Iterator
 from fastapi import Request  # at module level: FastAPI reads the handlers' annotations by name
 
 from kangaroo.data.video import MediaError
+from kangaroo.inference.batching import BatchScheduler
 from kangaroo.inference.generation import Generator, Reply
 
 MEDIA_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
@@ -71,6 +74,10 @@ class ServeConfig:
     request_timeout_s: float = 300.0
     """A request's deadline from its arrival: waiting for the model and decoding stop there, the
     model is freed and the client gets a 408 (an error event when streaming)."""
+    max_batch: int = 8
+    """The most requests decoded together (``kangaroo.inference.batching``)."""
+    max_batch_tokens: int = 65536
+    """The most tokens a batch's KV cache holds: rows x (longest prompt + most new tokens)."""
     allowed_media_hosts: list[str] = field(default_factory=list)
     """Hosts (names, addresses or networks such as ``10.0.0.0/8``) that remote media may come from
     although they are loopback, link-local or private; others of those kinds are refused."""
@@ -313,6 +320,7 @@ def create_app(generator: Generator, config: ServeConfig):
     sampling = generator.encoder.prepare.sampling
     max_frames = config.max_frames or max(sampling.max_frames, sampling.num_frames)
     max_tokens = config.max_tokens or generator.defaults.max_new_tokens
+    scheduler = BatchScheduler(generator, config.max_batch, config.max_batch_tokens)
     started = int(time.time())
 
     @app.exception_handler(RequestError)
@@ -337,6 +345,10 @@ def create_app(generator: Generator, config: ServeConfig):
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": started,
                                             "owned_by": "kangaroo"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **scheduler.stats()}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -370,12 +382,12 @@ def create_app(generator: Generator, config: ServeConfig):
         prompt = await run_in_threadpool(_prompt, generator, store, body, max_frames)
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            return StreamingResponse(_events(generator, prompt, options, stops, ident, config.model_name,
+            return StreamingResponse(_events(scheduler, prompt, options, stops, ident, config.model_name,
                                              bool(stream_options.get("include_usage")), request,
                                              config.request_timeout_s),
                                      media_type="text/event-stream")
         cancel = threading.Event()
-        task = asyncio.ensure_future(run_in_threadpool(_complete, generator, prompt, options, stops, cancel))
+        task = asyncio.ensure_future(run_in_threadpool(_complete, scheduler, prompt, options, stops, cancel))
         while not task.done():
             if await request.is_disconnected():
                 cancel.set()  # the client went away: free the model at the next token
@@ -409,24 +421,24 @@ def _prompt(generator: Generator, store: MediaStore, body: dict[str, Any], max_f
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _complete(generator: Generator, prompt, options: dict, stops: list[str],
+def _complete(scheduler: BatchScheduler, prompt, options: dict, stops: list[str],
               cancel: threading.Event) -> tuple[Reply, str, str]:
     """``(reply, text, finish_reason)`` of a whole completion, cut at the first stop string."""
+    job = scheduler.submit(prompt, cancel=cancel, stream=bool(stops), **options)
     if not stops:
-        reply = generator.generate([prompt], cancel=cancel, **options)[0]
+        reply = job.result()
         return reply, reply.text, "length" if reply.finish_reason == "length" else "stop"
-    result: list[Reply] = []
     cut = StopFilter(stops)
     pieces = []
-    stream = generator.stream(prompt, result=result, cancel=cancel, **options)
+    stream = job.pieces()
     for piece in stream:
         pieces.append(cut.feed(piece))
         if cut.stopped:
-            stream.close()  # decoding stops at the next token
+            stream.close()  # this row stops decoding at the next token
             break
     pieces.append(cut.flush())
     text = "".join(pieces).strip()
-    reply = result[0] if result else Reply(text, [], "stop", len(prompt.input_ids))
+    reply = job.reply or Reply(text, [], "stop", len(prompt.input_ids))
     return reply, text, "stop" if cut.stopped or reply.finish_reason != "length" else "length"
 
 
@@ -442,7 +454,7 @@ def _usage(reply: Reply) -> dict[str, int]:
             "total_tokens": reply.prompt_tokens + completion}
 
 
-async def _events(generator: Generator, prompt, options: dict, stops: list[str], ident: str, model: str,
+async def _events(scheduler: BatchScheduler, prompt, options: dict, stops: list[str], ident: str, model: str,
                   include_usage: bool, request, timeout: float) -> Any:
     """Server-sent events in OpenAI's chunk format; decoding stops when the client goes away. A
     failure after the first event is sent as an event in OpenAI's error shape."""
@@ -457,10 +469,10 @@ async def _events(generator: Generator, prompt, options: dict, stops: list[str],
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    result: list[Reply] = []
-    cancel = threading.Event()
+    job = scheduler.submit(prompt, **options)
+    cancel = job.cancel
     cut = StopFilter(stops)
-    pieces = generator.stream(prompt, result=result, cancel=cancel, **options)
+    pieces = job.pieces()
     yield chunk({"role": "assistant", "content": ""})
     sent, finished = "", False
     try:
@@ -481,12 +493,12 @@ async def _events(generator: Generator, prompt, options: dict, stops: list[str],
     finally:
         if not finished or cut.stopped:  # the client went away, or a stop string came: stop decoding
             cancel.set()
-        await run_in_threadpool(pieces.close)  # ends the decoding thread (at the next token once cancelled)
+        await run_in_threadpool(pieces.close)  # a cancelled row stops at the next token; its batch goes on
     tail = cut.flush().rstrip()
     if tail:
         sent += tail
         yield chunk({"content": tail})
-    reply = result[0] if result else Reply(sent, [], "stop", len(prompt.input_ids))
+    reply = job.reply or Reply(sent, [], "stop", len(prompt.input_ids))
     if reply.finish_reason == "timeout":
         yield f"data: {json.dumps(_timed_out(timeout, reply).body())}\n\n"
         return
