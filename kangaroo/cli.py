@@ -193,7 +193,7 @@ def _load_generator(args: argparse.Namespace):
 
     loaded = load_pretrained(args.model, device=args.device, dtype=args.dtype)
     print(loaded.describe(), file=sys.stderr, flush=True)
-    return Generator(loaded)
+    return Generator(loaded, cache_mb=getattr(args, "cache_mb", 1024.0))
 
 
 def _chat_command(args: argparse.Namespace) -> int:
@@ -279,6 +279,10 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ValueError(f"--shard {text}: K must lie in 0..N-1")
     return index, count
+
+
+CACHE_HELP = ("memory for the decoded frames and prompt KV caches of recent conversations, so that a next question "
+              "about a video prefills only what is new (default 1024 MB; 0: off)")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -382,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--video", help="the video to talk about")
     media.add_argument("--image", help="an image instead")
     chat.add_argument("--query", help="ask this, print the answer and exit")
+    chat.add_argument("--cache-mb", type=float, default=1024.0, help=CACHE_HELP)
     chat.add_argument("--history", help="a JSON file that keeps the conversation; resumed when it exists")
     chat.add_argument("--max-new-tokens", type=int, help="default: the model folder's")
     chat.add_argument("--temperature", type=float, help="0 decodes greedily (default: the model folder's)")
@@ -410,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=300.0,
                        help="seconds a request may take from its arrival (default 300); then the model is freed "
                             "and the client gets a 408")
+    serve.add_argument("--cache-mb", type=float, default=1024.0, help=CACHE_HELP)
     serve.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     serve.add_argument("--max-batch-tokens", type=int, default=65536,
                        help="most tokens in a batch's KV cache: rows x (longest prompt + most new tokens) "

@@ -267,6 +267,56 @@ def test_frames_are_resized_as_they_are_decoded_and_give_the_same_pixels(generat
     assert torch.equal(by_frames.pixels, by_path.pixels)
 
 
+def test_a_conversation_about_a_video_is_decoded_and_prefilled_once(random_model_folder, tmp_path):
+    """The second question about a video skips the decode and the vision tower and prefills only
+    its new tokens; every reply equals the uncached one, a changed history or another video with
+    the same token ids is no false hit, and the cache keeps within its budget."""
+    from kangaroo.data.video import FrameSampling
+
+    loaded = load_pretrained(str(random_model_folder[0]))
+    cached, plain = Generator(loaded), Generator(loaded, cache_mb=0)
+    video = random_video(tmp_path / "long.mp4", frames=24, seed=3)
+    other = random_video(tmp_path / "other.mp4", frames=24, seed=4)
+    sampling = FrameSampling("uniform", num_frames=24, multiple_of=2)
+    towers, prefills = [], []
+    loaded.model.vision_tower.register_forward_hook(lambda *_: towers.append(1))
+    loaded.model.language_model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: prefills.append((kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None
+                                                 else kwargs["input_ids"]).shape[1]), with_kwargs=True)
+
+    def reply(generator, messages, media=video):
+        prompt = generator.prompt(messages, media, sampling=sampling)
+        return prompt, generator.generate([prompt], max_new_tokens=6, temperature=0)[0]
+
+    first = [{"role": "user", "content": "What happens?"}]
+    p1, r1 = reply(cached, first)
+    assert reply(plain, first)[1].token_ids == r1.token_ids
+    second = first + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "And then?"}]
+    towers.clear(), prefills.clear()
+    p2, r2 = reply(cached, second)
+    assert towers == [], "the frames and visual features came from the cache"
+    assert prefills[0] < len(p2.input_ids) - len(p1.input_ids) + 12, (prefills[0], len(p1.input_ids), len(p2.input_ids))
+    assert cached.cache.stats()["hits"] == 1
+    assert reply(plain, second)[1].token_ids == r2.token_ids, "the same reply as prefilling everything"
+
+    edited = [{"role": "user", "content": "What colour is it?"}, *second[1:]]
+    assert reply(cached, edited)[1].token_ids == reply(plain, edited)[1].token_ids, "a history that no longer matches"
+    towers.clear()
+    p_other, r_other = reply(cached, second, other)
+    assert p_other.input_ids == p2.input_ids and p_other.media_key != p2.media_key
+    assert towers, "another video with the same token ids is not served from the first one's cache"
+    assert r_other.token_ids == reply(plain, second, other)[1].token_ids
+
+    small = Generator(loaded, cache_mb=1.5)  # one conversation's frames and KV cache (1.1 MB), not two
+    keys = []
+    for media in (video, other):
+        prompt = small.prompt(first, media, sampling=sampling)
+        small.generate([prompt], max_new_tokens=2, temperature=0)
+        keys.append(prompt.media_key)
+    assert 0 < small.cache.nbytes <= 1.5 * 2**20, small.cache.stats()
+    assert small.cache.frames(keys[0]) is None and small.cache.frames(keys[1]) is not None, "least recently used out"
+
+
 def chat(folder, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kangaroo.cli", "chat", "--model", str(folder), *args],
                           input=stdin, capture_output=True, text=True, timeout=300)

@@ -124,6 +124,10 @@ def test_two_rounds_streaming_and_usage_match_the_model_run_in_process(trained_s
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    # the same conversation again (OpenAI clients resend it): its prefix came from the cache, the
+    # clip was not decoded again, and the reply is the one prefilling everything gives
+    health = httpx.get(f"{trained_server[0]}/health", timeout=10).json()["prefix_cache"]
+    assert health["hits"] >= 1 and health["frames"] >= 1, health
 
 
 BAD = [

@@ -2,7 +2,8 @@
 
 Requests wait in one queue. A worker thread takes the oldest, adds the waiting requests that
 decode with the same sampling settings (greedy ones together; a request with a ``seed`` alone, so
-that its sample is the one it gets alone), up to ``max_batch`` rows and ``max_batch_tokens``
+that its sample is the one it gets alone; one with ``alone_prefix_tokens`` of its prompt in the
+prefix cache alone too, as it then prefills only its new tokens), up to ``max_batch`` rows and ``max_batch_tokens``
 (rows x (longest prompt + most new tokens): the batch's KV cache), and runs them as one
 left-padded ``generate``: one prefill, one decoding step per token for all rows. Each row stops on
 its own (a stop token, its own ``max_tokens``, its deadline, or its client going away: a
@@ -90,10 +91,12 @@ class Job:
 class BatchScheduler:
     """Batches the requests of a shared ``Generator`` (see the module docstring)."""
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_batch_tokens: int = 65536) -> None:
+    def __init__(self, generator: Generator, max_batch: int = 8, max_batch_tokens: int = 65536,
+                 alone_prefix_tokens: int = 2048) -> None:
         if max_batch < 1 or max_batch_tokens < 1:
             raise ValueError(f"max_batch and max_batch_tokens must be positive, got {max_batch}, {max_batch_tokens}")
         self.generator, self.max_batch, self.max_batch_tokens = generator, max_batch, max_batch_tokens
+        self.alone_prefix_tokens = alone_prefix_tokens
         self._waiting: deque[Job] = deque()
         self._ready = threading.Condition()
         self.batches = self.rows = self.largest_batch = 0
@@ -127,12 +130,12 @@ class BatchScheduler:
                 self._ready.wait()
             first = self._waiting.popleft()
             batch = [first]
-            if first.options.get("seed") is None:
+            if first.options.get("seed") is None and not self._long_cached_prefix(first):
                 key = tuple(first.options.get(k) for k in SAMPLING_KEYS)
                 for job in list(self._waiting):
                     if len(batch) >= self.max_batch:
                         break
-                    if tuple(job.options.get(k) for k in SAMPLING_KEYS) != key:
+                    if tuple(job.options.get(k) for k in SAMPLING_KEYS) != key or self._long_cached_prefix(job):
                         continue
                     rows = batch + [job]
                     longest = max(len(j.prompt.input_ids) for j in rows)
@@ -141,6 +144,13 @@ class BatchScheduler:
                     self._waiting.remove(job)
                     batch.append(job)
             return batch
+
+    def _long_cached_prefix(self, job: Job) -> bool:
+        """Whether the prefix cache holds ``alone_prefix_tokens`` or more of ``job``'s prompt: it then
+        runs alone and prefills only its new tokens (a long video's next question). Shorter hits
+        are batched instead (a batch of several rows prefills every row); a batch of one always
+        uses its hit."""
+        return (self.generator.cached_prefix(job.prompt) or 0) >= self.alone_prefix_tokens
 
     def _run(self) -> None:
         while True:

@@ -11,6 +11,7 @@ pixels into the embeddings it starts from.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from kangaroo.data.encode import SampleEncoder
 from kangaroo.data.manifest import ManifestSample
 from kangaroo.data.video import FrameSampling, MediaError
 from kangaroo.inference.folder import LoadedModel
+from kangaroo.inference.prefix_cache import PrefixCache, content_hash
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -49,6 +51,9 @@ class Prompt:
     pixels: torch.Tensor | None
     """``(n, 3, s, s)`` uint8 at the model's resolution, or ``None``."""
     timestamps: torch.Tensor | None
+    media_key: str | None = None
+    """The media's content hash and how it was sampled and sized (``None``: no media, or no
+    cache): prompts with the same key have the same visual features."""
 
     @property
     def frames(self) -> int:
@@ -68,7 +73,9 @@ class Reply:
 class Generator:
     """Prompts and replies for one loaded model folder (``kangaroo.inference.load_pretrained``)."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, cache_mb: float = 1024.0) -> None:
+        """``cache_mb``: the memory the decoded frames and prompt KV caches of recent
+        conversations may hold (``kangaroo.inference.prefix_cache``); 0 turns the cache off."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -88,6 +95,9 @@ class Generator:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
         self._lock = threading.Lock()
+        self.cache = PrefixCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
+        visual = self.model.visual_tokens
+        self._visual_ids = {visual.placeholder, visual.vi_start, visual.eof, visual.eov, visual.vi_end}
 
     @property
     def device(self) -> torch.device:
@@ -121,19 +131,32 @@ class Generator:
         # An image's timestamp is drawn from the sample id in prepare; here every image gets the
         # same one, so that a reply does not depend on the file's name.
         sample = ManifestSample(id="inference", media_type=None, media_path=None, conversations=messages)
+        key, decoded = None, None
+        how = f"{encoder.prepare.sampling}|{self.layout.image_size}|{encoder.prepare.resize}"
         if isinstance(media, Frames):
-            record = encoder.encode_media(sample, self._frames(media, encoder), generation_prompt=True)
-        else:
-            if media is not None:
-                if not os.path.exists(media):
-                    raise MediaError(f"missing file: {media}")
-                sample.media_type = "image" if str(media).lower().endswith(IMAGE_SUFFIXES) else "video"
-                sample.media_path = str(media)
-            record = encoder.encode(sample, generation_prompt=True)
+            decoded = self._frames(media, encoder)
+            if self.cache is not None:
+                digest = hashlib.sha256(np.ascontiguousarray(decoded.frames).data)
+                digest.update(np.ascontiguousarray(decoded.timestamps).data)
+                key = f"frames:{digest.hexdigest()}|{how}"
+        elif media is not None:
+            if not os.path.exists(media):
+                raise MediaError(f"missing file: {media}")
+            sample.media_type = "image" if str(media).lower().endswith(IMAGE_SUFFIXES) else "video"
+            sample.media_path = str(media)
+            if self.cache is not None:  # a second question about the same file skips the decode
+                key = f"{sample.media_type}:{content_hash(sample.media_path)}|{how}"
+                decoded = self.cache.frames(key)
+            if decoded is None:
+                decoded = encoder._load(sample)
+                if key is not None:
+                    self.cache.put_frames(key, decoded)
+        record = encoder.encode_media(sample, decoded, generation_prompt=True)
         pixels = record["pixels"]
         return Prompt(input_ids=[int(t) for t in record["input_ids"]],
                       pixels=pixels if len(pixels) else None,
-                      timestamps=torch.from_numpy(record["timestamps"]) if len(pixels) else None)
+                      timestamps=torch.from_numpy(record["timestamps"]) if len(pixels) else None,
+                      media_key=key)
 
     @staticmethod
     def _frames(media: Frames, encoder: SampleEncoder) -> DecodedMedia:
@@ -165,7 +188,8 @@ class Generator:
             pick.update(temperature=None, top_p=None, top_k=None)
         if pick["max_new_tokens"] < 1:
             raise ValueError(f"max_new_tokens must be positive, got {pick['max_new_tokens']}")
-        return GenerationConfig(**pick, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True)
+        return GenerationConfig(**pick, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,
+                                return_dict_in_generate=True)
 
     @torch.no_grad()
     def embed(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +237,7 @@ class Generator:
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         config = self._generation_config(**options)
+        hit = self.cached_prefix(prompts[0], take=True) if len(prompts) == 1 else None
         wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._lock.acquire(timeout=wait):  # one generation at a time per model (a server's threads share it)
             return [Reply("", [], "timeout", len(p.input_ids)) for p in prompts]
@@ -221,14 +246,24 @@ class Generator:
                 return [Reply("", [], "cancelled", len(p.input_ids)) for p in prompts]
             if seed is not None:
                 torch.manual_seed(seed)
-            embeds, mask = self.embed(prompts)
-            out = self.model.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                                     generation_config=config, streamer=streamer,
-                                                     stopping_criteria=StoppingCriteriaList([Cancelled(), *stopping]))
+            criteria = StoppingCriteriaList([Cancelled(), *stopping])
+            llm = self.model.language_model
+            if hit is not None:  # the shared prefix is in the cache: only the rest is prefilled
+                ids = torch.tensor([prompts[0].input_ids], dtype=torch.long, device=self.device)
+                out = llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=hit[0],
+                                   generation_config=config, streamer=streamer, stopping_criteria=criteria)
+                rows = out.sequences[:, ids.shape[1]:]
+            else:
+                embeds, mask = self.embed(prompts)
+                out = llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                                   streamer=streamer, stopping_criteria=criteria)
+                rows = out.sequences
+            if self.cache is not None and out.cache is not None:
+                self._keep_caches(prompts, rows.tolist(), out.cache)
         finally:
             self._lock.release()
         replies = []
-        for prompt, row in zip(prompts, out.tolist()):
+        for prompt, row in zip(prompts, rows.tolist()):
             stop = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
             tokens = row if stop is None else row[:stop]
             reason = ("stop" if stop is not None else "cancelled" if cancel is not None and cancel.is_set()
@@ -236,6 +271,40 @@ class Generator:
             replies.append(Reply(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, reason,
                                  len(prompt.input_ids)))
         return replies
+
+    def _visual_end(self, ids: list[int]) -> int:
+        """The index after the prompt's last visual token (0 without media)."""
+        return next((len(ids) - i for i, t in enumerate(reversed(ids)) if t in self._visual_ids), 0)
+
+    def cached_prefix(self, prompt: Prompt, take: bool = False) -> tuple[Any, int] | int | None:
+        """How many leading tokens of ``prompt`` a cached KV cache serves (``take``: that cache,
+        cropped, and the count, out of the cache; ``None`` when none serves it)."""
+        if self.cache is None:
+            return None
+        visual_end = self._visual_end(prompt.input_ids)
+        if take:
+            return self.cache.take(prompt.media_key, prompt.input_ids, visual_end)
+        return self.cache.match(prompt.media_key, prompt.input_ids, visual_end) or None
+
+    def _keep_caches(self, prompts: Sequence[Prompt], rows: list[list[int]], cache: Any) -> None:
+        """Puts each row's KV cache (its prompt and reply, without the left padding of the batch
+        and the padding after its stop) into the prefix cache."""
+        from transformers import DynamicCache
+
+        longest = max(len(p.input_ids) for p in prompts)
+        held = cache.get_seq_length()
+        for r, (prompt, row) in enumerate(zip(prompts, rows)):
+            stop = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+            own = row if stop is None else row[:stop + 1]  # the stop token is the turn's end in the next prompt
+            covered = min(len(own), held - longest)
+            tokens = prompt.input_ids + own[:covered]
+            start = longest - len(prompt.input_ids)
+            if len(prompts) == 1 and covered == held - longest:
+                self.cache.put(prompt.media_key, tokens, cache)
+                continue
+            layers = [(layer.keys[r:r + 1, :, start:longest + covered].clone(),
+                       layer.values[r:r + 1, :, start:longest + covered].clone()) for layer in cache.layers]
+            self.cache.put(prompt.media_key, tokens, DynamicCache(layers))
 
     def stream(self, prompt: Prompt, result: list[Reply] | None = None, **options: Any) -> Iterator[str]:
         """The reply to ``prompt`` piece by piece as it is decoded; the pieces join to

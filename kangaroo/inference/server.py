@@ -348,7 +348,8 @@ def create_app(generator: Generator, config: ServeConfig):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **scheduler.stats()}
+        cache = generator.cache.stats() if generator.cache is not None else None
+        return {"status": "ok", **scheduler.stats(), "prefix_cache": cache}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
