@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--requests", type=int, default=8, help="requests per client (default 8)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--cache-mb", default="1024", help="the server's prefix cache (default 1024; 0: off)")
     parser.add_argument("--text-only", action="store_true", help="only the text questions (no video decoding)")
     parser.add_argument("--soak", type=float, default=0, help="seconds of the soak run (default: none)")
     parser.add_argument("--soak-clients", type=int, default=8)
@@ -88,7 +89,7 @@ def main() -> None:
             port = sock.getsockname()[1]
         server = subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "serve", "--model", folder, "--port", str(port),
                                    "--served-model-name", "m", "--log-level", "warning",
-                                   "--max-tokens", str(max(args.max_tokens, 64))])
+                                   "--max-tokens", str(max(args.max_tokens, 64)), "--cache-mb", args.cache_mb])
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + 300

@@ -136,8 +136,20 @@ class PrefixCache:
         return entry.cache, length
 
     def put(self, media: str | None, tokens: list[int], cache: Any) -> None:
+        """Adds a prompt's cache; an entry that holds a prefix of ``tokens`` is replaced by it, and
+        nothing is added when an entry already holds all of ``tokens`` (repeated questions do not
+        fill the budget with copies)."""
         entry = PrefixEntry(media, list(tokens), cache, cache_bytes(cache))
         with self._lock:
+            for ident, (kind, other, _) in list(self._entries.items()):
+                if kind != "prefix" or other.media != media:
+                    continue
+                shared = common_prefix(other.tokens, entry.tokens)
+                if shared == len(entry.tokens):
+                    self._entries.move_to_end(ident)
+                    return
+                if shared == len(other.tokens):
+                    del self._entries[ident]
             self._add("prefix", entry, entry.nbytes)
 
     def stats(self) -> dict[str, int]:
