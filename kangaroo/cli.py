@@ -214,7 +214,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     name = args.served_model_name or os.path.basename(os.path.abspath(args.model).rstrip("/"))
     config = ServeConfig(name, [os.path.abspath(root) for root in args.allowed_media_root or []],
                          args.allow_remote_media, int(args.max_media_mb * 2**20), args.max_frames, args.max_tokens,
-                         args.request_timeout, args.max_batch, args.max_batch_tokens, args.allow_media_host)
+                         args.request_timeout, args.max_batch, args.max_batch_tokens, args.allow_media_host,
+                         args.batch_wait_ms / 1000)
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(generator, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=65536,
                        help="most tokens in a batch's KV cache: rows x (longest prompt + most new tokens) "
                             "(default 65536)")
+    serve.add_argument("--batch-wait-ms", type=float, default=100.0,
+                       help="how long a batch with room waits for requests still being read or decoded "
+                            "(default 100; 0: never; nothing waits when no request is on its way)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=_serve_command)
 

@@ -202,14 +202,30 @@ class Generator:
         for row, prompt in enumerate(prompts):
             ids[row, longest - len(prompt.input_ids):] = torch.tensor(prompt.input_ids)
             mask[row, longest - len(prompt.input_ids):] = 1
-        with_media = [p for p in prompts if p.pixels is not None]
-        visual: dict[str, Any] = {}
-        if with_media:
-            visual = dict(pixel_values=torch.cat([p.pixels for p in with_media]).to(device),  # uint8: see the model
-                          timestamps=torch.cat([p.timestamps for p in with_media]).to(device),
-                          frame_counts=torch.tensor([p.frames for p in with_media], device=device))
-        embeds = self.model.embed_inputs(ids.to(device), **visual)
+        # One media item at a time through the vision tower: a batch of requests costs the tower
+        # what their media cost one by one (8 long videos in one call would hold 8 times the
+        # activations), every reply's features are exactly those it gets alone, and a video
+        # asked about again reuses its features from the cache (vLLM keeps an encoder cache
+        # for the same reason).
+        features = [self.visual_features(p) for p in prompts if p.pixels is not None]
+        embeds = self.model.embed_inputs(ids.to(device), visual_features=torch.cat(features) if features else None)
         return embeds, mask.to(device)
+
+    @torch.no_grad()
+    def visual_features(self, prompt: Prompt) -> torch.Tensor:
+        """The projected visual tokens of ``prompt``'s media, from the cache when its media were
+        seen before (same content, sampling and size)."""
+        key = prompt.media_key
+        if self.cache is not None and key is not None:
+            kept = self.cache.features(key)
+            if kept is not None:
+                return kept
+        device = self.device
+        features = self.model.get_visual_features(prompt.pixels.to(device), prompt.timestamps.to(device),
+                                                  torch.tensor([prompt.frames], device=device))
+        if self.cache is not None and key is not None:
+            self.cache.put_features(key, features)
+        return features
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], streamer=None, seed: int | None = None,

@@ -1,9 +1,12 @@
 """A long video is decoded and prefilled once per conversation.
 
-Two kinds of entries share one memory budget, evicted least recently used:
+Three kinds of entries share one memory budget, evicted least recently used:
 
 - **decoded frames**, keyed by the media's content hash and how it is sampled and sized: a second
   question about the same video skips PyAV and the resize;
+- **visual features** (the projector's output) under the same key: a second question about the
+  same video that is batched with others, so that it prefills its whole prompt, skips the vision
+  tower;
 - **KV caches of prompts** (transformers' ``DynamicCache``), keyed by the media key and the token
   ids they hold (the prompt and the reply decoded after it). A new prompt takes the entry that
   shares its longest token prefix, provided the shared part covers every visual token (the rest
@@ -64,7 +67,7 @@ class PrefixCache:
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self._entries: OrderedDict[int, tuple[str, Any, int]] = OrderedDict()  # id -> (kind, value, bytes)
-        self._frames: dict[str, int] = {}
+        self._keys: dict[tuple[str, str], int] = {}  # (kind, media key) -> entry id
         self._next = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -82,26 +85,40 @@ class PrefixCache:
         while total > self.budget:
             old, (old_kind, old_value, old_size) = self._entries.popitem(last=False)
             total -= old_size
-            if old_kind == "frames":
-                self._frames = {k: v for k, v in self._frames.items() if v != old}
+            if old_kind in ("frames", "features"):
+                self._keys = {k: v for k, v in self._keys.items() if v != old}
         return ident
 
-    # -- frames --------------------------------------------------------------------------------
+    # -- frames and visual features -------------------------------------------------------------
 
-    def frames(self, key: str) -> Any | None:
+    def _get(self, kind: str, key: str) -> Any | None:
         with self._lock:
-            ident = self._frames.get(key)
+            ident = self._keys.get((kind, key))
             if ident is None or ident not in self._entries:
                 return None
             self._entries.move_to_end(ident)
             return self._entries[ident][1]
 
-    def put_frames(self, key: str, media: Any) -> None:
-        size = int(media.frames.nbytes + media.timestamps.nbytes)
+    def _put(self, kind: str, key: str, value: Any, size: int) -> None:
         with self._lock:
-            ident = self._add("frames", media, size)
+            if (kind, key) in self._keys and self._keys[(kind, key)] in self._entries:
+                return  # two requests about one new video at once: the first one's copy is kept
+            ident = self._add(kind, value, size)
             if ident is not None:
-                self._frames[key] = ident
+                self._keys[(kind, key)] = ident
+
+    def frames(self, key: str) -> Any | None:
+        return self._get("frames", key)
+
+    def put_frames(self, key: str, media: Any) -> None:
+        self._put("frames", key, media, int(media.frames.nbytes + media.timestamps.nbytes))
+
+    def features(self, key: str) -> Any | None:
+        """The projected visual tokens of the media ``key`` names (the vision tower's output)."""
+        return self._get("features", key)
+
+    def put_features(self, key: str, features: Any) -> None:
+        self._put("features", key, features, features.numel() * features.element_size())
 
     # -- prompt caches -------------------------------------------------------------------------
 
@@ -155,5 +172,6 @@ class PrefixCache:
     def stats(self) -> dict[str, int]:
         with self._lock:
             kinds = [kind for kind, _, _ in self._entries.values()]
-            return {"prefixes": kinds.count("prefix"), "frames": kinds.count("frames"), "bytes": self.nbytes,
+            return {"prefixes": kinds.count("prefix"), "frames": kinds.count("frames"),
+                    "features": kinds.count("features"), "bytes": self.nbytes,
                     "hits": self.hits, "misses": self.misses}

@@ -6,10 +6,11 @@ folder, deleted after the request), a local path (or ``file://`` URL) under an a
 root, or, only with ``allow_remote_media``, an ``http(s)`` URL whose host, and every host it
 redirects to, resolves to public addresses (loopback, link-local and private ones only where
 ``allowed_media_hosts`` names them). ``stream: true`` answers with server-sent events in
-OpenAI's chunk format. Requests that arrive together are decoded together
-(``kangaroo.inference.batching``: up to ``max_batch`` rows and ``max_batch_tokens``); a client
-that goes away stops its own row at the next token. ``GET /health`` reports the queue and the
-batches run. Each request is bounded: ``max_tokens`` by
+OpenAI's chunk format. Requests are decoded together by continuous batching
+(``kangaroo.inference.batching``: a request joins the rows being decoded at the next step and
+leaves them when it stops, up to ``max_batch`` rows and ``max_batch_tokens``); a client that
+goes away stops its own row at the next token. ``GET /health`` reports the queue, the rows
+joined and the prefix cache. Each request is bounded: ``max_tokens`` by
 the server's cap (a 400 past it) and its time by a deadline (a 408, or an error event when
 streaming, and the model freed).
 
@@ -39,7 +40,7 @@ from typing import Any, Iterator
 from fastapi import Request  # at module level: FastAPI reads the handlers' annotations by name
 
 from kangaroo.data.video import MediaError
-from kangaroo.inference.batching import BatchScheduler
+from kangaroo.inference.batching import BatchScheduler, Job
 from kangaroo.inference.generation import Generator, Reply
 
 MEDIA_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
@@ -81,6 +82,8 @@ class ServeConfig:
     allowed_media_hosts: list[str] = field(default_factory=list)
     """Hosts (names, addresses or networks such as ``10.0.0.0/8``) that remote media may come from
     although they are loopback, link-local or private; others of those kinds are refused."""
+    batch_wait_s: float = 0.1
+    """How long a batch with room waits for requests still being read or decoded."""
 
 
 class MediaStore:
@@ -320,7 +323,7 @@ def create_app(generator: Generator, config: ServeConfig):
     sampling = generator.encoder.prepare.sampling
     max_frames = config.max_frames or max(sampling.max_frames, sampling.num_frames)
     max_tokens = config.max_tokens or generator.defaults.max_new_tokens
-    scheduler = BatchScheduler(generator, config.max_batch, config.max_batch_tokens)
+    scheduler = BatchScheduler(generator, config.max_batch, config.max_batch_tokens, max_wait_s=config.batch_wait_s)
     started = int(time.time())
 
     @app.exception_handler(RequestError)
@@ -353,42 +356,45 @@ def create_app(generator: Generator, config: ServeConfig):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        deadline = time.monotonic() + config.request_timeout_s
-        limit = config.max_media_bytes * 4 // 3 + 2**20  # a data: URL of the largest media item, and text
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise RequestError(413, f"request body larger than the media limit ({config.max_media_bytes} bytes)",
-                               code="request_too_large")
-        raw = bytearray()
-        async for piece in request.stream():  # a body without a length is bounded too
-            raw += piece
-            if len(raw) > limit:
+        # Arriving until it is queued: a batch being formed waits for it (see BatchScheduler.arriving).
+        with scheduler.arriving():
+            deadline = time.monotonic() + config.request_timeout_s
+            limit = config.max_media_bytes * 4 // 3 + 2**20  # a data: URL of the largest media item, and text
+            if int(request.headers.get("content-length") or 0) > limit:
                 raise RequestError(413, f"request body larger than the media limit ({config.max_media_bytes} bytes)",
                                    code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(400, f"the request body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
-        if body.get("model") != config.model_name:
-            raise RequestError(404, f"the model {body.get('model')!r} does not exist; this server has "
-                                    f"{config.model_name!r}", "model", "model_not_found")
-        options = sampling_options(body, max_tokens)
-        options["deadline"] = deadline
-        stops = stop_strings(body)
-        stream_options = body.get("stream_options") or {}
-        if not isinstance(stream_options, dict):
-            raise RequestError(400, "stream_options must be an object", "stream_options")
-        # media decoded, fetched and turned into frames away from the event loop
-        prompt = await run_in_threadpool(_prompt, generator, store, body, max_frames)
+            raw = bytearray()
+            async for piece in request.stream():  # a body without a length is bounded too
+                raw += piece
+                if len(raw) > limit:
+                    raise RequestError(413, f"request body larger than the media limit ({config.max_media_bytes} bytes)",
+                                       code="request_too_large")
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(400, f"the request body is not valid JSON: {err}") from None
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            if body.get("model") != config.model_name:
+                raise RequestError(404, f"the model {body.get('model')!r} does not exist; this server has "
+                                        f"{config.model_name!r}", "model", "model_not_found")
+            options = sampling_options(body, max_tokens)
+            options["deadline"] = deadline
+            stops = stop_strings(body)
+            stream_options = body.get("stream_options") or {}
+            if not isinstance(stream_options, dict):
+                raise RequestError(400, "stream_options must be an object", "stream_options")
+            # media decoded, fetched and turned into frames away from the event loop
+            prompt = await run_in_threadpool(_prompt, generator, store, body, max_frames)
+            cancel = threading.Event()
+            job = scheduler.submit(prompt, cancel=cancel, stream=bool(body.get("stream")) or bool(stops), **options)
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            return StreamingResponse(_events(scheduler, prompt, options, stops, ident, config.model_name,
+            return StreamingResponse(_events(job, prompt, stops, ident, config.model_name,
                                              bool(stream_options.get("include_usage")), request,
                                              config.request_timeout_s),
                                      media_type="text/event-stream")
-        cancel = threading.Event()
-        task = asyncio.ensure_future(run_in_threadpool(_complete, scheduler, prompt, options, stops, cancel))
+        task = asyncio.ensure_future(run_in_threadpool(_complete, job, prompt, stops))
         while not task.done():
             if await request.is_disconnected():
                 cancel.set()  # the client went away: free the model at the next token
@@ -422,10 +428,8 @@ def _prompt(generator: Generator, store: MediaStore, body: dict[str, Any], max_f
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _complete(scheduler: BatchScheduler, prompt, options: dict, stops: list[str],
-              cancel: threading.Event) -> tuple[Reply, str, str]:
+def _complete(job: Job, prompt, stops: list[str]) -> tuple[Reply, str, str]:
     """``(reply, text, finish_reason)`` of a whole completion, cut at the first stop string."""
-    job = scheduler.submit(prompt, cancel=cancel, stream=bool(stops), **options)
     if not stops:
         reply = job.result()
         return reply, reply.text, "length" if reply.finish_reason == "length" else "stop"
@@ -455,7 +459,7 @@ def _usage(reply: Reply) -> dict[str, int]:
             "total_tokens": reply.prompt_tokens + completion}
 
 
-async def _events(scheduler: BatchScheduler, prompt, options: dict, stops: list[str], ident: str, model: str,
+async def _events(job: Job, prompt, stops: list[str], ident: str, model: str,
                   include_usage: bool, request, timeout: float) -> Any:
     """Server-sent events in OpenAI's chunk format; decoding stops when the client goes away. A
     failure after the first event is sent as an event in OpenAI's error shape."""
@@ -470,7 +474,6 @@ async def _events(scheduler: BatchScheduler, prompt, options: dict, stops: list[
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    job = scheduler.submit(prompt, **options)
     cancel = job.cancel
     cut = StopFilter(stops)
     pieces = job.pieces()

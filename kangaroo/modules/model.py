@@ -141,11 +141,19 @@ class KangarooModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         timestamps: torch.Tensor | None = None,
         frame_counts: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings ``(b, s, d)`` with visual features scattered into the placeholders."""
+        """Token embeddings ``(b, s, d)`` with visual features scattered into the placeholders.
+        ``visual_features``: features ``get_visual_features`` gave earlier (inference reuses a
+        video's features across requests) instead of ``pixel_values``."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         slots = input_ids == self.visual_tokens.placeholder
         num_slots = int(slots.sum())
+        if visual_features is not None:
+            if visual_features.shape[0] != num_slots:
+                raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but {visual_features.shape[0]} "
+                                 "visual features were given")
+            return embeds.masked_scatter(slots.unsqueeze(-1), visual_features.to(embeds.dtype))
         if pixel_values is None:
             if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but no pixel_values were given")
