@@ -22,18 +22,21 @@ def generator_and_prompts(random_model_folder, tmp_path_factory):
                generator.prompt([{"role": "user", "content": "<video>\nWhat colour is the screen?"}], clip),
                generator.prompt([{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
                                  {"role": "user", "content": "Describe a long afternoon by the river, in detail."}])]
-    return generator, prompts
+    plain = Generator(load_pretrained(str(folder)), cache_mb=0)
+    edited = generator.prompt([{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                               {"role": "user", "content": "Describe a short morning by the sea."}])
+    return generator, prompts, (plain, edited)
 
 
 @pytest.mark.timeout(180)
 def test_requests_join_running_rows_and_leave_before_them_with_their_alone_replies(generator_and_prompts):
     """A long reply is decoding; requests sent meanwhile join it (repeated prompts from the prefix
-    cache, one sampled with top_k 1, which must equal greedy, one sampled with a seed, which must
-    equal its sample alone), get the replies they get alone and are answered while the long row
+    cache, one edited history sharing only its start with a cached one, one sampled with top_k
+    1, which must equal greedy, one sampled with a seed, which must equal its sample alone), get the replies they get alone and are answered while the long row
     decodes on. Before continuous batching they waited for its 2,000 tokens."""
     from kangaroo.inference.batching import BatchScheduler
 
-    generator, prompts = generator_and_prompts
+    generator, prompts, (plain, edited) = generator_and_prompts
     scheduler = BatchScheduler(generator, max_batch=8, max_wait_s=0)
     alone = [scheduler.submit(p, stream=False, temperature=0, max_new_tokens=24).result() for p in prompts]
     assert len({tuple(r.token_ids) for r in alone}) > 1, "the prompts get different replies"
@@ -51,7 +54,10 @@ def test_requests_join_running_rows_and_leave_before_them_with_their_alone_repli
     joined = [scheduler.submit(p, stream=False, temperature=0, max_new_tokens=24) for p in prompts]
     top_k_1 = scheduler.submit(prompts[1], stream=False, temperature=0.7, top_k=1, max_new_tokens=24)
     seeded_beside = scheduler.submit(prompts[1], **seeded)
+    # a history that shares only its start with a cached one: the shared part from the cache
+    changed = scheduler.submit(edited, stream=False, temperature=0, max_new_tokens=24)
     replies = [job.result() for job in joined]
+    assert changed.result().token_ids == plain.generate([edited], temperature=0, max_new_tokens=24)[0].token_ids
     assert top_k_1.result().token_ids == alone[1].token_ids  # top_k 1 leaves the greedy token only
     assert seeded_beside.result().token_ids == seeded_alone.token_ids  # its own random generator
     assert not long.done, "the long row still decodes: the others joined it and left before it"
@@ -79,7 +85,7 @@ def test_a_failing_join_fails_only_the_joining_rows(generator_and_prompts):
 
     from kangaroo.inference.batching import BatchScheduler
 
-    generator, prompts = generator_and_prompts
+    generator, prompts, _ = generator_and_prompts
     scheduler = BatchScheduler(generator, max_batch=8, max_wait_s=0)
     expected = scheduler.submit(prompts[2], stream=False, temperature=0, max_new_tokens=200).result()
     running = scheduler.submit(prompts[2], temperature=0, max_new_tokens=200)
