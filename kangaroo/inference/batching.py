@@ -230,7 +230,7 @@ class BatchScheduler:
                     longest = max([length] + [len(j.prompt.input_ids) for j in taken + [job]])
                     fits = len(group) * (longest + max(j.max_new_tokens - len(j.tokens) for j in group)) \
                         <= self.max_batch_tokens
-                    if not fits and group != [job]:  # a request larger than the limit runs alone
+                    if not fits and len(group) > 1:  # a request larger than the limit runs alone
                         break
                     taken.append(self._waiting.popleft())
                 left = until - time.monotonic()
