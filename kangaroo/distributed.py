@@ -1,4 +1,5 @@
-"""Per-process state in a checkpoint that only rank 0 writes.
+"""What every process of a run asks the others: its rank, whether any process says yes, and the
+per-process state in a checkpoint that only rank 0 writes.
 
 Lightning saves the checkpoint of rank 0, but some state differs per process: the data position
 (each rank streams its own share, and the packer's buffer holds that rank's records) and the
@@ -6,7 +7,7 @@ random generators (drop path draws as many numbers as the rank's batch has sampl
 ``per_rank`` gathers one value from every process into the list that rank 0 saves, a collective
 call that every rank makes at the same point (Lightning builds the checkpoint dict on every
 rank); a resumed process takes its own entry back, or, on another number of processes, the data
-module reshards the positions (``kangaroo.data.datamodule.reshard_positions``) and the random
+module reshards the positions (``kangaroo.data.positions.reshard_positions``) and the random
 states are left as seeded.
 """
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 
-def world() -> tuple[int, int]:
+def rank_and_size() -> tuple[int, int]:
     """This process's rank and the number of processes (0, 1 outside a process group)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -26,9 +28,20 @@ def world() -> tuple[int, int]:
 
 def per_rank(value: Any) -> list[Any]:
     """``value`` of every process, in rank order."""
-    _, size = world()
+    _, size = rank_and_size()
     if size == 1:
         return [value]
     gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (a collective call: every process makes it; on NCCL
+    through the current CUDA device)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

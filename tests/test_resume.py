@@ -366,7 +366,7 @@ def test_sigterm_ends_a_run_stuck_in_a_collective_within_its_grace(image_data, t
 
 
 def test_resharding_a_data_position_splits_what_no_process_trained_on():
-    from kangaroo.data.datamodule import reshard_positions, to_intervals
+    from kangaroo.data.positions import reshard_positions, to_intervals
 
     # process 0 drew 0, 1, 3, 5 (3 still buffered), process 1 drew 8, 9; twelve records in all
     old = [{"loader": {}, "buffer": [3], "epoch": 1, "seen": to_intervals([0, 1, 3, 5])},

@@ -28,24 +28,14 @@ import logging
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 
+from kangaroo.distributed import any_process
 from kangaroo.modules.layout import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 FILLER_KEY = "empty_micro_batch"
 """Set (True) in a batch that ``even_epoch`` or ``EvenBatches`` made up: it holds no sample."""
-
-
-def any_process(flag: bool) -> bool:
-    """Whether ``flag`` holds on any process (a collective call: every process makes it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def filler_batch(pad_id: int = 0) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from kangaroo import storage
-from kangaroo.distributed import per_rank, world
+from kangaroo.distributed import per_rank, rank_and_size
 from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
@@ -266,7 +266,7 @@ class KangarooStage(L.LightningModule):
         states = checkpoint.get("rng_states")
         if isinstance(states, dict):  # a checkpoint from before states were kept per process
             states = [states]
-        rank, size = world()
+        rank, size = rank_and_size()
         if states and len(states) != size:  # resumed on another number of processes
             log.warning("random states of %d processes in the checkpoint, %d now: not restored (the generators "
                         "keep the run's seed)", len(states), size)
