@@ -208,6 +208,9 @@ def _chat_command(args: argparse.Namespace) -> int:
 def _serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch-wait-ms must be 0 or more, got {args.batch_wait_ms:g}")
+
     from kangaroo.inference.server import ServeConfig, create_app
 
     generator = _load_generator(args)
@@ -419,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-mb", type=float, default=1024.0, help=CACHE_HELP)
     serve.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default 8)")
     serve.add_argument("--max-batch-tokens", type=int, default=65536,
-                       help="most tokens in a batch's KV cache: rows x (longest prompt + most new tokens) "
-                            "(default 65536)")
+                       help="most tokens the running rows' KV caches may reach: rows x (cache length + most "
+                            "new tokens a row may still decode) (default 65536)")
     serve.add_argument("--batch-wait-ms", type=float, default=100.0,
                        help="how long a batch with room waits for requests still being read or decoded "
                             "(default 100; 0: never; nothing waits when no request is on its way)")

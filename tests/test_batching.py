@@ -97,3 +97,49 @@ def test_a_failing_join_fails_only_the_joining_rows(generator_and_prompts):
     for _ in pieces:
         pass
     assert running.reply.token_ids == expected.token_ids
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_request_among_joining_ones_fails_alone(generator_and_prompts):
+    """Two requests join running rows at the same step; one cannot be prefilled (visual
+    placeholders without features): it alone gets the error, the other its full reply."""
+    from dataclasses import replace
+
+    from kangaroo.inference.batching import BatchScheduler
+
+    generator, prompts, _ = generator_and_prompts
+    scheduler = BatchScheduler(generator, max_batch=8, max_wait_s=0)
+    expected = scheduler.submit(prompts[0], stream=False, temperature=0, max_new_tokens=24).result()
+    running = scheduler.submit(prompts[2], temperature=0, max_new_tokens=400)
+    pieces = running.pieces()
+    next(pieces)
+    broken = replace(prompts[1], pixels=None, timestamps=None, media_key=None)
+    with generator._lock:  # the worker waits at its next step: both requests join at the same one
+        bad = scheduler.submit(broken, stream=False, temperature=0, max_new_tokens=8)
+        good = scheduler.submit(prompts[0], stream=False, temperature=0, max_new_tokens=24)
+    with pytest.raises(ValueError, match="visual placeholder"):
+        bad.result()
+    assert good.result().token_ids == expected.token_ids
+    pieces.close()
+
+
+def test_kept_visual_features_follow_the_frames_a_prompt_keeps(generator_and_prompts, tmp_path):
+    """One video, two questions: a long one keeps fewer frames within the prompt budget. Each
+    gets the features of its own frames (one key per video would hand the long question the
+    short one's features: a placeholder count mismatch)."""
+    from conftest import random_video
+
+    generator, _, (plain, _) = generator_and_prompts
+    clip = random_video(tmp_path / "budget.mp4", frames=8, seed=5)
+    short = [{"role": "user", "content": "<video>\nWhat?"}]
+    long = [{"role": "user", "content": "<video>\nWhat colour and shape does it have?"}]
+    budget = generator.encoder.prepare.max_tokens
+    try:
+        generator.encoder.prepare.max_tokens = len(generator.prompt(long, clip).input_ids) - 1
+        prompts = [generator.prompt(messages, clip) for messages in (short, long)]
+    finally:
+        generator.encoder.prepare.max_tokens = budget
+    assert prompts[0].media_key == prompts[1].media_key and prompts[1].frames < prompts[0].frames
+    for prompt in prompts:
+        got = generator.generate([prompt], temperature=0, max_new_tokens=8)[0]
+        assert got.token_ids == plain.generate([prompt], temperature=0, max_new_tokens=8)[0].token_ids

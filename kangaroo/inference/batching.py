@@ -1,15 +1,15 @@
 """Concurrent requests decoded together: ``kangaroo serve``'s scheduler (continuous batching).
 
 Requests wait in one queue. A worker thread keeps a set of *running rows* that decode one token
-per step together. Between two steps, waiting requests that decode with the same sampling
-settings join: they are prefilled together (their prompts left-padded to one length), and their
+per step together. Between two steps, waiting requests join: they are prefilled together (their prompts left-padded to one length), and their
 KV caches are merged into the running rows' (left-padded to one length; each row keeps its own
 positions and attention mask). A row leaves as soon as it stops (a stop token, its own
 ``max_tokens``, its deadline, or its client going away) and its reply is handed over at once; the
 others decode on. This is how vLLM and TGI batch (rows joining and leaving a running batch):
 transformers' ``generate`` batches prompts, but a batch there runs until its last row ends and
 takes no new rows, so requests arriving meanwhile would wait for the longest reply. Under greedy
-decoding a row's reply is the one it gets alone.
+decoding a row's reply is the one it gets alone (in fp32 exactly; in 16 bits up to the rounding
+of kernels that sum in another order for another batch shape, which may flip a near tie).
 
 A request whose prompt starts with a prefix in the prefix cache (a conversation's next turn, a
 new question about a video: ``kangaroo.inference.prefix_cache``) prefills only what follows it,
@@ -70,10 +70,6 @@ class Job:
     done: bool = False
     """The reply was handed over (a row's reply goes as soon as the row stops, not with its batch)."""
 
-    @property
-    def cost(self) -> int:
-        return len(self.prompt.input_ids) + self.max_new_tokens
-
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
@@ -106,9 +102,18 @@ class Job:
 
 
 def _new_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A ``DynamicCache`` holding ``layers``' keys and values as they are (``DynamicCache(layers)``
+    would copy each into a new tensor: a second copy of a batch's whole KV cache at a merge)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    return DynamicCache(layers)
+    cache = DynamicCache()
+    for keys, values in layers or []:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 @dataclass
@@ -137,8 +142,10 @@ class Rows:
             shape[dim] = missing
             return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
-        layers = [(torch.cat([pad(a.keys, 2), pad(b.keys, 2)]), torch.cat([pad(a.values, 2), pad(b.values, 2)]))
-                  for a, b in zip(rows.cache.layers, self.cache.layers)]
+        layers = []
+        for a, b in zip(rows.cache.layers, self.cache.layers):  # each source layer freed once merged
+            layers.append((torch.cat([pad(a.keys, 2), pad(b.keys, 2)]), torch.cat([pad(a.values, 2), pad(b.values, 2)])))
+            a.keys = a.values = b.keys = b.values = None
         return Rows(rows.jobs + self.jobs, _new_cache(layers), torch.cat([pad(rows.mask, 1), pad(self.mask, 1)]),
                     torch.cat([rows.positions, self.positions]), torch.cat([rows.last, self.last]))
 
@@ -168,6 +175,7 @@ class BatchScheduler:
         self.generator, self.max_batch, self.max_batch_tokens = generator, max_batch, max_batch_tokens
         self.max_wait_s = max_wait_s
         self._arriving = 0
+        self._taken: list[Job] = []
         self._waiting: deque[Job] = deque()
         self._ready = threading.Condition()
         self.batches = self.rows = self.largest_batch = 0
@@ -217,15 +225,14 @@ class BatchScheduler:
                     self._ready.wait()
             running = rows.jobs if rows is not None else []
             length = rows.mask.shape[1] if rows is not None else 0
-            taken: list[Job] = []
+            taken = self._taken = []  # reachable from _run should this fail half-way
             until = time.monotonic() + self.max_wait_s
             while True:
+                for job in [j for j in self._waiting if j.cancel.is_set() or j.expired()]:
+                    self._waiting.remove(job)  # given up, or out of time, while it waited: answered now
+                    self._finish(job, "cancelled" if job.cancel.is_set() else "timeout")
                 while self._waiting and len(running) + len(taken) < self.max_batch:
                     job = self._waiting[0]
-                    if job.cancel.is_set() or job.expired():  # given up, or out of time, while it waited
-                        self._waiting.popleft()
-                        self._finish(job, "cancelled" if job.cancel.is_set() else "timeout")
-                        continue
                     group = running + taken + [job]
                     longest = max([length] + [len(j.prompt.input_ids) for j in taken + [job]])
                     fits = len(group) * (longest + max(j.max_new_tokens - len(j.tokens) for j in group)) \
@@ -246,7 +253,7 @@ class BatchScheduler:
                 joining = self._admit(rows)
             except Exception as err:  # noqa: BLE001 - a failure here must not leave requests waiting forever
                 with self._ready:
-                    stranded = list(self._waiting) + (rows.jobs if rows is not None else [])
+                    stranded = list(self._waiting) + self._taken + (rows.jobs if rows is not None else [])
                     self._waiting.clear()
                 self._fail(stranded, err)
                 rows = None
@@ -257,8 +264,12 @@ class BatchScheduler:
                     self.rows += len(joining)
                 try:
                     rows = self._join(rows, joining)
-                except Exception as err:  # noqa: BLE001 - the joining rows are told, the running ones go on
-                    self._fail(joining, err)
+                except Exception:  # noqa: BLE001 - one by one: only the request that fails is told
+                    for job in joining:
+                        try:
+                            rows = self._join(rows, [job])
+                        except Exception as err:  # noqa: BLE001 - this request's own failure; the others go on
+                            self._fail([job], err)
             if rows is not None:
                 with self._ready:
                     self.largest_batch = max(self.largest_batch, len(rows.jobs))
@@ -379,6 +390,10 @@ class BatchScheduler:
         """Puts row ``r``'s KV cache (its prompt and the reply tokens fed so far) into the prefix cache."""
         job = rows.jobs[r]
         held = int(rows.mask[r].sum())
+        layer = rows.cache.layers[0]
+        size = 2 * held * len(rows.cache.layers) * layer.keys[0, :, 0].numel() * layer.keys.element_size()
+        if size > self.generator.cache.budget:  # it would not be kept: no copy made
+            return
         prompt = job.prompt.input_ids
         tokens = prompt + job.tokens[:max(0, held - len(prompt))]
         length = rows.mask.shape[1]
@@ -404,10 +419,10 @@ class BatchScheduler:
         """Hands the row's reply over (once)."""
         if job.done:
             return
-        job.done = True
         job.finish = job.finish or reason
         text = self.generator.tokenizer.decode(job.tokens, skip_special_tokens=True)
         if len(text) > len(job.sent):
             job.events.put(("piece", text[len(job.sent):]))
             job.sent = text
         job.events.put(("done", Reply(text.strip(), list(job.tokens), job.finish, len(job.prompt.input_ids))))
+        job.done = True  # only now: a failure above leaves the job to _fail

@@ -213,9 +213,13 @@ class Generator:
 
     @torch.no_grad()
     def visual_features(self, prompt: Prompt) -> torch.Tensor:
-        """The projected visual tokens of ``prompt``'s media, from the cache when its media were
-        seen before (same content, sampling and size)."""
+        """The projected visual tokens of ``prompt``'s media, from the cache when the same frames
+        of the same media were seen before (same content, sampling and size, and the same frames
+        kept: a long conversation may keep fewer of a video's frames within the prompt budget)."""
         key = prompt.media_key
+        if key is not None:
+            kept = hashlib.sha256(np.ascontiguousarray(prompt.timestamps.numpy()).data).hexdigest()[:16]
+            key = f"{key}|{prompt.frames}|{kept}"
         if self.cache is not None and key is not None:
             kept = self.cache.features(key)
             if kept is not None:

@@ -4,9 +4,9 @@ Three kinds of entries share one memory budget, evicted least recently used:
 
 - **decoded frames**, keyed by the media's content hash and how it is sampled and sized: a second
   question about the same video skips PyAV and the resize;
-- **visual features** (the projector's output) under the same key: a second question about the
-  same video that is batched with others, so that it prefills its whole prompt, skips the vision
-  tower;
+- **visual features** (the projector's output) under the same key and the frames kept: a
+  question about a video whose KV cache is not there (evicted, in use by another request about
+  the same video, or a prompt that shares no prefix with a kept one) skips the vision tower;
 - **KV caches of prompts** (transformers' ``DynamicCache``), keyed by the media key and the token
   ids they hold (the prompt and the reply decoded after it). A new prompt takes the entry that
   shares its longest token prefix, provided the shared part covers every visual token (the rest
@@ -62,7 +62,8 @@ def content_hash(path: str) -> str:
 
 
 class PrefixCache:
-    """Decoded frames and prompt KV caches within ``budget_bytes`` (see the module docstring)."""
+    """Decoded frames, visual features and prompt KV caches within ``budget_bytes`` (see the
+    module docstring)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes

@@ -78,7 +78,8 @@ class ServeConfig:
     max_batch: int = 8
     """The most requests decoded together (``kangaroo.inference.batching``)."""
     max_batch_tokens: int = 65536
-    """The most tokens a batch's KV cache holds: rows x (longest prompt + most new tokens)."""
+    """The most tokens the running rows' KV caches may reach: rows x (cache length + most new
+    tokens a row may still decode)."""
     allowed_media_hosts: list[str] = field(default_factory=list)
     """Hosts (names, addresses or networks such as ``10.0.0.0/8``) that remote media may come from
     although they are loopback, link-local or private; others of those kinds are refused."""
@@ -316,6 +317,7 @@ def create_app(generator: Generator, config: ServeConfig):
     """The FastAPI application (``kangaroo serve`` runs it with uvicorn)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="kangaroo", docs_url=None, redoc_url=None)
@@ -390,10 +392,12 @@ def create_app(generator: Generator, config: ServeConfig):
             job = scheduler.submit(prompt, cancel=cancel, stream=bool(body.get("stream")) or bool(stops), **options)
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
+            # the row is cancelled once the response ends, also when its body never started (a
+            # client gone before the first event): after a whole reply this changes nothing
             return StreamingResponse(_events(job, prompt, stops, ident, config.model_name,
                                              bool(stream_options.get("include_usage")), request,
                                              config.request_timeout_s),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", background=BackgroundTask(job.cancel.set))
         task = asyncio.ensure_future(run_in_threadpool(_complete, job, prompt, stops))
         while not task.done():
             if await request.is_disconnected():
@@ -477,9 +481,9 @@ async def _events(job: Job, prompt, stops: list[str], ident: str, model: str,
     cancel = job.cancel
     cut = StopFilter(stops)
     pieces = job.pieces()
-    yield chunk({"role": "assistant", "content": ""})
     sent, finished = "", False
     try:
+        yield chunk({"role": "assistant", "content": ""})  # inside: a client gone at once cancels the row
         async for piece in iterate_in_threadpool(_lead_trimmed(pieces)):
             if await request.is_disconnected():
                 return
