@@ -301,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Stages: `kangaroo fit --config configs/kangaroo-tiny/1-image-pretrain.yaml` (LightningCLI; "
                "`kangaroo fit --help` lists every option). `kangaroo validate` evaluates the same way.")
     commands = parser.add_subparsers(dest="command", required=True)
+    # `main` hands these two to LightningCLI before this parser runs; they are listed here so that
+    # `kangaroo --help` names every command
+    commands.add_parser("fit", help="train one curriculum stage from its YAML (LightningCLI: "
+                        "`kangaroo fit --help` lists every option)", add_help=False)
+    commands.add_parser("validate", help="evaluate a stage on its validation data (LightningCLI)", add_help=False)
 
     model = commands.add_parser("model", help="inspect model architectures").add_subparsers(
         dest="model_command", required=True

@@ -87,3 +87,21 @@ def test_a_stage_file_naming_a_missing_model_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"model.architecture.language_model names the config file nowhere.yaml, "
                                          r"which does not exist"):
         load_stage_file(str(config), ("model",))
+
+
+def test_help_lists_every_command_and_each_answers_its_own_help(capsys):
+    from kangaroo.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out
+    commands = ("fit", "validate", "model", "data", "curate", "checkpoint", "export", "chat", "serve", "demo", "eval",
+                "recipe")
+    for name in commands:
+        assert f"\n    {name} " in listed, name
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage" in capsys.readouterr().out.lower(), name
