@@ -41,7 +41,6 @@ import torch
 
 from kangaroo.inference.generation import Generator, Prompt, Reply
 
-SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed")
 
 
 @dataclass
@@ -49,7 +48,7 @@ class Job:
     """One request in the scheduler: its prompt, limits, and the queue its text arrives on."""
 
     prompt: Prompt
-    options: dict[str, Any]
+    seed: int | None
     max_new_tokens: int
     config: Any = None
     """The ``GenerationConfig`` the request decodes with."""
@@ -188,7 +187,7 @@ class BatchScheduler:
         stops once it is set; ``deadline`` (``time.monotonic()``): it stops there (``timeout``).
         ``stream``: text pieces as they are decoded (``Job.pieces``); ``False``: only the reply."""
         config = self.generator._generation_config(**options)  # checks them now, in the request's thread
-        job = Job(prompt, {k: options.get(k) for k in SAMPLING_KEYS}, config.max_new_tokens, config=config,
+        job = Job(prompt, options.get("seed"), config.max_new_tokens, config=config,
                   deadline=deadline, cancel=cancel or threading.Event(), stream=stream)
         with self._ready:
             self._waiting.append(job)
@@ -320,9 +319,8 @@ class BatchScheduler:
         fresh = []
         with generator._lock, torch.no_grad():
             for job in jobs:
-                seed = job.options.get("seed")
-                if seed is not None:
-                    job.rng = torch.Generator(device=generator.device).manual_seed(seed)
+                if job.seed is not None:
+                    job.rng = torch.Generator(device=generator.device).manual_seed(job.seed)
                 hit = generator.cached_prefix(job.prompt, take=True)
                 if hit is None:
                     fresh.append(job)

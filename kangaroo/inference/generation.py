@@ -216,18 +216,17 @@ class Generator:
         """The projected visual tokens of ``prompt``'s media, from the cache when the same frames
         of the same media were seen before (same content, sampling and size, and the same frames
         kept: a long conversation may keep fewer of a video's frames within the prompt budget)."""
-        key = prompt.media_key
-        if key is not None:
-            kept = hashlib.sha256(np.ascontiguousarray(prompt.timestamps.numpy()).data).hexdigest()[:16]
-            key = f"{key}|{prompt.frames}|{kept}"
-        if self.cache is not None and key is not None:
+        key = None
+        if self.cache is not None and prompt.media_key is not None:
+            frames = hashlib.sha256(np.ascontiguousarray(prompt.timestamps.numpy()).data).hexdigest()[:16]
+            key = f"{prompt.media_key}|{prompt.frames}|{frames}"
             kept = self.cache.features(key)
             if kept is not None:
                 return kept
         device = self.device
         features = self.model.get_visual_features(prompt.pixels.to(device), prompt.timestamps.to(device),
                                                   torch.tensor([prompt.frames], device=device))
-        if self.cache is not None and key is not None:
+        if key is not None:
             self.cache.put_features(key, features)
         return features
 

@@ -149,29 +149,24 @@ class KangarooModel(nn.Module):
         embeds = self.language_model.get_input_embeddings()(input_ids)
         slots = input_ids == self.visual_tokens.placeholder
         num_slots = int(slots.sum())
-        if visual_features is not None:
-            if visual_features.shape[0] != num_slots:
-                raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but {visual_features.shape[0]} "
-                                 "visual features were given")
-            return embeds.masked_scatter(slots.unsqueeze(-1), visual_features.to(embeds.dtype))
-        if pixel_values is None:
-            if num_slots:
-                raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but no pixel_values were given")
-            if self.always_run_vision:
-                size = self.vision_tower.image_size
-                blank = embeds.new_zeros((1, 3, size, size), dtype=torch.float32)
-                features = self.get_visual_features(blank, blank.new_zeros(1), torch.ones(1, dtype=torch.long))
-                embeds = embeds + features.sum().to(embeds.dtype) * 0.0
-            return embeds
-        if timestamps is None or frame_counts is None:
-            raise ValueError("pixel_values need timestamps and frame_counts")
-        features = self.get_visual_features(pixel_values, timestamps, frame_counts)
-        if features.shape[0] != num_slots:
-            raise ValueError(
-                f"input_ids hold {num_slots} visual placeholder tokens but the media give {features.shape[0]} "
-                f"visual features (frame_counts={frame_counts.tolist()})"
-            )
-        return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+        if visual_features is None:
+            if pixel_values is None:
+                if num_slots:
+                    raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but no pixel_values were given")
+                if self.always_run_vision:
+                    size = self.vision_tower.image_size
+                    blank = embeds.new_zeros((1, 3, size, size), dtype=torch.float32)
+                    features = self.get_visual_features(blank, blank.new_zeros(1), torch.ones(1, dtype=torch.long))
+                    embeds = embeds + features.sum().to(embeds.dtype) * 0.0
+                return embeds
+            if timestamps is None or frame_counts is None:
+                raise ValueError("pixel_values need timestamps and frame_counts")
+            visual_features = self.get_visual_features(pixel_values, timestamps, frame_counts)
+        if visual_features.shape[0] != num_slots:
+            raise ValueError(f"input_ids hold {num_slots} visual placeholder tokens but the media give "
+                             f"{visual_features.shape[0]} visual features"
+                             + ("" if frame_counts is None else f" (frame_counts={frame_counts.tolist()})"))
+        return embeds.masked_scatter(slots.unsqueeze(-1), visual_features.to(embeds.dtype))
 
     def hidden_states(
         self,
