@@ -499,6 +499,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_process_group() -> None:
+    """Destroys the process group after a fit that ended well on every process. Left to the
+    interpreter's exit, gloo's worker threads can outlive the objects they hold and the process
+    dies with SIGABRT ("terminate called without an active exception") after its work is done;
+    under ``torchrun`` the other node's agent then waits out its exit barrier. Only on success: a
+    process that failed may leave its peers inside a collective, where destroying the group hangs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if words and words[0] in FIT_COMMANDS:
@@ -517,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"kangaroo: error: {outage}", file=sys.stderr)
             return 1
+        _close_process_group()
         return 0
     args = build_parser().parse_args(words)
     if getattr(args, "command", None) == "eval":
