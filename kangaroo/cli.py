@@ -114,12 +114,37 @@ def _synth_command(args: argparse.Namespace) -> int:
 def _curate_command(args: argparse.Namespace) -> int:
     from kangaroo.curate.pipeline import curate, load_filters
 
+    missing = [flag for flag in ("manifest", "output") if not getattr(args, flag)]
+    if missing:
+        raise ValueError(f"kangaroo curate needs {' and '.join('--' + m for m in missing)} "
+                         "(or a subcommand: caption)")
     report = curate(args.manifest, args.output, load_filters(args.config), workers=args.workers,
                     restart=args.restart)
     print(report.summary())
     if report.data["kept"] == 0:
         print(f"kangaroo: error: no line of {args.manifest} was kept; reasons in {report.data['reasons']}",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def _caption_command(args: argparse.Namespace) -> int:
+    from kangaroo.curate.captions import CaptioningStopped, caption_manifest, load_caption_config
+
+    config = load_caption_config(args.config)
+    if args.concurrency is not None:
+        config.concurrency = args.concurrency
+    shard = _parse_shard(args.shard) if args.shard else None
+    try:
+        report = caption_manifest(args.manifest, args.output, config, language=args.language, shard=shard,
+                                  restart=args.restart)
+    except CaptioningStopped as err:
+        print(f"kangaroo: error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    if report.data["captioned"] == 0 and report.data["lines"]:
+        print(f"kangaroo: error: no line of {args.manifest} was captioned; reasons in "
+              f"{report.data['output'][:-len('.jsonl')]}.reasons.jsonl", file=sys.stderr)
         return 1
     return 0
 
@@ -361,13 +386,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "with OUT.report.json (per filter: settings, examined, removed, errors, seconds) and "
                     "OUT.reasons.jsonl (per line: status, reason, scores). Rerunning on the same output continues "
                     "where it stopped.")
-    curate.add_argument("--manifest", required=True, help="JSONL manifest (see docs/curation.md)")
-    curate.add_argument("--output", required=True, help="the kept lines, a .jsonl file")
+    curate.add_argument("--manifest", help="JSONL manifest (see docs/curation.md)")
+    curate.add_argument("--output", help="the kept lines, a .jsonl file")
     curate.add_argument("--config", help="curation YAML: the filters, their order and thresholds "
                         "(default: the built-in defaults, spelled out in configs/curate.yaml)")
     curate.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     curate.add_argument("--restart", action="store_true", help="discard the progress of an earlier run on this output")
     curate.set_defaults(handler=_curate_command)
+    caption = curate.add_subparsers(dest="curate_command", metavar="{caption}").add_parser(
+        "caption", help="caption videos (frame captions summarised) and re-caption images against model servers",
+        description="Draws frames from each video (one per segment), asks a multimodal model to caption each, and "
+                    "an LLM to summarise them into one video caption; re-captions image lines. Backends are "
+                    "OpenAI-compatible servers (vLLM, SGLang, kangaroo serve, transformers serve) or local "
+                    "transformers text models, named in --config. Writes OUT.jsonl, OUT.report.json, "
+                    "OUT.reasons.jsonl; a rerun on the same output continues where it stopped. See docs/curation.md.")
+    caption.add_argument("--manifest", required=True, help="JSONL manifest")
+    caption.add_argument("--output", required=True, help="the captioned lines, a .jsonl file")
+    caption.add_argument("--config", required=True, help="captioning YAML (backends, frames, prompts; "
+                         "e.g. configs/captions.yaml)")
+    caption.add_argument("--language", help="prompt language for lines without meta.language (default: the config's)")
+    caption.add_argument("--concurrency", type=int, help="lines in flight at once (default: the config's)")
+    caption.add_argument("--shard", help="K/N: caption only the K-th of N contiguous slices of the manifest "
+                         "(join the parts with `kangaroo curate merge`)")
+    caption.add_argument("--restart", action="store_true", help="discard the progress of an earlier run on this output")
+    caption.set_defaults(handler=_caption_command)
 
     checkpoint = commands.add_parser("checkpoint", help="work with stage checkpoints").add_subparsers(
         dest="checkpoint_command", required=True)

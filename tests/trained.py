@@ -23,6 +23,15 @@ QUESTION = "What colour is the screen?"
 TRAIN, VAL = 96, 24
 STEPS = 150
 
+
+def _frame_prompt() -> str:
+    from kangaroo.curate.captions import DEFAULT_MAX_WORDS, DEFAULT_PROMPTS
+
+    return DEFAULT_PROMPTS["frame"]["en"].format(max_words=DEFAULT_MAX_WORDS["frame"])
+
+
+FRAME_PROMPT = _frame_prompt()
+
 STAGE = """\
 seed_everything: 0
 trainer:
@@ -89,7 +98,21 @@ def colour_clip(path: Path, colour: str, seed: int, frames: int = 8) -> None:
     write_video(str(path), pixels.clip(0, 255).astype(np.uint8), fps=4)
 
 
+def frame_caption(colour: str) -> str:
+    return f"A {colour} screen."
+
+
+def colour_image(path: Path, colour: str, seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.array(COLOURS[colour], dtype=np.float32) + rng.normal(0, 12, size=(32, 32, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+
+
 def write_split(root: Path, split: str, count: int, offset: int) -> tuple[Path, dict[str, Path]]:
+    """Training lines also teach the default frame-caption prompt of ``kangaroo curate caption``
+    on single frames (images), so that the served model can be a frame captioner."""
     names = list(COLOURS)
     media = root / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -102,6 +125,11 @@ def write_split(root: Path, split: str, count: int, offset: int) -> tuple[Path, 
         lines.append({"id": f"{split}-{i}", "video": str(clip), "task": "mcq", "question": QUESTION,
                       "options": names, "answer": "ABCD"[names.index(colour)],
                       "meta": {"language": "en", "category": "colour"}})
+        if split == "train":
+            image = media / f"{split}-{i}.png"
+            colour_image(image, colour, offset + i)
+            lines.append({"id": f"{split}-{i}-frame", "image": str(image), "conversations": [
+                {"role": "user", "content": FRAME_PROMPT}, {"role": "assistant", "content": frame_caption(colour)}]})
     manifest = root / f"{split}.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest, clips
@@ -115,7 +143,7 @@ def train_colour_model(root: Path) -> TrainedModel:
 
     tokenizer = root / "tokenizer"
     corpus = [f"{QUESTION}\nA. red\nB. green\nC. blue\nD. yellow\nAnswer with the option's letter from the "
-              "given choices directly. A B C D"] * 20
+              "given choices directly. A B C D", FRAME_PROMPT, *map(frame_caption, COLOURS)] * 20
     build_tiny_tokenizer(corpus).save_pretrained(tokenizer)
     train_manifest, _ = write_split(root / "world", "train", TRAIN, 0)
     val_manifest, clips = write_split(root / "world", "val", VAL, 10_000)
@@ -136,3 +164,50 @@ def train_colour_model(root: Path) -> TrainedModel:
                             capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     return TrainedModel(folder, stage_dir, stage_file, float(metrics["eval_accuracy"]), val_manifest, clips)
+
+
+def train_summariser(root: Path, steps: int = 200) -> Path:
+    """A tiny text LLM (a Hugging Face Llama folder: weights, tokenizer, chat template) that has
+    learned the default summary prompt of ``kangaroo curate caption`` on the colour world's frame
+    captions: the summariser that ``transformers serve`` runs in the captioning tests."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kangaroo.curate.captions import DEFAULT_MAX_WORDS, DEFAULT_PROMPTS
+    from kangaroo.world.tokenizer import build_tiny_tokenizer
+
+    rng = random.Random(0)
+
+    def chat(colour: str) -> list[dict]:
+        times = sorted(round(rng.uniform(0, 2), 2) for _ in range(5))
+        listed = "\n".join(f"{i + 1}. ({t:g} s) {frame_caption(colour)}" for i, t in enumerate(times))
+        prompt = DEFAULT_PROMPTS["summary"]["en"].format(captions=listed, count=5, max_words=DEFAULT_MAX_WORDS["summary"])
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"The video shows a {colour} screen."}]
+
+    chats = [chat(colour) for _ in range(8) for colour in COLOURS]
+    tokenizer = build_tiny_tokenizer([turn["content"] for c in chats for turn in c] * 4)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id))
+    rows = []
+    for c in chats:
+        whole = tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(c[:1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+        ids = torch.tensor(whole)
+        labels = ids.clone()
+        labels[: len(prompt)] = -100
+        rows.append((ids, labels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        ids, labels = rows[step % len(rows)]
+        model(input_ids=ids[None], labels=labels[None]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = root / "summariser"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
