@@ -149,6 +149,13 @@ def _caption_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate_merge_command(args: argparse.Namespace) -> int:
+    from kangaroo.curate.captions import merge_caption_parts
+
+    print(merge_caption_parts(args.parts, args.output).summary())
+    return 0
+
+
 def _consolidate_command(args: argparse.Namespace) -> int:
     from kangaroo.training.weights import consolidate_checkpoint
 
@@ -393,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     curate.add_argument("--restart", action="store_true", help="discard the progress of an earlier run on this output")
     curate.set_defaults(handler=_curate_command)
-    caption = curate.add_subparsers(dest="curate_command", metavar="{caption}").add_parser(
+    curate_commands = curate.add_subparsers(dest="curate_command", metavar="{caption,merge}")
+    caption = curate_commands.add_parser(
         "caption", help="caption videos (frame captions summarised) and re-caption images against model servers",
         description="Draws frames from each video (one per segment), asks a multimodal model to caption each, and "
                     "an LLM to summarise them into one video caption; re-captions image lines. Backends are "
@@ -410,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "(join the parts with `kangaroo curate merge`)")
     caption.add_argument("--restart", action="store_true", help="discard the progress of an earlier run on this output")
     caption.set_defaults(handler=_caption_command)
+    merge = curate_commands.add_parser(
+        "merge", help="join the parts of `kangaroo curate caption --shard K/N` run on several machines",
+        description="Checks that the parts are every shard of one manifest run with the same settings, each "
+                    "finished, and writes their lines in manifest order to --output with one summed report.")
+    merge.add_argument("parts", nargs="+", help="the parts' output .jsonl files")
+    merge.add_argument("--output", required=True, help="the joined lines, a .jsonl file")
+    merge.set_defaults(handler=_curate_merge_command)
 
     checkpoint = commands.add_parser("checkpoint", help="work with stage checkpoints").add_subparsers(
         dest="checkpoint_command", required=True)

@@ -163,3 +163,12 @@ def trained_model(tmp_path_factory):
     from trained import train_colour_model
 
     return train_colour_model(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def summariser_folder(tmp_path_factory):
+    """A tiny text LLM folder that learned the default summary prompt on the colour world's frame
+    captions (tests/trained.py): the summariser of the captioning tests."""
+    from trained import train_summariser
+
+    return train_summariser(tmp_path_factory.mktemp("summariser"))

@@ -457,9 +457,9 @@ class Captioner:
     """Captions one manifest line (``caption_line``); shared by the threads of a run."""
 
     def __init__(self, config: CaptionConfig, backends: dict[str, Any], requests: Requests, base: str,
-                 language: str) -> None:
+                 language: str, out_dir: str) -> None:
         self.config, self.backends, self.requests = config, backends, requests
-        self.base, self.language = base, language
+        self.base, self.language, self.out_dir = base, language, out_dir
 
     def _language(self, record: dict) -> str:
         meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
@@ -521,6 +521,8 @@ class Captioner:
         if isinstance(record.get("caption"), str):
             provenance["replaced_caption"] = record["caption"]
         out["caption"] = caption
+        if not os.path.isabs(value):  # relative to the manifest: made relative to the output
+            out[kind] = os.path.relpath(path, self.out_dir)
         if "task" not in out and "conversations" not in out:
             out["task"] = "caption"
         out["meta"] = {**(record.get("meta") if isinstance(record.get("meta"), dict) else {}), "captioning": provenance}
@@ -591,7 +593,8 @@ def caption_manifest(manifest: str, output: str, config: CaptionConfig, language
     stop = threading.Event()
     requests = Requests(config, stop)
     backends = {(role, b.name): make_backend(b, config.timeout_s) for role in ROLES for b in getattr(config, role)}
-    captioner = Captioner(config, backends, requests, os.path.dirname(os.path.abspath(manifest)), config.language)
+    captioner = Captioner(config, backends, requests, os.path.dirname(os.path.abspath(manifest)), config.language,
+                          os.path.dirname(paths["manifest"]))
     started = time.perf_counter()
     stopped: str | None = None
     with open(paths["progress"], "a", encoding="utf-8") as journal:
@@ -688,6 +691,76 @@ def _finish(manifest, output, paths, entries, lines, resumed, requests: Requests
         "backends": {name: dict(stats) for name, stats in sorted(requests.stats.items())},
         "stopped": stopped,
     }
+    with open(paths["report"], "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+    return CaptionReport(data)
+
+
+def merge_caption_parts(parts: list[str], output: str) -> CaptionReport:
+    """Joins the outputs of ``kangaroo curate caption --shard K/N`` (every K of one N, each run to
+    its end over the same manifest and settings) into ``output``: the lines in manifest order,
+    the reasons, and one report whose counts are the parts' sums."""
+    if not output.endswith(".jsonl"):
+        raise ValueError(f"--output must be a .jsonl file, got {output}")
+    found = []
+    for part in parts:
+        paths = output_paths(os.path.abspath(part))
+        try:
+            with open(paths["report"], encoding="utf-8") as handle:
+                report = json.load(handle)
+            with open(paths["progress"], encoding="utf-8") as handle:
+                header = json.loads(handle.readline())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{part} is not the output of a finished `kangaroo curate caption --shard` run: {err}")
+        if report.get("stopped") or report.get("done") != report.get("lines"):
+            raise ValueError(f"{part} did not finish ({report.get('done')} of {report.get('lines')} lines); "
+                             "run its command again first")
+        if not header.get("shard"):
+            raise ValueError(f"{part} was not run with --shard")
+        found.append((tuple(header["shard"]), paths, report, {k: v for k, v in header.items() if k != "shard"}))
+    found.sort(key=lambda f: f[0])
+    count = found[0][0][1]
+    if [f[0] for f in found] != [(k, count) for k in range(count)]:
+        raise ValueError(f"the parts are shards {[f'{k}/{n}' for (k, n), *_ in found]}; a merge needs every "
+                         f"shard K/{count}, K = 0..{count - 1}, once")
+    if any(f[3] != found[0][3] for f in found):
+        raise ValueError("the parts were run over different manifests or with different settings")
+    paths = output_paths(os.path.abspath(output))
+    if any(os.path.abspath(paths["manifest"]) == f[1]["manifest"] for f in found):
+        raise ValueError(f"--output {output} is one of the parts")
+    os.makedirs(os.path.dirname(paths["manifest"]), exist_ok=True)
+    out_dir = os.path.dirname(paths["manifest"])
+    with open(paths["manifest"], "w", encoding="utf-8") as out:
+        for _, part_paths, _, _ in found:
+            part_dir = os.path.dirname(part_paths["manifest"])
+            with open(part_paths["manifest"], encoding="utf-8") as handle:
+                for line in handle:
+                    record = json.loads(line)
+                    for key in ("video", "image"):  # relative to the part: made relative to the output
+                        value = record.get(key)
+                        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+                            record[key] = os.path.relpath(os.path.join(part_dir, value), out_dir)
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(paths["reasons"], "w", encoding="utf-8") as out:
+        for _, part_paths, _, _ in found:
+            with open(part_paths["reasons"], encoding="utf-8") as handle:
+                out.writelines(handle)
+    reports = [f[2] for f in found]
+    data: dict[str, Any] = {"manifest": reports[0]["manifest"], "output": output, "shard": None,
+                            "parts": [f[1]["manifest"] for f in found], "stopped": None}
+    for key in ("lines", "done", "captioned", "failed", "skipped", "resumed", "requests", "retries", "prompt_tokens",
+                "completion_tokens"):
+        data[key] = sum(r[key] for r in reports)
+    for key in ("failures", "skips"):
+        data[key] = dict(sum((collections.Counter(r[key]) for r in reports), collections.Counter()))
+    backends: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for report in reports:
+        for name, stats in report["backends"].items():
+            backends[name].update(stats)
+    data["backends"] = {name: dict(stats) for name, stats in sorted(backends.items())}
+    data["seconds"] = round(max(r["seconds"] for r in reports), 3)  # the parts ran side by side
+    data["requests_per_s"] = round(data["requests"] / data["seconds"], 3) if data["seconds"] > 0 else 0.0
+    data["lines_per_s"] = round((data["done"] - data["resumed"]) / data["seconds"], 3) if data["seconds"] > 0 else 0.0
     with open(paths["report"], "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False)
     return CaptionReport(data)

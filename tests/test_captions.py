@@ -1,0 +1,382 @@
+"""``kangaroo curate caption`` against real servers on 127.0.0.1: ``kangaroo serve`` running the
+shared trained model as the frame captioner and ``transformers serve`` (transformers' own
+OpenAI-compatible server) running a tiny summariser LLM, talked to with the ``openai`` client.
+The fault and shard tests use a small HTTP server that answers from the frames' pixels and can be
+told to answer 429, 500, 400 or nothing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openai")
+
+from test_serve import free_port, wait_until_up  # noqa: E402
+from trained import COLOURS, colour_image  # noqa: E402
+
+TIMEOUT = 240
+
+
+def kangaroo(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kangaroo.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@contextmanager
+def started(command: list[str], health: str, log: Path):
+    """A server process (its output in ``log``, no pipe to fill), stopped at the end."""
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        try:
+            try:
+                wait_until_up(health, process, seconds=180)
+            except BaseException:
+                process.kill()
+                raise AssertionError(f"{command[:4]} did not come up: {log.read_text()[-3000:]}") from None
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGCONT)
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+@contextmanager
+def captioner_server(folder: Path, log: Path):
+    port = free_port()
+    command = [sys.executable, "-m", "kangaroo.cli", "serve", "--model", str(folder), "--port", str(port),
+               "--served-model-name", "tiny-captioner", "--log-level", "warning"]
+    with started(command, f"http://127.0.0.1:{port}/v1/models", log) as process:
+        yield f"http://127.0.0.1:{port}/v1", process
+
+
+@pytest.fixture(scope="module")
+def servers(trained_model, summariser_folder, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("caption-servers")
+    port = free_port()
+    # the `transformers` command beside this interpreter (transformers[serving])
+    summariser = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", str(summariser_folder),
+                  "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    with captioner_server(trained_model.folder, logs / "kangaroo-serve.log") as (captioner, process), \
+            started(summariser, f"http://127.0.0.1:{port}/health", logs / "transformers-serve.log"):
+        yield {"captioner": captioner, "captioner_process": process, "summariser": f"http://127.0.0.1:{port}/v1",
+               "summariser_model": str(summariser_folder)}
+
+
+def write_config(path: Path, captioner: str, summariser: dict, **settings) -> Path:
+    config = {"captioners": [{"name": "kangaroo", "base_url": captioner, "model": "tiny-captioner", "max_tokens": 12}],
+              "summarisers": [summariser], **settings}
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def served_summariser(servers) -> dict:
+    return {"name": "transformers-serve", "base_url": servers["summariser"], "model": servers["summariser_model"],
+            "max_tokens": 12}
+
+
+def colour_manifest(path: Path, val_manifest: Path, count: int, extra: list[dict] = ()) -> list[dict]:
+    """``count`` held-out colour clips, their paths relative to the manifest's folder."""
+    records = [json.loads(line) for line in val_manifest.read_text().splitlines()][:count]
+    for record in records:
+        record["video"] = os.path.relpath(record["video"], path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*records, *extra]))
+    return records
+
+
+def colour_of(record: dict) -> str:
+    return list(COLOURS)[("ABCD").index(record["answer"])]
+
+
+def read_output(output: Path) -> tuple[list[dict], dict, list[dict]]:
+    stem = str(output)[: -len(".jsonl")]
+    lines = [json.loads(line) for line in output.read_text().splitlines()] if output.exists() else []
+    reasons = [json.loads(line) for line in Path(stem + ".reasons.jsonl").read_text().splitlines()]
+    return lines, json.loads(Path(stem + ".report.json").read_text()), reasons
+
+
+def test_real_servers_caption_held_out_clips_naming_their_colour_with_provenance(servers, trained_model, tmp_path):
+    image = tmp_path / "data" / "blue.png"
+    image.parent.mkdir(parents=True)
+    colour_image(image, "blue", 7)
+    manifest = tmp_path / "data" / "clips.jsonl"
+    records = colour_manifest(manifest, trained_model.val_manifest, 12, [
+        {"id": "web-image", "image": "blue.png", "caption": "IMG_0042.jpg"},
+        {"id": "no-media", "caption": "a line without media"}])
+    with open(manifest, "a") as handle:
+        handle.write("{not json\n")
+    config = write_config(tmp_path / "captions.yaml", servers["captioner"], served_summariser(servers), concurrency=4)
+    output = tmp_path / "out" / "captioned.jsonl"
+    run = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(output), "--config", str(config))
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines, report, reasons = read_output(output)
+    assert report["captioned"] == 13 and report["skipped"] == 1 and report["failed"] == 1, report
+    assert report["skips"] == {"no media": 1} and report["failures"] == {"bad line": 1}, report
+    assert report["requests"] == 12 * 6 + 1 and report["retries"] == 0, report  # 5 frames + 1 summary per video
+    assert report["prompt_tokens"] > 0 and report["completion_tokens"] > 0
+    assert {r["id"] for r in reasons} == {"no-media", "line 15"}
+
+    videos = {line["id"]: line for line in lines if "video" in line}
+    assert list(videos) == [r["id"] for r in records], "manifest order"
+    named = [colour_of(r) in videos[r["id"]]["caption"] for r in records]
+    assert sum(named) >= 10, [(colour_of(r), videos[r["id"]]["caption"]) for r in records]  # measured: 12 of 12
+    for line in videos.values():
+        assert (output.parent / line["video"]).resolve().exists(), "media paths follow the output"
+        made = line["meta"]["captioning"]
+        assert made["captioner"] == "kangaroo" and made["summariser"] == "transformers-serve"
+        assert len(made["prompt_sha256"]) == 16
+        times = [frame["time"] for frame in made["frames"]]
+        assert len(times) == 5 and all(frame["caption"] for frame in made["frames"])
+        # 8 frames at 4 fps: 2 s in five segments of 0.4 s, one frame drawn inside each
+        assert all(k * 0.4 <= t < (k + 1) * 0.4 for k, t in enumerate(times)), times
+    picture = next(line for line in lines if line["id"] == "web-image")
+    assert "blue" in picture["caption"] and picture["meta"]["captioning"]["replaced_caption"] == "IMG_0042.jpg"
+    assert not any(line["caption"].strip() == "" for line in lines)
+
+    again = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(output), "--config", str(config))
+    assert again.returncode == 0, again.stderr[-3000:]
+    _, report, _ = read_output(output)
+    assert report["resumed"] == 15 and report["requests"] == 0, "a rerun asks nothing already answered"
+
+
+def journal_lines(output: Path) -> int:
+    path = Path(str(output)[: -len(".jsonl")] + ".progress.jsonl")
+    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+
+
+def wait_for_journal(output: Path, lines: int, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while journal_lines(output) < lines:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"fewer than {lines} lines captioned in {seconds} s"
+        time.sleep(0.1)
+
+
+def test_a_paused_captioner_is_waited_out_and_a_lost_one_stops_the_run_which_a_rerun_continues(
+        servers, trained_model, tmp_path):
+    manifest = tmp_path / "clips.jsonl"
+    colour_manifest(manifest, trained_model.val_manifest, 24)
+    faults = {"timeout_s": 2, "retries": 6, "backoff_s": 0.5, "max_backoff_s": 2, "concurrency": 2}
+    config = write_config(tmp_path / "paused.yaml", servers["captioner"], served_summariser(servers), **faults)
+    output = tmp_path / "paused" / "captioned.jsonl"
+    command = [sys.executable, "-m", "kangaroo.cli", "curate", "caption", "--manifest", str(manifest), "--output",
+               str(output), "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_journal(output, 3, process)
+        os.kill(servers["captioner_process"].pid, signal.SIGSTOP)  # the captioner stops answering for 4 s
+        time.sleep(4)
+        os.kill(servers["captioner_process"].pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=TIMEOUT)
+    finally:
+        os.kill(servers["captioner_process"].pid, signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    _, report, _ = read_output(output)
+    assert report["captioned"] == 24 and report["retries"] >= 1, report
+
+    # A captioner lost for good: the run stops with a clear error, every finished line kept
+    lost = tmp_path / "lost" / "captioned.jsonl"
+    with captioner_server(trained_model.folder, tmp_path / "lost-serve.log") as (url, server):
+        config = write_config(tmp_path / "lost.yaml", url, served_summariser(servers),
+                              **{**faults, "retries": 2})
+        command[command.index(str(output))] = str(lost)
+        command[command.index(str(config.parent / "paused.yaml"))] = str(config)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_journal(lost, 3, process)
+            os.killpg(server.pid, signal.SIGKILL)
+            _, stderr = process.communicate(timeout=TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 1, stderr[-3000:]
+    assert "did not answer after 3 attempts" in stderr and "run the same command again" in stderr, stderr[-2000:]
+    finished = journal_lines(lost)
+    assert 3 <= finished < 24
+    _, report, _ = read_output(lost)
+    assert report["stopped"] and report["captioned"] == finished
+
+    # The same output, the captioner back (at another address): only the rest is asked
+    config = write_config(tmp_path / "lost.yaml", servers["captioner"], served_summariser(servers), **faults)
+    rerun = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(lost), "--config", str(config))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    lines, report, _ = read_output(lost)
+    assert report["resumed"] == finished and report["requests"] == (24 - finished) * 6, report
+    assert len(lines) == 24 and report["captioned"] == 24
+
+
+class ScriptedServer:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 that captions a frame with the colour
+    nearest its mean pixel and summarises with the colour most frame captions name; ``script``
+    lists what the next summary requests get: an HTTP status, ``""`` (an empty reply) or
+    ``None`` (the answer)."""
+
+    def __init__(self) -> None:
+        self.script: list[int | str] = []
+        self.requests = 0
+        lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content = body["messages"][-1]["content"]
+                with lock:
+                    server.requests += 1
+                    scripted = server.script.pop(0) if isinstance(content, str) and server.script else None
+                if isinstance(scripted, int):
+                    return self.reply(scripted, {"error": {"message": f"scripted {scripted}", "type": "test"}})
+                text = "" if scripted == "" else server.answer(content)
+                self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+            def reply(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def answer(content) -> str:
+        from PIL import Image
+
+        if isinstance(content, str):  # a summary: the colour most frame captions name
+            counts = {colour: content.count(f"A {colour} screen") for colour in COLOURS}
+            return f"The video shows a {max(counts, key=counts.get)} screen."
+        url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"), float)
+        mean = pixels.reshape(-1, 3).mean(0)
+        colour = min(COLOURS, key=lambda c: float(((np.asarray(COLOURS[c]) - mean) ** 2).sum()))
+        return f"A {colour} screen."
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted():
+    server = ScriptedServer()
+    yield server
+    server.close()
+
+
+def test_rate_limits_and_server_errors_are_retried_and_empty_or_refused_replies_are_counted_failures(
+        scripted, trained_model, tmp_path):
+    from kangaroo.curate.captions import caption_config, caption_manifest
+
+    manifest = tmp_path / "clips.jsonl"
+    records = colour_manifest(manifest, trained_model.val_manifest, 5)
+    backend = {"base_url": scripted.url, "model": "scripted"}
+    config = caption_config({"captioners": [{"name": "frames", **backend}], "summarisers": [{"name": "words", **backend}],
+                             "concurrency": 1, "retries": 3, "backoff_s": 0.05})
+    # summaries of lines 1-5: 429 then an answer, 500 then an answer, empty, 400, an answer
+    scripted.script = [429, None, 500, None, "", 400]  # None: an answer
+    report = caption_manifest(str(manifest), str(tmp_path / "out.jsonl"), config, progress=False).data
+    lines, _, reasons = read_output(tmp_path / "out.jsonl")
+    assert report["retries"] == 2 and report["captioned"] == 3 and report["failed"] == 2, report
+    assert report["failures"] == {"empty reply": 1, "refused (HTTP 400)": 1}, report
+    assert [line["id"] for line in lines] == [records[i]["id"] for i in (0, 1, 4)]
+    assert [r["id"] for r in reasons] == [records[2]["id"], records[3]["id"]]
+    assert all(colour_of(line) in line["caption"] for line in lines)
+    assert report["requests"] == 5 * 6 + 2 and report["backends"]["words"]["failures"] == 2, report
+
+
+def test_two_shards_captioned_apart_and_merged_equal_one_pass(scripted, summariser_folder, trained_model, tmp_path):
+    from kangaroo.curate.captions import caption_manifest, load_caption_config
+
+    manifest = tmp_path / "clips.jsonl"
+    colour_manifest(manifest, trained_model.val_manifest, 7, [{"id": "no-media"}])
+    config = tmp_path / "captions.yaml"
+    config.write_text(json.dumps({  # a local transformers summariser, drawn against the server by weight
+        "captioners": [{"name": "frames", "base_url": scripted.url, "model": "scripted"}],
+        "summarisers": [{"name": "local", "kind": "transformers", "model": str(summariser_folder), "max_tokens": 12,
+                         "weight": 3},
+                        {"name": "server", "base_url": scripted.url, "model": "scripted"}]}))
+    whole = tmp_path / "whole" / "captioned.jsonl"
+    caption_manifest(str(manifest), str(whole), load_caption_config(str(config)), progress=False)
+    parts = []
+    for shard in (0, 1):  # as two machines would: each reads the whole manifest, captions its slice
+        parts.append(tmp_path / f"part{shard}" / "captioned.jsonl")
+        caption_manifest(str(manifest), str(parts[-1]), load_caption_config(str(config)), shard=(shard, 2),
+                         progress=False)
+    merged = tmp_path / "merged" / "captioned.jsonl"
+    run = kangaroo("curate", "merge", *map(str, parts), "--output", str(merged))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, one_report, one_reasons = read_output(whole)
+    two, two_report, two_reasons = read_output(merged)
+    assert two == one and two_reasons == one_reasons
+    assert {line["meta"]["captioning"]["summariser"] for line in one} == {"local", "server"}
+    for key in ("lines", "captioned", "skipped", "failed", "requests", "failures", "skips"):
+        assert two_report[key] == one_report[key], key
+    assert kangaroo("curate", "merge", str(parts[0]), "--output", str(tmp_path / "x.jsonl")).returncode == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"captioners": [{"name": "a", "model": "m"}]}, "needs `base_url`"),
+    ({"captioners": [{"name": "a", "base_url": "http://127.0.0.1:1/v1"}]}, "no `model`"),
+    ({"captioners": [{"name": "a", "kind": "vllm", "base_url": "http://x/v1", "model": "m"}]}, "unknown kind 'vllm'"),
+    ({"prompts": {"summary": {"en": "Summarise these frames."}}}, "lacks the placeholder {captions}"),
+    ({"prompts": {"frame": {"en": "Describe {thing}."}}}, "unknown placeholders ['thing']"),
+    ({"summarisers": []}, "must list at least one backend"),
+    ({"captioners": [{"name": "a", "base_url": "http://x/v1", "model": "m", "temprature": 0}]}, "unknown keys ['temprature']"),
+    ({"captioners": [{"name": "a", "kind": "transformers", "model": "m"}]}, "a captioner sees images"),
+])
+def test_bad_configs_are_refused_naming_the_problem(tmp_path, change, message):
+    import re
+
+    from kangaroo.curate.captions import caption_config
+
+    config = {"captioners": [{"name": "a", "base_url": "http://127.0.0.1:1/v1", "model": "m"}],
+              "summarisers": [{"name": "b", "base_url": "http://127.0.0.1:1/v1", "model": "m"}], **change}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        caption_config(config)
+    if "vllm" in json.dumps(change):  # and on the command line: exit code 2, the message, no traceback
+        path = tmp_path / "captions.yaml"
+        path.write_text(json.dumps(config))
+        (tmp_path / "m.jsonl").write_text('{"id": "a", "video": "a.mp4"}\n')
+        run = kangaroo("curate", "caption", "--manifest", str(tmp_path / "m.jsonl"), "--output",
+                       str(tmp_path / "out.jsonl"), "--config", str(path), timeout=60)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_an_unset_api_key_variable_is_named(tmp_path, monkeypatch):
+    from kangaroo.curate.captions import caption_config, caption_manifest
+
+    monkeypatch.delenv("KANGAROO_TEST_MISSING_KEY", raising=False)
+    backend = {"base_url": "http://127.0.0.1:1/v1", "model": "m", "api_key_env": "KANGAROO_TEST_MISSING_KEY"}
+    config = caption_config({"captioners": [{"name": "a", **backend}], "summarisers": [{"name": "b", **backend}]})
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "video": "a.mp4"}\n')
+    with pytest.raises(ValueError, match="KANGAROO_TEST_MISSING_KEY"):
+        caption_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out.jsonl"), config, progress=False)
