@@ -118,8 +118,16 @@ def _curate_command(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"kangaroo curate needs {' and '.join('--' + m for m in missing)} "
                          "(or a subcommand: caption)")
-    report = curate(args.manifest, args.output, load_filters(args.config), workers=args.workers,
-                    restart=args.restart)
+    from kangaroo.curate.captions import BackendUnavailable
+
+    shard = _parse_shard(args.shard) if args.shard else None
+    try:
+        report = curate(args.manifest, args.output, load_filters(args.config), workers=args.workers,
+                        restart=args.restart, shard=shard)
+    except BackendUnavailable as err:  # the Captioning step's server is gone; finished lines are journaled
+        print(f"kangaroo: error: {err}. Every finished line is kept: run the same command again to continue",
+              file=sys.stderr)
+        return 1
     print(report.summary())
     if report.data["kept"] == 0:
         print(f"kangaroo: error: no line of {args.manifest} was kept; reasons in {report.data['reasons']}",
@@ -151,8 +159,15 @@ def _caption_command(args: argparse.Namespace) -> int:
 
 def _curate_merge_command(args: argparse.Namespace) -> int:
     from kangaroo.curate.captions import merge_caption_parts
+    from kangaroo.curate.pipeline import merge_curate_parts, output_paths
 
-    print(merge_caption_parts(args.parts, args.output).summary())
+    try:  # a part of `curate caption` or of `curate`: its journal's header says which
+        with open(output_paths(os.path.abspath(args.parts[0]))["progress"], encoding="utf-8") as handle:
+            header = json.loads(handle.readline())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{args.parts[0]} has no journal of a sharded run: {err}") from None
+    merge = merge_caption_parts if "captioning" in header else merge_curate_parts
+    print(merge(args.parts, args.output).summary())
     return 0
 
 
@@ -399,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the built-in defaults, spelled out in configs/curate.yaml)")
     curate.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     curate.add_argument("--restart", action="store_true", help="discard the progress of an earlier run on this output")
+    curate.add_argument("--shard", help="K/N: run the sample filters over the K-th of N contiguous slices of the "
+                        "manifest; `kangaroo curate merge` joins the parts and runs the dataset filters")
     curate.set_defaults(handler=_curate_command)
     curate_commands = curate.add_subparsers(dest="curate_command", metavar="{caption,merge}")
     caption = curate_commands.add_parser(
@@ -419,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--restart", action="store_true", help="discard the progress of an earlier run on this output")
     caption.set_defaults(handler=_caption_command)
     merge = curate_commands.add_parser(
-        "merge", help="join the parts of `kangaroo curate caption --shard K/N` run on several machines",
+        "merge", help="join the parts of `kangaroo curate --shard K/N` or `curate caption --shard K/N` "
+                      "run on several machines",
         description="Checks that the parts are every shard of one manifest run with the same settings, each "
                     "finished, and writes their lines in manifest order to --output with one summed report.")
     merge.add_argument("parts", nargs="+", help="the parts' output .jsonl files")

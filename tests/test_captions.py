@@ -232,7 +232,9 @@ class ScriptedServer:
     ``None`` (the answer)."""
 
     def __init__(self) -> None:
-        self.script: list[int | str] = []
+        self.script: list[int | str | None] = []
+        self.repeat: str | None = None
+        """A colour whose video summaries repeat one sentence (for the repetition filter)."""
         self.requests = 0
         lock = threading.Lock()
         server = self
@@ -250,6 +252,8 @@ class ScriptedServer:
                 if isinstance(scripted, int):
                     return self.reply(scripted, {"error": {"message": f"scripted {scripted}", "type": "test"}})
                 text = "" if scripted == "" else server.answer(content)
+                if server.repeat and isinstance(content, str) and server.repeat in text:
+                    text = " ".join([f"A {server.repeat} screen."] * 3)
                 self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": text}}],
@@ -380,3 +384,49 @@ def test_an_unset_api_key_variable_is_named(tmp_path, monkeypatch):
     (tmp_path / "m.jsonl").write_text('{"id": "a", "video": "a.mp4"}\n')
     with pytest.raises(ValueError, match="KANGAROO_TEST_MISSING_KEY"):
         caption_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out.jsonl"), config, progress=False)
+
+
+def test_curate_chains_captioning_before_the_repetition_filter_and_two_shards_merged_equal_one_pass(
+        scripted, trained_model, tmp_path):
+    from kangaroo.curate.pipeline import curate, load_filters, merge_curate_parts
+
+    manifest = tmp_path / "clips.jsonl"
+    records = colour_manifest(manifest, trained_model.val_manifest, 9)
+    for i, record in enumerate(records):  # 6 of 9 in one category: CategoryBalance resamples it
+        record["meta"]["category"] = "many" if i < 6 else "few"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    backend = {"base_url": scripted.url, "model": "scripted"}
+    (tmp_path / "captions.yaml").write_text(json.dumps({"captioners": [{"name": "frames", **backend}],
+                                                        "summarisers": [{"name": "words", **backend}]}))
+    (tmp_path / "curate.yaml").write_text(json.dumps({"filters": [
+        {"class_path": "kangaroo.curate.Captioning", "init_args": {"config": str(tmp_path / "captions.yaml")}},
+        {"class_path": "kangaroo.curate.CaptionRepetitionFilter", "init_args": {"max_iou": 0.6}},
+        {"class_path": "kangaroo.curate.CategoryBalance", "init_args": {"max_share": 0.6, "seed": 0}}]}))
+    scripted.repeat = "yellow"  # its summaries repeat one sentence: removed after captioning
+
+    def run(output: Path, shard=None):
+        return curate(str(manifest), str(output), load_filters(str(tmp_path / "curate.yaml")), shard=shard,
+                      progress=False)
+
+    whole = run(tmp_path / "whole" / "kept.jsonl").data
+    parts = [tmp_path / f"part{k}" / "kept.jsonl" for k in (0, 1)]
+    for k, part in enumerate(parts):
+        assert run(part, (k, 2)).data["deferred"] == ["category_balance"]
+    merged = merge_curate_parts([str(p) for p in parts], str(tmp_path / "merged" / "kept.jsonl")).data
+
+    def lines(path: str) -> list[dict]:
+        out = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        for line in out:
+            line["video"] = str((Path(path).parent / line["video"]).resolve())
+        return out
+
+    one = lines(whole["output"])
+    assert lines(merged["output"]) == one and len(one) >= 3
+    assert all(line["meta"]["captioning"]["frames"] and colour_of(line) in line["caption"] for line in one)
+    reasons = {r["id"]: r for r in map(json.loads, Path(whole["reasons"]).read_text().splitlines())}
+    yellow = [r["id"] for r in records if colour_of(r) == "yellow"]
+    assert {reasons[i]["filter"] for i in yellow} == {"caption_repetition"}, "captioned, then found repetitive"
+    assert any(r.get("filter") == "category_balance" for r in reasons.values())
+    assert [r["status"] for r in map(json.loads, Path(merged["reasons"]).read_text().splitlines())] == \
+        [r["status"] for r in reasons.values()]
+    assert {f["name"]: f["removed"] for f in merged["filters"]} == {f["name"]: f["removed"] for f in whole["filters"]}

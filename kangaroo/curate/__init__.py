@@ -7,9 +7,10 @@ from kangaroo.curate.filters import (CaptionRepetitionFilter, CategoryBalance, C
                                      FaceCoverageFilter, Item, SampleFilter, SceneCut, StaticSceneFilter,
                                      TextCoverageFilter, Verdict, caption_repetition, default_filters)
 from kangaroo.curate.pipeline import CurateReport, curate, load_filters
+from kangaroo.curate.captions import Captioning  # noqa: E402 - after the pipeline it builds on
 
 __all__ = [
-    "CaptionRepetitionFilter", "CascadeFaceDetector", "CategoryBalance", "CurateFilter", "CurateReport",
+    "CaptionRepetitionFilter", "Captioning", "CascadeFaceDetector", "CategoryBalance", "CurateFilter", "CurateReport",
     "DatasetFilter", "FaceCoverageFilter", "FaceDetector", "Item", "RapidOCRTextDetector", "SampleFilter",
     "SceneCut", "StaticSceneFilter", "TextCoverageFilter", "TextDetector", "Verdict", "caption_repetition",
     "curate", "default_filters", "load_filters", "union_coverage",

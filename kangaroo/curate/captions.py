@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kangaroo.curate.pipeline import _append, _open_journal, output_paths
+from kangaroo.curate.filters import Item, LineError, SampleFilter, StopCuration, Verdict
+from kangaroo.curate.pipeline import _append, _open_journal, output_paths, shard_lines
 from kangaroo.data.manifest import read_record
 
 ROLES = ("captioners", "summarisers")
@@ -242,7 +243,7 @@ class LineFailure(Exception):
         self.kind = kind
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(StopCuration):
     """A backend that did not answer within its retries: the run stops, its journal intact."""
 
 
@@ -457,7 +458,7 @@ class Captioner:
     """Captions one manifest line (``caption_line``); shared by the threads of a run."""
 
     def __init__(self, config: CaptionConfig, backends: dict[str, Any], requests: Requests, base: str,
-                 language: str, out_dir: str) -> None:
+                 language: str, out_dir: str | None) -> None:
         self.config, self.backends, self.requests = config, backends, requests
         self.base, self.language, self.out_dir = base, language, out_dir
 
@@ -521,12 +522,66 @@ class Captioner:
         if isinstance(record.get("caption"), str):
             provenance["replaced_caption"] = record["caption"]
         out["caption"] = caption
-        if not os.path.isabs(value):  # relative to the manifest: made relative to the output
+        if self.out_dir is not None and not os.path.isabs(value):  # relative to the manifest: now to the output
             out[kind] = os.path.relpath(path, self.out_dir)
         if "task" not in out and "conversations" not in out:
             out["task"] = "caption"
         out["meta"] = {**(record.get("meta") if isinstance(record.get("meta"), dict) else {}), "captioning": provenance}
         return {**entry, "status": "captioned", "record": out}
+
+
+class Captioning(SampleFilter):
+    """Captioning as a step of ``kangaroo curate``'s chain: after the filters that look at the
+    video, before ``CaptionRepetitionFilter`` and the dataset filters. Each line it reaches is
+    captioned as ``kangaroo curate caption`` captions it (the same config, draws and
+    provenance); a line that cannot be captioned is an ``error`` with the reason; a backend gone
+    past its retries stops the run (finished lines stay in the journal). Requests in flight are
+    the run's ``--workers``: for many in flight, run ``kangaroo curate caption`` on its own.
+
+    Args:
+        config: the captioning YAML (``configs/captions.yaml``).
+        language: the prompts' language for lines without ``meta.language`` (default: the config's).
+    """
+
+    name = "captioning"
+
+    def __init__(self, config: str, language: str | None = None) -> None:
+        self.config = config
+        self.language = language
+        loaded = load_caption_config(config)
+        self._config = dataclasses.replace(loaded, language=language) if language else loaded
+        _check(self._config, config)
+        self._captioner: Captioner | None = None
+
+    def settings(self) -> dict[str, Any]:
+        # what decides the captions, not where the servers are: a moved server keeps a run resumable
+        return {"config": self.config, "captioning": self._config.identity(), "language": self._config.language}
+
+    def applies(self, item: Item) -> bool:
+        return item.video is not None or isinstance(item.record.get("image"), str)
+
+    def setup(self, workspace: str) -> None:
+        from kangaroo.curate import pipeline
+
+        config = self._config
+        backends = {(role, b.name): make_backend(b, config.timeout_s) for role in ROLES for b in getattr(config, role)}
+        self._captioner = Captioner(config, backends, Requests(config, threading.Event()),
+                                    pipeline._WORKER.get("base", os.getcwd()), config.language, None)
+
+    def check(self, item: Item) -> Verdict:
+        from kangaroo.curate import pipeline
+
+        if self._captioner is None:
+            self.setup("")
+        self._captioner.base = pipeline._WORKER.get("base", self._captioner.base)  # relative images
+        record = dict(item.record)
+        if item.video is not None:
+            record["video"] = item.video  # a clip SceneCut cut, or the line's own video, as a local path
+        entry = self._captioner.caption_line(item.line, record)
+        if entry["status"] != "captioned":
+            raise LineError(entry["reason"])
+        captioned = {**entry["record"], **{k: item.record[k] for k in ("video", "image") if k in item.record}}
+        return Verdict(True, items=[Item(item.id, captioned, item.video, item.line)])
 
 
 # -- a run -----------------------------------------------------------------------------------
@@ -550,17 +605,6 @@ class CaptionReport:
         for reason, count in d["failures"].items():
             lines.append(f"  failed: {count} x {reason}")
         return "\n".join(lines)
-
-
-def shard_lines(numbers: list[int], shard: tuple[int, int] | None) -> list[int]:
-    """The ``K``-th of ``N`` contiguous slices of the manifest's line numbers (every machine
-    reads the whole manifest, so the slices need no coordination)."""
-    if shard is None:
-        return numbers
-    index, count = shard
-    if count < 2 or not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: K must lie in 0..N-1 and N be at least 2")
-    return numbers[len(numbers) * index // count: len(numbers) * (index + 1) // count]
 
 
 def caption_manifest(manifest: str, output: str, config: CaptionConfig, language: str | None = None,

@@ -26,6 +26,16 @@ import numpy as np
 from kangaroo.curate.detectors import CascadeFaceDetector, FaceDetector, RapidOCRTextDetector, TextDetector, union_coverage
 
 
+class LineError(Exception):
+    """One line's failure inside a sample filter; its message is the reason in the report (no
+    exception type in front of it)."""
+
+
+class StopCuration(Exception):
+    """A failure of the run, not of one line (a model server gone past its retries): the run
+    stops, every finished line kept in its journal, and a rerun continues."""
+
+
 @dataclass
 class Item:
     """One unit of curation: a manifest line, or a clip cut from one."""

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kangaroo import storage
-from kangaroo.curate.filters import CurateFilter, DatasetFilter, Item, SampleFilter, default_filters
+from kangaroo.curate.filters import (CurateFilter, DatasetFilter, Item, LineError, SampleFilter, StopCuration,
+                                     default_filters)
 from kangaroo.data.manifest import read_record
 
 MEDIA_KEYS = ("video", "image")
@@ -88,11 +89,24 @@ class CurateReport:
         return "\n".join(lines)
 
 
+def shard_lines(numbers: list[int], shard: tuple[int, int] | None) -> list[int]:
+    """The ``K``-th of ``N`` contiguous slices of a manifest's line numbers: every machine reads
+    the whole manifest (JSON only), so the slices need no coordination."""
+    if shard is None:
+        return numbers
+    index, count = shard
+    if count < 2 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: K must lie in 0..N-1 and N be at least 2")
+    return numbers[len(numbers) * index // count: len(numbers) * (index + 1) // count]
+
+
 def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None, workers: int = 1,
-           restart: bool = False, progress: bool = True) -> CurateReport:
+           restart: bool = False, progress: bool = True, shard: tuple[int, int] | None = None) -> CurateReport:
     """Runs ``filters`` (default: ``default_filters()``) over ``manifest`` into ``output``.
     A rerun on the same output continues from its journal; other settings or another manifest
-    are refused unless ``restart``."""
+    are refused unless ``restart``. ``shard=(K, N)`` runs the sample filters over the K-th of N
+    contiguous slices of the manifest; the dataset filters (``CategoryBalance``) need every
+    kept line and run when ``merge_curate_parts`` joins the N parts."""
     filters = default_filters() if filters is None else filters
     if not output.endswith(".jsonl"):
         raise ValueError(f"--output must be a .jsonl file, got {output}")
@@ -109,7 +123,11 @@ def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None
     except OSError as err:
         raise ValueError(f"cannot read manifest {manifest}: {err}") from err
     header = {"kind": "header", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "filters": describe(filters)}
+    if shard is not None:
+        header["shard"] = list(shard)
     entries = _open_journal(paths["progress"], header, restart)
+    texts = raw.decode("utf-8", errors="replace").splitlines()
+    mine = set(shard_lines([n for n, text in enumerate(texts, start=1) if text.strip()], shard))
 
     started = time.perf_counter()
     sample_filters = [f for f in filters if isinstance(f, SampleFilter)]
@@ -117,8 +135,8 @@ def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None
     # ids already taken by lines of an earlier run (lines refused while reading carry no id of their own)
     seen: dict[str, int] = {e["id"]: e["line"] for e in entries.values() if e.get("filter") != "manifest"}
     with open(paths["progress"], "a", encoding="utf-8") as journal:
-        for number, text in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-            if not text.strip() or number in entries:
+        for number, text in enumerate(texts, start=1):
+            if number not in mine or number in entries:
                 continue
             record, problem = read_record(text)
             sample_id = f"line {number}" if problem else record["id"]
@@ -131,7 +149,12 @@ def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None
             seen[record["id"]] = number
             todo.append((number, record))
         _run(todo, base, sample_filters, paths["clips"], workers, progress, journal, entries)
-    return _finish(manifest, paths, filters, entries, time.perf_counter() - started, workers)
+    dataset = [f for f in filters if isinstance(f, DatasetFilter)] if shard is None else []
+    report = _finish(manifest, paths, describe(filters), dataset, entries, time.perf_counter() - started, workers)
+    if shard is not None:
+        report.data.update(shard=list(shard), deferred=[f.name for f in filters if isinstance(f, DatasetFilter)])
+        storage.write_text(paths["report"], json.dumps(report.data, ensure_ascii=False, indent=2) + "\n")
+    return report
 
 
 def _open_journal(path: str, header: dict, restart: bool) -> dict[int, dict]:
@@ -241,10 +264,13 @@ def curate_line(number: int, line: dict) -> dict:
             started = time.perf_counter()
             try:
                 verdict = f.check(item)
+            except StopCuration:
+                raise
             except Exception as err:  # a bad file must not stop a run over thousands; the reason says what broke
                 stats["errors"] += 1
                 stats["seconds"] += time.perf_counter() - started
-                reason = str(err) if type(err).__name__ == "MediaError" else f"{type(err).__name__}: {err}"
+                plain = isinstance(err, LineError) or type(err).__name__ == "MediaError"
+                reason = str(err) if plain else f"{type(err).__name__}: {err}"
                 return {**entry, "status": "error", "filter": f.name, "reason": reason}
             stats["seconds"] += time.perf_counter() - started
             stats["examined"] += 1
@@ -280,7 +306,10 @@ def _with_local_media(item: Item) -> dict:
     return record
 
 
-def _finish(manifest, paths, filters, entries, seconds, workers) -> CurateReport:
+def _finish(manifest, paths, described: list[dict], dataset: list[DatasetFilter], entries, seconds,
+            workers) -> CurateReport:
+    """Runs the ``dataset`` filters over every kept item of ``entries`` (the journal) and writes
+    the kept lines, the reasons and the report."""
     ordered = [entries[n] for n in sorted(entries)]
     items = [Item(r["id"], r, r.get("video"), e["line"]) for e in ordered if e["status"] == "kept" for r in e["records"]]
     stats = collections.defaultdict(lambda: {"examined": 0, "removed": 0, "errors": 0, "seconds": 0.0})
@@ -290,9 +319,7 @@ def _finish(manifest, paths, filters, entries, seconds, workers) -> CurateReport
                 stats[name][key] = stats[name].get(key, 0) + value
     by_line = {e["line"]: e for e in ordered}
     details = {}
-    for f in filters:
-        if not isinstance(f, DatasetFilter):
-            continue
+    for f in dataset:
         started = time.perf_counter()
         kept, removed, details[f.name] = f.select(items)
         stats[f.name].update(examined=len(items), removed=len(removed), seconds=time.perf_counter() - started)
@@ -319,7 +346,7 @@ def _finish(manifest, paths, filters, entries, seconds, workers) -> CurateReport
         "seconds": round(seconds, 2),
         "filters": [{"name": d["name"], "class": d["class"], "settings": d["settings"],
                      **{k: round(v, 3) if isinstance(v, float) else v for k, v in stats[d["name"]].items()},
-                     **({"details": details[d["name"]]} if d["name"] in details else {})} for d in describe(filters)],
+                     **({"details": details[d["name"]]} if d["name"] in details else {})} for d in described],
         "error_reasons": dict(collections.Counter(r["reason"].split(":")[0] for r in reasons
                                                   if r["status"] == "error").most_common()),
     }
@@ -339,3 +366,52 @@ def _output_record(record: dict, out_dir: str) -> dict:
 
 def _write_lines(path: str, values: list) -> None:
     storage.write_text(path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in values))
+
+
+def merge_curate_parts(parts: list[str], output: str) -> CurateReport:
+    """Joins the outputs of ``kangaroo curate --shard K/N`` (every K of one N, each finished, the
+    same manifest and filters): the parts' journals are read as one run's, then the dataset
+    filters run over every kept line and the output is written as one pass writes it."""
+    found = []
+    for part in parts:
+        part_paths = output_paths(os.path.abspath(part))
+        try:
+            with open(part_paths["report"], encoding="utf-8") as handle:
+                report = json.load(handle)
+            lines = open(part_paths["progress"], encoding="utf-8").read().splitlines()
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{part} is not the output of a finished `kangaroo curate --shard` run: {err}") from None
+        header = json.loads(lines[0])
+        if not header.get("shard"):
+            raise ValueError(f"{part} was not run with --shard")
+        entries = {e["line"]: e for e in map(json.loads, lines[1:])}
+        if len(entries) != report.get("lines"):
+            raise ValueError(f"{part} did not finish; run its command again first")
+        found.append((tuple(header["shard"]), header, entries, report))
+    found.sort(key=lambda f: f[0])
+    count = found[0][0][1]
+    if [f[0] for f in found] != [(k, count) for k in range(count)]:
+        raise ValueError(f"the parts are shards {[f'{k}/{n}' for (k, n), *_ in found]}; a merge needs every "
+                         f"shard K/{count}, K = 0..{count - 1}, once")
+    if any({**f[1], "shard": None} != {**found[0][1], "shard": None} for f in found):
+        raise ValueError("the parts were run over different manifests or with different filters")
+    described = found[0][1]["filters"]
+    dataset = [_rebuild(d) for d in described if d["name"] in found[0][3].get("deferred", [])]
+    entries = {n: e for f in found for n, e in f[2].items()}
+    paths = output_paths(os.path.abspath(output))
+    if any(paths["manifest"] == output_paths(os.path.abspath(p))["manifest"] for p in parts):
+        raise ValueError(f"--output {output} is one of the parts")
+    os.makedirs(os.path.dirname(paths["manifest"]), exist_ok=True)
+    report = _finish(found[0][3]["manifest"], paths, described, dataset, entries,
+                     max(f[3]["seconds"] for f in found), sum(f[3]["workers"] for f in found))
+    report.data["parts"] = [os.path.abspath(p) for p in parts]
+    storage.write_text(paths["report"], json.dumps(report.data, ensure_ascii=False, indent=2) + "\n")
+    return report
+
+
+def _rebuild(described: dict) -> DatasetFilter:
+    """A dataset filter from its journal description (its class and constructor arguments)."""
+    import importlib
+
+    module, _, name = described["class"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**described["settings"])
