@@ -430,3 +430,22 @@ def test_curate_chains_captioning_before_the_repetition_filter_and_two_shards_me
     assert [r["status"] for r in map(json.loads, Path(merged["reasons"]).read_text().splitlines())] == \
         [r["status"] for r in reasons.values()]
     assert {f["name"]: f["removed"] for f in merged["filters"]} == {f["name"]: f["removed"] for f in whole["filters"]}
+
+
+def test_the_shipped_configs_chain_filters_captioning_repetition_and_balance(tmp_path, monkeypatch):
+    import re
+
+    from kangaroo.curate.captions import DEFAULT_PROMPTS, load_caption_config
+    from kangaroo.curate.pipeline import load_filters
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_caption_config(str(root / "configs" / "captions.yaml"))
+    assert config.prompts == DEFAULT_PROMPTS and len(config.summarisers) == 2
+    text = (root / "configs" / "curate.yaml").read_text()
+    chained = re.sub(r"  # (- class_path: kangaroo.curate.Captioning)\n  #   init_args:\n  #     config: (\S+)",
+                     r"  \1\n    init_args:\n      config: \2", text)
+    assert chained != text, "configs/curate.yaml keeps the Captioning step, commented"
+    (tmp_path / "chain.yaml").write_text(chained)
+    monkeypatch.chdir(root)
+    names = [f.name for f in load_filters(str(tmp_path / "chain.yaml"))]
+    assert names[-3:] == ["captioning", "caption_repetition", "category_balance"], names
