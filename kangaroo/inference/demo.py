@@ -109,12 +109,13 @@ def page() -> None:
 
     question = st.chat_input("Ask about the video (English or 中文)")  # pinned to the page's foot
     with right:
-        for message in state.messages:
-            with st.chat_message(message["role"]):
-                st.markdown(message["content"])
+        # the last round leaves the history before it is drawn: drawn first, it showed twice (old and new)
         if regenerate and state.messages and state.messages[-1]["role"] == "assistant":
             state.messages.pop()
             question = state.messages.pop()["content"]
+        for message in state.messages:
+            with st.chat_message(message["role"]):
+                st.markdown(message["content"])
         if question:
             state.messages.append({"role": "user", "content": question})
             with st.chat_message("user"):
