@@ -4,11 +4,12 @@
                                             [--lines 24] [--concurrency 1 8] [--max-tokens 16]
 
 The frame captioner is ``kangaroo serve`` (continuous batching: concurrent requests share decode
-steps), the summariser ``transformers serve`` (transformers' own server; without
-``--continuous-batching`` it generates for one request at a time, the others wait). Each video
-line asks 5 frame captions and 1 summary. Without ``--captioner-model`` / ``--summariser-model``
-it writes tiny random-weight models itself (each reply then runs to ``--max-tokens``).
-Prints, per concurrency, lines/s, requests/s and the ratio to concurrency 1.
+steps), the summariser ``transformers serve`` (transformers' own server, run without its
+``--continuous-batching``). Each video line asks 5 frame captions and 1 summary. Without
+``--captioner-model`` / ``--summariser-model`` it writes tiny random-weight models itself (each
+reply then runs to ``--max-tokens``). Prints, per concurrency, lines/s, requests/s and the ratio
+to concurrency 1; then each server alone, 16 requests one at a time and 8 at once, which says
+whether it batches concurrent requests (ratio above 1) or queues them (about 1).
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def wait_up(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def word_corpus() -> list[str]:
+    """Enough distinct words for the tiny tokenizer's BPE to fill its vocabulary: with a small
+    corpus most ids are filler special tokens, which a random-weight model then emits and the
+    server strips, leaving empty replies."""
+    import random
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(4000)]
+    return [" ".join(words[i:i + 40]) for i in range(0, len(words), 40)]
+
+
 def summariser_folder(root: str) -> str:
     """A tiny random-weight Llama with the tiny tokenizer and its chat template."""
     import torch
@@ -54,7 +67,7 @@ def summariser_folder(root: str) -> str:
 
     from kangaroo.world.tokenizer import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(["Below are captions of 5 frames taken in order from one video."] * 20)
+    tokenizer = build_tiny_tokenizer(word_corpus())
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2,
@@ -83,6 +96,37 @@ def clips(root: str, count: int) -> str:
     return manifest
 
 
+def alone(backend: dict, max_tokens: int, manifest: str, count: int = 16) -> tuple[float, float]:
+    """Requests/s of one server asked ``count`` requests one at a time, then 8 at once: the
+    ratio says whether it batches concurrent requests (above 1) or queues them (about 1)."""
+    import base64
+    import concurrent.futures as futures
+
+    import openai
+
+    from kangaroo.curate.captions import FrameSelection, pick_frames
+
+    client = openai.OpenAI(base_url=backend["base_url"], api_key="EMPTY", max_retries=0, timeout=300)
+    with open(manifest) as handle:
+        video = json.loads(handle.readline())["video"]
+    _, frame = pick_frames(video, FrameSelection(count=1), "x", 0)[0]
+    image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(frame).decode()}}
+    text = "Below are captions of 5 frames taken in order from one video: a red screen, then a blue one."
+    content = [image, {"type": "text", "text": "Describe this video frame."}] if "kangaroo" in backend["name"] else text
+
+    def ask(_) -> None:
+        client.chat.completions.create(model=backend["model"], messages=[{"role": "user", "content": content}],
+                                       max_tokens=max_tokens, temperature=0)
+
+    rates = []
+    for workers in (1, 8):
+        started = time.perf_counter()
+        with futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(ask, range(count)))
+        rates.append(count / (time.perf_counter() - started))
+    return rates[0], rates[1]
+
+
 def main() -> None:
     from benchmarks.generation import tiny_folder
     from kangaroo.curate.captions import caption_config, caption_manifest
@@ -95,7 +139,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        captioner = args.captioner_model or tiny_folder(root, 112, 128, 4)
+        captioner = args.captioner_model or tiny_folder(root, 112, 128, 4, corpus=word_corpus())
         summariser = args.summariser_model or summariser_folder(root)
         manifest = clips(root, args.lines)
         ports = free_port(), free_port()
@@ -133,7 +177,13 @@ def main() -> None:
                                           progress=False).data
                 base = base or report["lines_per_s"]
                 print(f"{concurrency:>12}{report['lines_per_s']:>10.2f}{report['requests_per_s']:>12.2f}"
-                      f"{report['lines_per_s'] / base:>8.2f}{report['captioned']:>11}")
+                      f"{report['lines_per_s'] / base:>8.2f}{report['captioned']:>11}"
+                      + (f"   failed: {report['failures']}" if report["failed"] else ""))
+            print("each server alone, 16 requests of max_tokens each: one at a time, then 8 at once")
+            print(f"{'server':>20}{'serial req/s':>14}{'8 at once req/s':>17}{'x':>7}")
+            for backend in (backends["captioners"][0], backends["summarisers"][0]):
+                serial, parallel = alone(backend, args.max_tokens, manifest)
+                print(f"{backend['name']:>20}{serial:>14.2f}{parallel:>17.2f}{parallel / serial:>7.2f}")
         finally:
             for server in servers:
                 server.terminate()

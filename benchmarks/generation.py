@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_folder(root: str, image_size: int, width: int, layers: int) -> str:
+def tiny_folder(root: str, image_size: int, width: int, layers: int, corpus: list[str] | None = None) -> str:
     from kangaroo.data.video import FrameSampling
     from kangaroo.inference import Preprocessing, write_model_folder
     from kangaroo.modules import build_kangaroo, kangaroo_tiny_config
@@ -36,7 +36,7 @@ def tiny_folder(root: str, image_size: int, width: int, layers: int) -> str:
                                                      num_hidden_layers=layers, num_attention_heads=max(4, width // 64),
                                                      num_key_value_heads=max(2, width // 256))
     model = build_kangaroo(config)
-    tokenizer = build_tiny_tokenizer(["What happens in this video? A red circle moves left."] * 20)
+    tokenizer = build_tiny_tokenizer(corpus or ["What happens in this video? A red circle moves left."] * 20)
     folder = os.path.join(root, "model")
     write_model_folder(folder, config, model.state_dict(), tokenizer,
                        Preprocessing(image_size=image_size, sampling=FrameSampling("uniform", num_frames=16, multiple_of=2),
