@@ -8,7 +8,7 @@ steps), the summariser ``transformers serve`` (transformers' own server, run wit
 ``--continuous-batching``). Each video line asks 5 frame captions and 1 summary. Without
 ``--captioner-model`` / ``--summariser-model`` it writes tiny random-weight models itself (each
 reply then runs to ``--max-tokens``). Prints, per concurrency, lines/s, requests/s and the ratio
-to concurrency 1; then each server alone, 16 requests one at a time and 8 at once, which says
+to the first one listed (1 by default); then each server alone, 16 requests one at a time and 8 at once, which says
 whether it batches concurrent requests (ratio above 1) or queues them (about 1).
 """
 
@@ -169,8 +169,8 @@ def main() -> None:
             caption_manifest(os.path.join(root, "warm.jsonl"), os.path.join(root, "warm-out.jsonl"), warm,
                              progress=False)
             print(f"{args.lines} video lines, 6 requests each (5 frames, 1 summary), max_tokens {args.max_tokens}")
-            print(f"{'concurrency':>12}{'lines/s':>10}{'requests/s':>12}{'x one':>8}{'captioned':>11}")
-            base = None
+            print(f"{'concurrency':>12}{'lines/s':>10}{'requests/s':>12}{'x first':>8}{'captioned':>11}")
+            base = None  # lines/s at the first concurrency listed (1 by default)
             for concurrency in args.concurrency:
                 config = caption_config({**backends, "concurrency": concurrency})
                 report = caption_manifest(manifest, os.path.join(root, f"out-{concurrency}.jsonl"), config,

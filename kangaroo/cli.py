@@ -129,7 +129,7 @@ def _curate_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(report.summary())
-    if report.data["kept"] == 0:
+    if report.data["kept"] == 0 and shard is None:  # a shard may keep nothing; the merge judges the whole
         print(f"kangaroo: error: no line of {args.manifest} was kept; reasons in {report.data['reasons']}",
               file=sys.stderr)
         return 1
@@ -139,9 +139,12 @@ def _curate_command(args: argparse.Namespace) -> int:
 def _caption_command(args: argparse.Namespace) -> int:
     from kangaroo.curate.captions import CaptioningStopped, caption_manifest, load_caption_config
 
+    from kangaroo.curate.captions import _check
+
     config = load_caption_config(args.config)
     if args.concurrency is not None:
         config.concurrency = args.concurrency
+        _check(config, "--concurrency")
     shard = _parse_shard(args.shard) if args.shard else None
     try:
         report = caption_manifest(args.manifest, args.output, config, language=args.language, shard=shard,
@@ -150,7 +153,7 @@ def _caption_command(args: argparse.Namespace) -> int:
         print(f"kangaroo: error: {err}", file=sys.stderr)
         return 1
     print(report.summary())
-    if report.data["captioned"] == 0 and report.data["lines"]:
+    if report.data["captioned"] == 0 and report.data["lines"] and shard is None:  # a shard may hold nothing to keep
         print(f"kangaroo: error: no line of {args.manifest} was captioned; reasons in "
               f"{report.data['output'][:-len('.jsonl')]}.reasons.jsonl", file=sys.stderr)
         return 1

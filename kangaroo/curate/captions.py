@@ -10,7 +10,7 @@ bias). Image lines are re-captioned by the captioner with the image prompt.
 
 Backends: ``openai``, any OpenAI-compatible chat endpoint (vLLM, SGLang, ``kangaroo serve``,
 ``transformers serve``, a hosted API), through the ``openai`` client; ``transformers``, a local
-text model (summarisers only: a local multimodal captioner runs as a server instead).
+model loaded into the process (a multimodal one as a captioner, a text one as a summariser).
 
 Outputs beside ``OUT.jsonl`` (the captioned lines, in manifest order, each with ``caption`` and
 ``meta.captioning``: captioner, summariser, prompt hash, frame times and frame captions):
@@ -75,7 +75,7 @@ REQUIRED_PLACEHOLDERS = {"frame": set(), "summary": {"captions"}, "image": set()
 class BackendConfig:
     """One model a captioning run asks: ``kind: openai`` (``base_url``, ``model``, the API key
     read from the environment variable ``api_key_env``) or ``kind: transformers`` (``model``: a
-    local folder or a Hugging Face id)."""
+    local folder or a Hugging Face id, on ``device``)."""
 
     name: str
     kind: str = "openai"
@@ -182,9 +182,6 @@ def _check(config: CaptionConfig, where: str) -> None:
                 raise ValueError(f"{label}: no `model`")
             if backend.kind == "openai" and not backend.base_url:
                 raise ValueError(f"{label}: an openai backend needs `base_url` (e.g. http://127.0.0.1:8000/v1)")
-            if backend.kind == "transformers" and role == "captioners":
-                raise ValueError(f"{label}: a captioner sees images; run the model behind an OpenAI-compatible "
-                                 "server (vLLM, `kangaroo serve`) and name it with kind: openai")
             if not backend.weight > 0:
                 raise ValueError(f"{label}: weight must be positive, got {backend.weight}")
             if backend.max_tokens < 1:
@@ -209,8 +206,9 @@ def _check(config: CaptionConfig, where: str) -> None:
             if unknown:
                 raise ValueError(f"{where}: prompts.{kind}.{language} has unknown placeholders {sorted(unknown)} "
                                  f"(known: {sorted(PLACEHOLDERS[kind])})")
-    if config.language not in config.prompts["summary"]:
-        raise ValueError(f"{where}: no prompts for the default language {config.language!r}")
+    lacking = [kind for kind, texts in config.prompts.items() if config.language not in texts]
+    if lacking:
+        raise ValueError(f"{where}: no {', '.join(lacking)} prompt for the default language {config.language!r}")
     for name, value in (("concurrency", config.concurrency), ("retries", config.retries + 1)):
         if value < 1:
             raise ValueError(f"{where}: {name} must be at least {1 if name == 'concurrency' else 0}")
@@ -287,6 +285,10 @@ class OpenAIBackend:
         except openai.APIStatusError as err:
             if err.status_code in (408, 429) or err.status_code >= 500:
                 raise _Retryable(f"HTTP {err.status_code}: {_message(err)}") from None
+            if err.status_code in (401, 403, 404):  # a wrong key, URL or model name: every line would fail
+                raise BackendUnavailable(f"backend {self.config.name!r} ({self.config.base_url}) refused with HTTP "
+                                         f"{err.status_code}: {_message(err)}; check its base_url, model and "
+                                         "api_key_env") from None
             raise LineFailure(f"refused (HTTP {err.status_code})", _message(err)) from None
         choice = response.choices[0] if response.choices else None
         if choice is not None and choice.finish_reason == "content_filter":
@@ -306,39 +308,74 @@ def _message(err) -> str:
 
 
 class TransformersBackend:
-    """A local text model (a summariser) through ``transformers``: its chat template, greedy at
-    temperature 0. One generation at a time (a lock): several lines share the model."""
+    """A local model through ``transformers``, greedy at temperature 0. A captioner is a
+    multimodal model (``AutoModelForImageTextToText`` and its ``AutoProcessor``: the image parts
+    become images in its chat template); a summariser is a text model (``AutoModelForCausalLM``
+    and its tokenizer's chat template). One generation at a time (a lock): lines share the model.
+    Written with ``generate`` rather than transformers' ``pipeline``: the token counts for the
+    report come straight from the tensors."""
 
-    def __init__(self, config: BackendConfig) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, config: BackendConfig, sees_images: bool = False) -> None:
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
         self.config = config
+        self.sees_images = sees_images
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-            self.model = AutoModelForCausalLM.from_pretrained(config.model).to(config.device).eval()
-        except OSError as err:
-            raise ValueError(f"backend {config.name!r}: cannot load {config.model}: {err}") from None
+            if sees_images:
+                self.processor = AutoProcessor.from_pretrained(config.model)
+                if getattr(self.processor, "image_processor", None) is None:
+                    raise ValueError("its folder has no image processor (a text-only model?)")
+                self.tokenizer = self.processor.tokenizer
+                model = AutoModelForImageTextToText.from_pretrained(config.model)
+            else:
+                self.processor = self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+                model = AutoModelForCausalLM.from_pretrained(config.model)
+        except (OSError, ValueError) as err:
+            kind = "multimodal (image-text-to-text)" if sees_images else "text (causal LM)"
+            raise ValueError(f"backend {config.name!r}: cannot load {config.model} as a {kind} model: {err}") from None
+        self.model = model.to(config.device).eval()
         self._lock = threading.Lock()
+
+    def _messages(self, content: list[dict] | str) -> list[dict]:
+        if isinstance(content, str):
+            return [{"role": "user", "content": content}]
+        if not self.sees_images:
+            raise LineFailure("unsupported", f"backend {self.config.name!r} is a text model; it cannot see images")
+        from PIL import Image
+
+        parts = []
+        for part in content:
+            if part["type"] == "image_url":
+                data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                parts.append({"type": "image", "image": Image.open(io.BytesIO(data)).convert("RGB")})
+            else:
+                parts.append({"type": "text", "text": part["text"]})
+        return [{"role": "user", "content": parts}]
 
     def complete(self, content: list[dict] | str) -> Reply:
         import torch
 
-        if not isinstance(content, str):
-            raise LineFailure("unsupported", f"backend {self.config.name!r} is a text model; it cannot see images")
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                 return_tensors="pt", return_dict=True)["input_ids"].to(self.config.device)
+        messages = self._messages(content)
         sampling = ({"do_sample": True, "temperature": self.config.temperature} if self.config.temperature > 0
                     else {"do_sample": False})
+        # the tokenizer too under the lock: a fast tokenizer used by several threads at once raises
         with self._lock, torch.inference_mode():
-            out = self.model.generate(ids, max_new_tokens=self.config.max_tokens,
+            inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True, return_tensors="pt")
+            inputs = {k: v.to(self.config.device) for k, v in inputs.items()}
+            prompt = inputs["input_ids"].shape[1]
+            out = self.model.generate(**inputs, max_new_tokens=self.config.max_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                       **sampling)
-        new = out[0, ids.shape[1]:]
-        return Reply(self.tokenizer.decode(new, skip_special_tokens=True).strip(), int(ids.shape[1]), int(new.numel()))
+            new = out[0, prompt:]
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Reply(text, int(prompt), int(new.numel()))
 
 
-def make_backend(config: BackendConfig, timeout_s: float):
-    return OpenAIBackend(config, timeout_s) if config.kind == "openai" else TransformersBackend(config)
+def make_backend(config: BackendConfig, timeout_s: float, role: str = "summarisers"):
+    if config.kind == "openai":
+        return OpenAIBackend(config, timeout_s)
+    return TransformersBackend(config, sees_images=role == "captioners")
 
 
 class Requests:
@@ -518,6 +555,10 @@ class Captioner:
             return {**entry, "status": "failed", "reason": f"unreadable media: {err}"}
         except LineFailure as err:
             return {**entry, "status": "failed", "reason": str(err)}
+        except StopCuration:
+            raise
+        except Exception as err:  # noqa: BLE001 - one line's surprise (a malformed reply...) is counted, not fatal
+            return {**entry, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
         out = dict(record)
         if isinstance(record.get("caption"), str):
             provenance["replaced_caption"] = record["caption"]
@@ -564,7 +605,7 @@ class Captioning(SampleFilter):
         from kangaroo.curate import pipeline
 
         config = self._config
-        backends = {(role, b.name): make_backend(b, config.timeout_s) for role in ROLES for b in getattr(config, role)}
+        backends = {(role, b.name): make_backend(b, config.timeout_s, role) for role in ROLES for b in getattr(config, role)}
         self._captioner = Captioner(config, backends, Requests(config, threading.Event()),
                                     pipeline._WORKER.get("base", os.getcwd()), config.language, None)
 
@@ -636,7 +677,7 @@ def caption_manifest(manifest: str, output: str, config: CaptionConfig, language
     resumed = len([n for n in numbers if n in entries])
     stop = threading.Event()
     requests = Requests(config, stop)
-    backends = {(role, b.name): make_backend(b, config.timeout_s) for role in ROLES for b in getattr(config, role)}
+    backends = {(role, b.name): make_backend(b, config.timeout_s, role) for role in ROLES for b in getattr(config, role)}
     captioner = Captioner(config, backends, requests, os.path.dirname(os.path.abspath(manifest)), config.language,
                           os.path.dirname(paths["manifest"]))
     started = time.perf_counter()

@@ -125,9 +125,9 @@ def curate(manifest: str, output: str, filters: list[CurateFilter] | None = None
     header = {"kind": "header", "manifest_sha256": hashlib.sha256(raw).hexdigest(), "filters": describe(filters)}
     if shard is not None:
         header["shard"] = list(shard)
-    entries = _open_journal(paths["progress"], header, restart)
     texts = raw.decode("utf-8", errors="replace").splitlines()
     mine = set(shard_lines([n for n, text in enumerate(texts, start=1) if text.strip()], shard))
+    entries = _open_journal(paths["progress"], header, restart)
 
     started = time.perf_counter()
     sample_filters = [f for f in filters if isinstance(f, SampleFilter)]
@@ -228,14 +228,19 @@ def _run(todo, base, filters, workspace, workers, progress, journal, entries) ->
                                            initializer=_init_worker, initargs=(filters, workspace, base, 1))
         with pool:
             pending, queue = set(), iter(todo)
-            for number, line in queue:  # at most 4 lines per worker in flight
-                pending.add(pool.submit(curate_line, number, line))
-                if len(pending) >= 4 * workers:
-                    done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                    for future in done:
-                        record(future.result())
-            for future in futures.as_completed(pending):
-                record(future.result())
+            try:
+                for number, line in queue:  # at most 4 lines per worker in flight
+                    pending.add(pool.submit(curate_line, number, line))
+                    if len(pending) >= 4 * workers:
+                        done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                        for future in done:
+                            record(future.result())
+                for future in futures.as_completed(pending):
+                    record(future.result())
+            except StopCuration:
+                # lines not started stay unasked (a rerun does them); those running finish or fail fast
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     bar.close()
 
 
@@ -398,6 +403,15 @@ def merge_curate_parts(parts: list[str], output: str) -> CurateReport:
     described = found[0][1]["filters"]
     dataset = [_rebuild(d) for d in described if d["name"] in found[0][3].get("deferred", [])]
     entries = {n: e for f in found for n, e in f[2].items()}
+    seen: dict[str, int] = {}  # as one pass refuses a repeated id, across the parts too
+    for number in sorted(entries):
+        entry = entries[number]
+        if entry.get("filter") == "manifest" and entry["id"] == f"line {number}":
+            continue  # refused before it had an id
+        if entry["id"] in seen and not entry.get("reason", "").startswith("duplicate id"):
+            entries[number] = {"line": number, "id": entry["id"], "status": "error", "filter": "manifest",
+                               "reason": f"duplicate id: line {seen[entry['id']]} has the same id"}
+        seen.setdefault(entry["id"], number)
     paths = output_paths(os.path.abspath(output))
     if any(paths["manifest"] == output_paths(os.path.abspath(p))["manifest"] for p in parts):
         raise ValueError(f"--output {output} is one of the parts")
