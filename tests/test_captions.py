@@ -235,6 +235,7 @@ class ScriptedServer:
 
     def __init__(self) -> None:
         self.script: list[int | str | None] = []
+        self.prompts: list[str] = []
         self.repeat: str | None = None
         """A colour whose video summaries repeat one sentence (for the repetition filter)."""
         self.requests = 0
@@ -250,6 +251,8 @@ class ScriptedServer:
                 content = body["messages"][-1]["content"]
                 with lock:
                     server.requests += 1
+                    server.prompts.append(content if isinstance(content, str) else
+                                          next(p["text"] for p in content if p["type"] == "text"))
                     scripted = server.script.pop(0) if isinstance(content, str) and server.script else None
                 if isinstance(scripted, int):
                     return self.reply(scripted, {"error": {"message": f"scripted {scripted}", "type": "test"}})
@@ -517,3 +520,24 @@ def test_a_local_transformers_model_captions_frames_in_process(scripted, summari
                                 "summarisers": [{"name": "words", "base_url": scripted.url, "model": "scripted"}]})
     with pytest.raises(ValueError, match="as a multimodal"):
         caption_manifest(str(manifest), str(tmp_path / "other.jsonl"), text_only, progress=False)
+
+
+def test_prompts_follow_each_lines_language_with_their_length_bound(scripted, tmp_path):
+    from kangaroo.curate.captions import DEFAULT_PROMPTS, caption_config, caption_manifest
+
+    for name, colour in (("en.png", "red"), ("zh.png", "green")):
+        colour_image(tmp_path / name, colour, 1)
+    (tmp_path / "images.jsonl").write_text(
+        json.dumps({"id": "en", "image": "en.png"}) + "\n"
+        + json.dumps({"id": "zh", "image": "zh.png", "meta": {"language": "zh"}}) + "\n")
+    backend = {"base_url": scripted.url, "model": "scripted"}
+    config = caption_config({"captioners": [{"name": "frames", **backend}], "summarisers": [{"name": "words", **backend}],
+                             "max_words": {"image": 33}, "concurrency": 1})
+    report = caption_manifest(str(tmp_path / "images.jsonl"), str(tmp_path / "out.jsonl"), config, progress=False).data
+    assert report["captioned"] == 2
+    assert scripted.prompts == [DEFAULT_PROMPTS["image"]["en"].format(max_words=33),
+                                DEFAULT_PROMPTS["image"]["zh"].format(max_words=33)]
+    assert "不超过33个字" in scripted.prompts[1]
+    lines, _, _ = read_output(tmp_path / "out.jsonl")
+    assert [line["caption"] for line in lines] == ["A red screen.", "A green screen."]
+    assert [line["meta"]["captioning"]["language"] for line in lines] == ["en", "zh"]
