@@ -262,7 +262,11 @@ class OpenAIBackend:
     wait follows the config (the client's retries are invisible to the caller)."""
 
     def __init__(self, config: BackendConfig, timeout_s: float) -> None:
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise ValueError(f"backend {config.name!r} is an OpenAI-compatible endpoint, asked through the openai "
+                             "client: pip install 'kangaroo[caption]'") from None
 
         self.config = config
         key = "EMPTY"  # servers without authentication ignore it; the client requires one
