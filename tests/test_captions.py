@@ -442,6 +442,8 @@ def test_curate_chains_captioning_before_the_repetition_filter_and_two_shards_me
     assert [r["status"] for r in map(json.loads, Path(merged["reasons"]).read_text().splitlines())] == \
         [r["status"] for r in listed]
     assert {f["name"]: f["removed"] for f in merged["filters"]} == {f["name"]: f["removed"] for f in whole["filters"]}
+    step = next(f for f in whole["filters"] if f["name"] == "captioning")
+    assert step["examined"] == 9 and step["requests"] == 9 * 6 and step["prompt_tokens"] == 9 * 6 * 10, step
 
 
 def test_the_shipped_configs_chain_filters_captioning_repetition_and_balance(tmp_path, monkeypatch):

@@ -622,11 +622,20 @@ class Captioning(SampleFilter):
         record = dict(item.record)
         if item.video is not None:
             record["video"] = item.video  # a clip SceneCut cut, or the line's own video, as a local path
+        before = self._totals()
         entry = self._captioner.caption_line(item.line, record)
         if entry["status"] != "captioned":
             raise LineError(entry["reason"])
         captioned = {**entry["record"], **{k: item.record[k] for k in ("video", "image") if k in item.record}}
-        return Verdict(True, items=[Item(item.id, captioned, item.video, item.line)])
+        # this line's requests, retries and tokens, summed into the filter's entry of the report
+        counts = {k: v - before.get(k, 0) for k, v in self._totals().items() if k != "failures"}
+        return Verdict(True, items=[Item(item.id, captioned, item.video, item.line)], counts=counts)
+
+    def _totals(self) -> collections.Counter:
+        totals = collections.Counter()
+        for stats in self._captioner.requests.stats.values():
+            totals.update(stats)
+        return totals
 
 
 # -- a run -----------------------------------------------------------------------------------
