@@ -139,12 +139,12 @@ def _curate_command(args: argparse.Namespace) -> int:
 def _caption_command(args: argparse.Namespace) -> int:
     from kangaroo.curate.captions import CaptioningStopped, caption_manifest, load_caption_config
 
-    from kangaroo.curate.captions import _check
+    from kangaroo.curate.captions import check_config
 
     config = load_caption_config(args.config)
     if args.concurrency is not None:
         config.concurrency = args.concurrency
-        _check(config, "--concurrency")
+        check_config(config, "--concurrency")
     shard = _parse_shard(args.shard) if args.shard else None
     try:
         report = caption_manifest(args.manifest, args.output, config, language=args.language, shard=shard,
@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draws frames from each video (one per segment), asks a multimodal model to caption each, and "
                     "an LLM to summarise them into one video caption; re-captions image lines. Backends are "
                     "OpenAI-compatible servers (vLLM, SGLang, kangaroo serve, transformers serve) or local "
-                    "transformers text models, named in --config. Writes OUT.jsonl, OUT.report.json, "
+                    "transformers models, named in --config. Writes OUT.jsonl, OUT.report.json, "
                     "OUT.reasons.jsonl; a rerun on the same output continues where it stopped. See docs/curation.md.")
     caption.add_argument("--manifest", required=True, help="JSONL manifest")
     caption.add_argument("--output", required=True, help="the captioned lines, a .jsonl file")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kangaroo.curate.filters import Item, LineError, SampleFilter, StopCuration, Verdict
-from kangaroo.curate.pipeline import _append, _open_journal, output_paths, shard_lines
+from kangaroo.curate.pipeline import _append, _open_journal, check_shards, output_paths, shard_lines
 from kangaroo.data.manifest import read_record
 
 ROLES = ("captioners", "summarisers")
@@ -164,11 +164,12 @@ def caption_config(raw: dict[str, Any], where: str = "caption config") -> Captio
     raw["prompts"] = prompts
     raw["max_words"] = {**DEFAULT_MAX_WORDS, **(raw.get("max_words") or {})}
     config = _build(CaptionConfig, raw, where)
-    _check(config, where)
+    check_config(config, where)
     return config
 
 
-def _check(config: CaptionConfig, where: str) -> None:
+def check_config(config: CaptionConfig, where: str) -> None:
+    """Raises ``ValueError`` naming what is wrong with ``config`` (``where``: the file or flag)."""
     for role in ROLES:
         backends = getattr(config, role)
         names = [b.name for b in backends]
@@ -376,10 +377,11 @@ class TransformersBackend:
         return Reply(text, int(prompt), int(new.numel()))
 
 
-def make_backend(config: BackendConfig, timeout_s: float, role: str = "summarisers"):
-    if config.kind == "openai":
-        return OpenAIBackend(config, timeout_s)
-    return TransformersBackend(config, sees_images=role == "captioners")
+def make_backends(config: CaptionConfig) -> dict[tuple[str, str], Any]:
+    """Every backend of ``config`` by ``(role, name)``: captioners see images, summarisers text."""
+    return {(role, b.name): OpenAIBackend(b, config.timeout_s) if b.kind == "openai"
+            else TransformersBackend(b, sees_images=role == "captioners")
+            for role in ROLES for b in getattr(config, role)}
 
 
 class Requests:
@@ -419,6 +421,11 @@ class Requests:
         where = getattr(backend.config, "base_url", None) or backend.config.model
         raise BackendUnavailable(
             f"backend {name!r} ({where}) did not answer after {self.config.retries + 1} attempts: {last}")
+
+    def totals(self) -> collections.Counter:
+        """Every backend's counts summed."""
+        with self._lock:
+            return sum(self.stats.values(), collections.Counter())
 
     def _count(self, name: str, **counts: int) -> None:
         with self._lock:
@@ -595,7 +602,7 @@ class Captioning(SampleFilter):
         self.language = language
         loaded = load_caption_config(config)
         self._config = dataclasses.replace(loaded, language=language) if language else loaded
-        _check(self._config, config)
+        check_config(self._config, config)
         self._captioner: Captioner | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -609,33 +616,22 @@ class Captioning(SampleFilter):
         from kangaroo.curate import pipeline
 
         config = self._config
-        backends = {(role, b.name): make_backend(b, config.timeout_s, role) for role in ROLES for b in getattr(config, role)}
-        self._captioner = Captioner(config, backends, Requests(config, threading.Event()),
+        # relative image paths are read against the manifest's folder, as the pipeline reads videos
+        self._captioner = Captioner(config, make_backends(config), Requests(config, threading.Event()),
                                     pipeline._WORKER.get("base", os.getcwd()), config.language, None)
 
     def check(self, item: Item) -> Verdict:
-        from kangaroo.curate import pipeline
-
-        if self._captioner is None:
-            self.setup("")
-        self._captioner.base = pipeline._WORKER.get("base", self._captioner.base)  # relative images
         record = dict(item.record)
         if item.video is not None:
             record["video"] = item.video  # a clip SceneCut cut, or the line's own video, as a local path
-        before = self._totals()
+        before = self._captioner.requests.totals()
         entry = self._captioner.caption_line(item.line, record)
         if entry["status"] != "captioned":
             raise LineError(entry["reason"])
         captioned = {**entry["record"], **{k: item.record[k] for k in ("video", "image") if k in item.record}}
         # this line's requests, retries and tokens, summed into the filter's entry of the report
-        counts = {k: v - before.get(k, 0) for k, v in self._totals().items() if k != "failures"}
+        counts = {k: v - before[k] for k, v in self._captioner.requests.totals().items() if k != "failures"}
         return Verdict(True, items=[Item(item.id, captioned, item.video, item.line)], counts=counts)
-
-    def _totals(self) -> collections.Counter:
-        totals = collections.Counter()
-        for stats in self._captioner.requests.stats.values():
-            totals.update(stats)
-        return totals
 
 
 # -- a run -----------------------------------------------------------------------------------
@@ -672,7 +668,7 @@ def caption_manifest(manifest: str, output: str, config: CaptionConfig, language
         raise ValueError(f"--output must be a .jsonl file, got {output}")
     if language is not None:
         config = dataclasses.replace(config, language=language)
-        _check(config, "--language")
+        check_config(config, "--language")
     paths = output_paths(os.path.abspath(output))
     if os.path.realpath(manifest) in {os.path.realpath(p) for p in paths.values()}:
         raise ValueError(f"--output {output} would overwrite the manifest {manifest}; choose another file")
@@ -690,8 +686,7 @@ def caption_manifest(manifest: str, output: str, config: CaptionConfig, language
     resumed = len([n for n in numbers if n in entries])
     stop = threading.Event()
     requests = Requests(config, stop)
-    backends = {(role, b.name): make_backend(b, config.timeout_s, role) for role in ROLES for b in getattr(config, role)}
-    captioner = Captioner(config, backends, requests, os.path.dirname(os.path.abspath(manifest)), config.language,
+    captioner = Captioner(config, make_backends(config), requests, os.path.dirname(os.path.abspath(manifest)), config.language,
                           os.path.dirname(paths["manifest"]))
     started = time.perf_counter()
     stopped: str | None = None
@@ -774,9 +769,7 @@ def _finish(manifest, output, paths, entries, lines, resumed, requests: Requests
     with open(paths["reasons"], "w", encoding="utf-8") as handle:
         for entry in failed + skipped:
             handle.write(json.dumps({k: entry[k] for k in ("line", "id", "status", "reason")}, ensure_ascii=False) + "\n")
-    totals = collections.Counter()
-    for stats in requests.stats.values():
-        totals.update(stats)
+    totals = requests.totals()
     data = {
         "manifest": manifest, "output": output, "shard": list(shard) if shard else None, "lines": lines,
         "done": len(entries), "captioned": len(captioned), "failed": len(failed), "skipped": len(skipped),
@@ -815,14 +808,8 @@ def merge_caption_parts(parts: list[str], output: str) -> CaptionReport:
                              "run its command again first")
         if not header.get("shard"):
             raise ValueError(f"{part} was not run with --shard")
-        found.append((tuple(header["shard"]), paths, report, {k: v for k, v in header.items() if k != "shard"}))
-    found.sort(key=lambda f: f[0])
-    count = found[0][0][1]
-    if [f[0] for f in found] != [(k, count) for k in range(count)]:
-        raise ValueError(f"the parts are shards {[f'{k}/{n}' for (k, n), *_ in found]}; a merge needs every "
-                         f"shard K/{count}, K = 0..{count - 1}, once")
-    if any(f[3] != found[0][3] for f in found):
-        raise ValueError("the parts were run over different manifests or with different settings")
+        found.append((tuple(header["shard"]), header, paths, report))
+    found = [(shard, paths, report, header) for shard, header, paths, report in check_shards(found)]
     paths = output_paths(os.path.abspath(output))
     if any(os.path.abspath(paths["manifest"]) == f[1]["manifest"] for f in found):
         raise ValueError(f"--output {output} is one of the parts")

@@ -197,9 +197,9 @@ def _init_worker(filters: list[SampleFilter], workspace: str, base: str, threads
         cv2.setNumThreads(threads)
         for f in filters:
             f.limit_threads(threads)
+    _WORKER.update(filters=filters, base=base)  # before setup: a filter may read the manifest's folder
     for f in filters:
         f.setup(workspace)
-    _WORKER.update(filters=filters, base=base)
 
 
 def _run(todo, base, filters, workspace, workers, progress, journal, entries) -> None:
@@ -373,6 +373,19 @@ def _write_lines(path: str, values: list) -> None:
     storage.write_text(path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in values))
 
 
+def check_shards(found: list[tuple]) -> list[tuple]:
+    """``found``: per part ``(shard, journal header, ...)``. Sorted by shard, once each checked to
+    be every shard ``K/N`` of one ``N``, run over one manifest with one set of settings."""
+    found = sorted(found, key=lambda f: f[0])
+    count = found[0][0][1]
+    if [f[0] for f in found] != [(k, count) for k in range(count)]:
+        raise ValueError(f"the parts are shards {[f'{k}/{n}' for (k, n), *_ in found]}; a merge needs every "
+                         f"shard K/{count}, K = 0..{count - 1}, once")
+    if any({**f[1], "shard": None} != {**found[0][1], "shard": None} for f in found):
+        raise ValueError("the parts were run over different manifests or with different settings")
+    return found
+
+
 def merge_curate_parts(parts: list[str], output: str) -> CurateReport:
     """Joins the outputs of ``kangaroo curate --shard K/N`` (every K of one N, each finished, the
     same manifest and filters): the parts' journals are read as one run's, then the dataset
@@ -393,13 +406,7 @@ def merge_curate_parts(parts: list[str], output: str) -> CurateReport:
         if len(entries) != report.get("lines"):
             raise ValueError(f"{part} did not finish; run its command again first")
         found.append((tuple(header["shard"]), header, entries, report))
-    found.sort(key=lambda f: f[0])
-    count = found[0][0][1]
-    if [f[0] for f in found] != [(k, count) for k in range(count)]:
-        raise ValueError(f"the parts are shards {[f'{k}/{n}' for (k, n), *_ in found]}; a merge needs every "
-                         f"shard K/{count}, K = 0..{count - 1}, once")
-    if any({**f[1], "shard": None} != {**found[0][1], "shard": None} for f in found):
-        raise ValueError("the parts were run over different manifests or with different filters")
+    found = check_shards(found)
     described = found[0][1]["filters"]
     dataset = [_rebuild(d) for d in described if d["name"] in found[0][3].get("deferred", [])]
     entries = {n: e for f in found for n, e in f[2].items()}
