@@ -45,3 +45,25 @@ def any_process(flag: bool) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def exit_after_success() -> None:
+    """Ends a process of a multi-process run whose work ended well on every process: the process
+    group destroyed, output and log handlers flushed, then ``os._exit(0)``, which skips the
+    interpreter's teardown. Left to that teardown, a C++ thread of the communication stack can
+    still be joinable when its owner is destroyed, and the process dies with SIGABRT ("terminate
+    called without an active exception") after its work is done: a launcher such as ``torchrun``
+    then counts the worker failed and waits out its exit barrier on the other nodes. Only on
+    success: a process that failed may leave its peers inside a collective, where destroying the
+    group hangs. Outside a process group it returns and the interpreter ends as usual."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import logging
+    import os
+    import sys
+
+    dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)

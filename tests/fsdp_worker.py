@@ -233,10 +233,9 @@ def main() -> None:
             json.dump([loss for _, loss in stage.loss_history], handle)
         with open(os.path.join(args.out, "grad_norms.json"), "w") as handle:
             json.dump(stage.grad_norms, handle)
-    import torch.distributed as dist
+    from kangaroo.distributed import exit_after_success
 
-    if dist.is_initialized():  # as `kangaroo fit` does: gloo left to the interpreter's exit may abort
-        dist.destroy_process_group()
+    exit_after_success()  # as `kangaroo fit` does: gloo left to the interpreter's teardown may abort
 
 
 if __name__ == "__main__":

@@ -14,34 +14,7 @@ import threading
 import time
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def port_outside_the_ephemeral_range() -> int:
-    """A free port the kernel never hands out as an outgoing connection's source port: while the
-    gateway is down, a port from the ephemeral range can be taken by any connection on the
-    machine (its own to moto included), and ``up()`` would then find it in use."""
-    import random
-
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
-            low = int(handle.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    candidates = list(range(max(1024, low - 12000), low))
-    random.shuffle(candidates)
-    for port in candidates:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
+from ports import free_port
 
 
 class Gateway:
@@ -50,7 +23,7 @@ class Gateway:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = port_outside_the_ephemeral_range()
+        self.port = free_port()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []

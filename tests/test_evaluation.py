@@ -153,6 +153,7 @@ def test_a_killed_eval_resumes_without_asking_finished_questions_again(random_mo
     assert after[:len(before)] == before, "finished answers kept as they were"
     assert sorted(line["id"] for line in after) == sorted(f"q{i}" for i in range(8)), "each question answered once"
     whole = evaluate(random_model_folder[0], data, videos, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == \
         json.loads((tmp_path / "whole" / "results.json").read_text())
 

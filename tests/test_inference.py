@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_video
 from kangaroo.data.video import MediaError
 from kangaroo.inference import Frames, Generator, export_model, load_pretrained
-from kangaroo.modules import build_kangaroo, kangaroo_tiny_config
+from kangaroo.modules import build_kangaroo
 
 
 @pytest.fixture(scope="module")

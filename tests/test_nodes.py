@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ports import free_port
 from test_parallel import FSDP, WORKER, assert_same_weights
 from test_resume import fit_command, image_data  # noqa: F401
 
 TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_nodes(commands: list[list[str]], envs: list[dict[str, str]], logs: Path) -> None:
@@ -43,7 +37,11 @@ def run_nodes(commands: list[list[str]], envs: list[dict[str, str]], logs: Path)
         for process in processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"the nodes did not finish within {TIMEOUT} s")
+        tails = []
+        for index, handle in enumerate(files):
+            handle.seek(0)
+            tails.append(f"--- node {index} (exit {processes[index].poll()}) ---\n{handle.read()[-3000:]}")
+        pytest.fail(f"the nodes did not finish within {TIMEOUT} s\n" + "\n".join(tails))
     for process, handle in zip(processes, files):
         handle.seek(0)
         output = handle.read()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kangaroo.recipe import NodeSetup
-from test_nodes import free_port
+from ports import free_port
 from test_recipe import SMALL_WORLD, chain_recipe
 
 NODE_TIMEOUT = 15
