@@ -24,7 +24,8 @@ import pytest
 
 pytest.importorskip("openai")
 
-from test_serve import free_port, wait_until_up  # noqa: E402
+from ports import free_port  # noqa: E402
+from test_serve import wait_until_up  # noqa: E402
 from trained import COLOURS, colour_image  # noqa: E402
 
 TIMEOUT = 240
@@ -125,7 +126,7 @@ def test_real_servers_caption_held_out_clips_naming_their_colour_with_provenance
         handle.write("{not json\n")
     config = write_config(tmp_path / "captions.yaml", servers["captioner"], served_summariser(servers), concurrency=4)
     output = tmp_path / "out" / "captioned.jsonl"
-    run = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(output), "--config", str(config))
+    run = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(output), "--captions", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
     lines, report, reasons = read_output(output)
     assert report["captioned"] == 13 and report["skipped"] == 1 and report["failed"] == 1, report
@@ -151,7 +152,7 @@ def test_real_servers_caption_held_out_clips_naming_their_colour_with_provenance
     assert "blue" in picture["caption"] and picture["meta"]["captioning"]["replaced_caption"] == "IMG_0042.jpg"
     assert not any(line["caption"].strip() == "" for line in lines)
 
-    again = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(output), "--config", str(config))
+    again = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(output), "--captions", str(config))
     assert again.returncode == 0, again.stderr[-3000:]
     _, report, _ = read_output(output)
     assert report["resumed"] == 15 and report["requests"] == 0, "a rerun asks nothing already answered"
@@ -178,7 +179,7 @@ def test_a_paused_captioner_is_waited_out_and_a_lost_one_stops_the_run_which_a_r
     config = write_config(tmp_path / "paused.yaml", servers["captioner"], served_summariser(servers), **faults)
     output = tmp_path / "paused" / "captioned.jsonl"
     command = [sys.executable, "-m", "kangaroo.cli", "curate", "caption", "--manifest", str(manifest), "--output",
-               str(output), "--config", str(config)]
+               str(output), "--captions", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_journal(output, 3, process)
@@ -219,7 +220,7 @@ def test_a_paused_captioner_is_waited_out_and_a_lost_one_stops_the_run_which_a_r
     # The same output, the captioner back (at another address): only the rest is asked
     config = write_config(tmp_path / "lost.yaml", servers["captioner"], served_summariser(servers),
                           **{**faults, "timeout_s": 60})
-    rerun = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(lost), "--config", str(config))
+    rerun = kangaroo("curate", "caption", "--manifest", str(manifest), "--output", str(lost), "--captions", str(config))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     lines, report, _ = read_output(lost)
     assert report["resumed"] == finished, report
@@ -378,7 +379,7 @@ def test_bad_configs_are_refused_naming_the_problem(tmp_path, change, message):
         path.write_text(json.dumps(config))
         (tmp_path / "m.jsonl").write_text('{"id": "a", "video": "a.mp4"}\n')
         run = kangaroo("curate", "caption", "--manifest", str(tmp_path / "m.jsonl"), "--output",
-                       str(tmp_path / "out.jsonl"), "--config", str(path), timeout=60)
+                       str(tmp_path / "out.jsonl"), "--captions", str(path), timeout=60)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 

@@ -53,7 +53,7 @@ def test_summary_from_a_yaml_config(tmp_path):
         "    projector: {kind: mlp}\n"
         "  trainable: {vision_tower: false, patchify: true, projector: true, language_model: false}\n"
     )
-    summary = json.loads(kangaroo("model", "summary", "--config", str(config), "--json").stdout)
+    summary = json.loads(kangaroo("model", "summary", "--stage", str(config), "--json").stdout)
     projector = (192 * 64 + 64) + (64 * 64 + 64)
     assert summary["parts"]["projector"] == {"params": projector, "trainable": projector}
     assert summary["parts"]["vision_tower"]["trainable"] == 0 and summary["parts"]["language_model"]["trainable"] == 0
@@ -64,7 +64,7 @@ def test_summary_from_a_yaml_config(tmp_path):
 def test_unknown_yaml_key_is_named(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  architecture:\n    vision_towr: {name: EVA02-L-14}\n")
-    result = kangaroo("model", "summary", "--config", str(config), check=False)
+    result = kangaroo("model", "summary", "--stage", str(config), check=False)
     assert result.returncode == 2
     assert "vision_towr" in result.stderr
 
@@ -105,3 +105,74 @@ def test_help_lists_every_command_and_each_answers_its_own_help(capsys):
             main([name, "--help"])
         assert done.value.code == 0, name
         assert "usage" in capsys.readouterr().out.lower(), name
+
+
+def leaves(table=None, path=()):
+    """Every command of ``kangaroo`` below the LightningCLI pair, as its words."""
+    from kangaroo.cli import COMMANDS, FIT_COMMANDS
+
+    for name, entry in (table or COMMANDS).items():
+        if name == "_help" or (not path and name in FIT_COMMANDS):
+            continue
+        if isinstance(entry, dict):
+            yield from leaves(entry, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_command_prints_its_settings_and_reads_them_back_from_config(capsys, tmp_path):
+    import yaml
+
+    from kangaroo.cli import main
+
+    commands = list(leaves())
+    assert len(commands) == 16, commands
+    for words in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*words, "--help"])
+        assert done.value.code == 0, words
+        assert "--print_config" in capsys.readouterr().out, words
+        with pytest.raises(SystemExit) as done:
+            main([*words, "--print_config"])
+        assert done.value.code == 0, words
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert isinstance(printed, dict) and printed, words
+        # the printed settings are a config file the command accepts: printed again, unchanged
+        settings = tmp_path / f"{'-'.join(words)}.yaml"
+        settings.write_text(yaml.safe_dump(printed))
+        with pytest.raises(SystemExit) as done:
+            main([*words, "--config", str(settings), "--print_config"])
+        assert done.value.code == 0, words
+        assert yaml.safe_load(capsys.readouterr().out) == printed, words
+
+
+def test_earlier_spellings_of_flags_mean_what_they_meant(capsys):
+    import yaml
+
+    from kangaroo.cli import main
+
+    def settings(*words):
+        with pytest.raises(SystemExit) as done:
+            main([*words, "--print_config"])
+        assert done.value.code == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    served = settings("serve", "--model", "m", "--allowed-media-root", "/a", "--allowed-media-root", "/b",
+                      "--allow-remote-media", "--batch-wait-ms", "5", "--max_batch=3")
+    assert served["allowed_media_root"] == ["/a", "/b"] and served["allow_remote_media"] is True
+    assert served["batch_wait_ms"] == 5.0 and served["max_batch"] == 3
+    assert settings("serve", "--model", "m", "--allow-remote-media", "false")["allow_remote_media"] is False
+    assert settings("serve", "--model", "m", "--allowed_media_root", "[/c, /d]")["allowed_media_root"] == ["/c", "/d"]
+    # a bool flag alone before a positional argument, and `curate --manifest` as `curate filter`
+    exported = settings("export", "--overwrite", "runs/stage", "--output", "out")
+    assert exported["overwrite"] is True and exported["source"] == "runs/stage"
+    assert settings("curate", "--manifest", "m.jsonl", "--output", "o.jsonl")["manifest"] == "m.jsonl"
+
+
+def test_bad_settings_are_refused_with_the_option_named(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("model: m\nmax_batch: many\n")
+    result = kangaroo("serve", "--config", str(bad), check=False)
+    assert result.returncode == 2 and "max_batch" in result.stderr
+    unknown = kangaroo("eval", "--model", "m", "--benchmark", "nonesuch", "--data", "d", "--output", "o", check=False)
+    assert unknown.returncode == 2 and "benchmark" in unknown.stderr

@@ -60,7 +60,7 @@ def test_prepare_reads_media_from_s3_and_writes_chunks_there(s3, tmp_path, stage
 
     def prepare(manifest: str, output: str, root: str, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "prepare", "--manifest", manifest,
-                               "--output", output, "--config", stage_yaml(), "--allowed-root", root, *extra],
+                               "--output", output, "--stage", stage_yaml(), "--allowed-root", root, *extra],
                               capture_output=True, text=True)
 
     local = prepare(str(tmp_path / "local.jsonl"), str(tmp_path / "prepared"), str(media))

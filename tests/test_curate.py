@@ -205,7 +205,7 @@ def test_bad_input_is_reported_and_the_rest_processed(demo, tmp_path):
 
 def _curate_command(manifest: Path, output: Path, *extra: str, config: Path = ROOT / "configs" / "curate.yaml"):
     return [sys.executable, "-m", "kangaroo.cli", "curate", "--manifest", str(manifest), "--output", str(output),
-            "--config", str(config), *extra]
+            "--filters", str(config), *extra]
 
 
 def test_a_killed_run_continues_where_it_stopped(tmp_path, curated):

@@ -105,7 +105,7 @@ def test_data_stats_prints_an_epoch_at_the_stage_budget(uneven_data, tmp_path):
     config["model"]["architecture"]["language_model"] = str(STAGE.parent / "language-model.yaml")
     stage = tmp_path / "stage.yaml"
     stage.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "stats", uneven_data[0], "--config",
+    result = subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "stats", uneven_data[0], "--stage",
                              str(stage), "--devices", "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line and "epoch" not in line[:6])

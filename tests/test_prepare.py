@@ -66,7 +66,7 @@ def kangaroo(*args):
 def test_prepare_keeps_every_good_sample_and_lists_every_bad_one(tmp_path, media_dir, stage_yaml):
     path, good_ids = manifest(tmp_path, media_dir)
     out = tmp_path / "prepared"
-    result = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--config", stage_yaml(),
+    result = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--stage", stage_yaml(),
                       "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert f"prepared {len(good_ids)} samples" in result.stdout and "skipped 9" in result.stdout
@@ -94,11 +94,11 @@ def test_prepare_keeps_every_good_sample_and_lists_every_bad_one(tmp_path, media
 def test_strict_fails_and_existing_output_is_protected(tmp_path, media_dir, stage_yaml):
     path, _ = manifest(tmp_path, media_dir)
     out = tmp_path / "prepared"
-    strict = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--config", stage_yaml(), "--strict")
+    strict = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--stage", stage_yaml(), "--strict")
     assert strict.returncode == 2 and "--strict" in strict.stderr
     out.mkdir(exist_ok=True)
     (out / "keep.txt").write_text("precious")
-    again = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--config", stage_yaml())
+    again = kangaroo("data", "prepare", "--manifest", path, "--output", str(out), "--stage", stage_yaml())
     assert again.returncode == 2 and "--overwrite" in again.stderr and (out / "keep.txt").exists()
 
 
@@ -106,7 +106,7 @@ def test_nothing_usable_exits_non_zero(tmp_path, stage_yaml):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"id": "a", "video": "nope.mp4", "task": "caption", "caption": "x"}) + "\n{bad\n")
     result = kangaroo("data", "prepare", "--manifest", str(path), "--output", str(tmp_path / "o"),
-                      "--config", stage_yaml())
+                      "--stage", stage_yaml())
     assert result.returncode == 1 and "no usable sample" in result.stderr
 
 
@@ -209,7 +209,7 @@ def test_two_shards_prepared_by_two_processes_merge_into_the_one_pass_dataset(tm
         out.write("\n".join(extra) + "\n")
     config = stage_yaml()
     parts = [subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "data", "prepare", "--manifest", path,
-                               "--config", config, "--output", str(tmp_path / "sharded"), "--shard", f"{k}/2"],
+                               "--stage", config, "--output", str(tmp_path / "sharded"), "--shard", f"{k}/2"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
     outputs = [part.communicate(timeout=300)[0] for part in parts]
     assert [part.returncode for part in parts] == [0, 0], outputs
@@ -260,7 +260,7 @@ def test_merge_refuses_missing_parts_and_prepare_refuses_a_bad_shard(tmp_path, s
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n")
     for shard in ("2/2", "0/1", "x"):
         result = subprocess.run([sys.executable, "-m", "kangaroo.cli", "data", "prepare", "--manifest",
-                                 str(tmp_path / "m.jsonl"), "--config", stage_yaml(), "--output",
+                                 str(tmp_path / "m.jsonl"), "--stage", stage_yaml(), "--output",
                                  str(tmp_path / "o"), "--shard", shard], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and "--shard" in result.stderr, result.stderr
 

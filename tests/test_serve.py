@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -14,14 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+from ports import free_port
 
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -48,12 +43,20 @@ def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> 
 
 
 @contextmanager
-def serving(folder: Path, *extra: str):
-    """``kangaroo serve`` started as a process; yields ``(base_url, process)``."""
+def serving(folder: Path, *extra: str, settings: Path | None = None):
+    """``kangaroo serve`` started as a process; yields ``(base_url, process)``. With ``settings``,
+    the flags are first written there by ``--print_config`` and the server starts from
+    ``--config settings`` alone."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "serve", "--model", str(folder), "--port",
-                                str(port), "--served-model-name", "kangaroo-test", "--log-level", "warning", *extra],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = ["--model", str(folder), "--port", str(port), "--served-model-name", "kangaroo-test",
+             "--log-level", "warning", *extra]
+    command = [sys.executable, "-m", "kangaroo.cli", "serve"]
+    if settings is not None:
+        printed = subprocess.run([*command, *flags, "--print_config"], capture_output=True, text=True, timeout=120)
+        assert printed.returncode == 0, printed.stderr[-2000:]
+        settings.write_text(printed.stdout)
+        flags = ["--config", str(settings)]
+    process = subprocess.Popen([*command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{base}/v1/models", process)
@@ -75,9 +78,13 @@ QUESTION = ("What colour is the screen?\nA. red\nB. green\nC. blue\nD. yellow\n"
 
 
 @pytest.fixture(scope="module")
-def trained_server(trained_model):
+def trained_server(trained_model, tmp_path_factory):
+    # started from the YAML that `kangaroo serve ... --print_config` wrote: the same server (its
+    # name, media root and size limit are what the tests below rely on)
+    settings = tmp_path_factory.mktemp("serve") / "serve.yaml"
     with serving(trained_model.folder, "--allowed-media-root", str(trained_model.val_manifest.parent),
-                 "--max-media-mb", "1") as (base, process):
+                 "--max-media-mb", "1", settings=settings) as (base, process):
+        assert yaml.safe_load(settings.read_text())["allowed_media_root"] == [str(trained_model.val_manifest.parent)]
         yield base, process, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 

@@ -208,7 +208,7 @@ def test_8b_summary_shows_the_trainable_parts_of_each_stage(path):
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["model", "summary", "--config", str(path), "--json"]) == 0
+        assert main(["model", "summary", "--stage", str(path), "--json"]) == 0
     parts = json.loads(out.getvalue())["parts"]
     trained = {name for name, counts in parts.items() if counts["trainable"]}
     assert trained == EXPECTED_TRAINABLE[path.stem]

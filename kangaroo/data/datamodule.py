@@ -43,7 +43,7 @@ class KangarooDataModule(L.LightningDataModule):
         num_workers: loader worker processes.
         shuffle: shuffle the training stream (seeded by ``seed``).
         pad_id: token id of padding (its labels are ignored).
-        prepare: how ``kangaroo data prepare --config`` turns manifests into ``train_dir`` and
+        prepare: how ``kangaroo data prepare --stage`` turns manifests into ``train_dir`` and
             ``val_dir`` (frames, resolution, tokenizer, budget); kept here so that one stage
             file describes both. Its ``max_tokens`` may not exceed ``max_tokens``.
         global_batch: packed rows per optimizer step over all processes. When set,

@@ -62,6 +62,19 @@ class ManifestSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def parse_shard(text: str | None, flag: str = "--shard") -> tuple[int, int] | None:
+    """``"K/N"`` (slice K of N of a manifest, for one of N machines) as ``(K, N)``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"{flag} must be K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"{flag} {text}: K must lie in 0..N-1")
+    return index, count
+
+
 def read_manifest(path: str, allowed_roots: list[str] | None = None) -> Iterator[ManifestSample | Reject]:
     """Yields a ``ManifestSample`` per valid line and a ``Reject`` (with its reason) per bad one.
 

@@ -293,6 +293,22 @@ def collect_rejects(directory: str, destination: str) -> collections.Counter:
     return reasons
 
 
+def merge(output: str, *, keep_parts: bool = False) -> int:
+    """Join the parts written by `kangaroo data prepare --shard K/N` into one dataset.
+
+    Args:
+        output: the --output the parts were prepared into (local or s3://)
+        keep_parts: keep OUTPUT/parts after merging
+    """
+    try:
+        report = merge_parts(output, keep_parts=keep_parts)
+    except NothingUsable as err:
+        print(f"kangaroo: error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
 def merge_parts(output: str, keep_parts: bool = False) -> PrepareReport:
     """Joins the N parts of ``output/parts`` (``prepare_dataset(..., shard=(K, N))`` on each
     machine) into one dataset in ``output``: LitData's ``merge_datasets`` copies the chunks (a

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections import defaultdict
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from kangaroo import storage
 from kangaroo.data.video import FrameSampling, MediaError
-from kangaroo.evaluation.benchmarks import Question, extract_letter
+from kangaroo.evaluation.benchmarks import READERS, Question, extract_letter, read_benchmark
 from kangaroo.inference.generation import Generator
 
 RESULTS_NAME = "results.json"
 SAMPLES_NAME = "samples.jsonl"
 MAX_NEW_TOKENS = 16
+BenchmarkName = Literal[tuple(sorted(READERS))]  # type: ignore[valid-type]
 
 
 def journal_name(shard: tuple[int, int]) -> str:
@@ -204,18 +203,92 @@ def _shown(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def launch_shards(argv: list[str], count: int, device: str = "cpu") -> None:
-    """Runs ``kangaroo eval`` with ``argv`` once per shard, as ``count`` processes at once, each on
-    its own GPU when ``device`` is ``cuda`` (``CUDA_VISIBLE_DEVICES``); raises when one fails (its
-    journal keeps what it answered)."""
+def run_benchmark(generator: Generator, sampling: FrameSampling, benchmark: str, data: str, output: str,
+                  videos: str | None = None, mode: str = "generate", frames: int | None = None,
+                  fps: float | None = None, shard: tuple[int, int] = (0, 1), progress: bool = True) -> list[Question]:
+    """Answers one shard of a benchmark file's questions with ``generator`` (frames sampled as
+    ``sampling`` says, or ``frames``/``fps`` in its place) into ``output``'s journal; returns the
+    questions, for ``summarize``. ``kangaroo eval`` and the recipe runner both score through it."""
+    generator.sampling = frame_sampling(sampling, frames, fps)
+    questions = read_benchmark(benchmark, data)
+    evaluate_shard(generator, questions, videos or os.path.dirname(os.path.abspath(data)), output, mode, shard,
+                   progress=progress, benchmark=benchmark)
+    return questions
+
+
+def evaluate(*, model: str, benchmark: BenchmarkName, data: str, output: str, videos: str | None = None,
+             mode: Literal["generate", "likelihood"] = "generate", frames: int | None = None, fps: float | None = None,
+             devices: int = 1, device: str = "cpu", dtype: str | None = None, quiet: bool = False) -> int:
+    """Score a model folder on a video benchmark.
+
+    Greedy decoding, at most 16 new tokens, the option letter read from the reply (none: wrong,
+    listed). Writes OUT/results.json and OUT/samples.jsonl; a rerun resumes.
+
+    Args:
+        model: a model folder (kangaroo export, or a recipe's last stage)
+        benchmark: the data file's layout (manifest: the project's task: mcq lines)
+        data: the questions: a JSON list or JSON lines
+        output: folder for results.json and samples.jsonl
+        videos: the folder video paths are relative to (default: the data file's)
+        mode: generate a reply, or score each option letter (likelihood)
+        frames: sample this many frames uniformly (default: the model folder's)
+        fps: sample at this rate instead
+        devices: processes splitting the questions, each on its own GPU when --device is cuda
+        device: cpu, cuda, cuda:1, ...
+        dtype: cast the weights, e.g. bfloat16 on a GPU (default: as stored)
+        quiet: no progress bar
+    """
+    if devices < 1:
+        raise ValueError(f"--devices must be 1 or more, got {devices}")
+    questions = read_benchmark(benchmark, data)  # a bad file fails here, before any process starts
+    frame_sampling(FrameSampling(), frames, fps)  # and so do bad --frames/--fps
+    shard_options = dict(model=model, benchmark=benchmark, data=data, output=output, videos=videos, mode=mode,
+                         frames=frames, fps=fps, device=device, dtype=dtype, progress=not quiet)
+    if devices == 1:
+        _answer_shard(shard_options, (0, 1))
+    else:
+        _run_shards(shard_options, devices)
+    print(format_results(summarize(questions, output, devices, benchmark, mode)))
+    return 0
+
+
+def _answer_shard(options: dict[str, Any], shard: tuple[int, int]) -> None:
+    from kangaroo.inference.commands import load_generator
+
+    options = dict(options)
+    generator = load_generator(options.pop("model"), options.pop("device"), options.pop("dtype"))
+    run_benchmark(generator, generator.sampling, options.pop("benchmark"), options.pop("data"), options.pop("output"),
+                  shard=shard, **options)
+
+
+def _run_shards(options: dict[str, Any], count: int) -> None:
+    """Answers the shards in ``count`` processes at once, each on its own GPU when the device is
+    ``cuda`` (``CUDA_VISIBLE_DEVICES``, so each sees its GPU as ``cuda``); raises when one fails
+    (its journal keeps what it answered)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no CUDA state forked
+    on_gpu = options["device"].startswith("cuda")
     processes = []
-    for i in range(count):
-        env = dict(os.environ)
-        if device.startswith("cuda"):
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
-        processes.append(subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "eval", *argv, "--shard",
-                                           f"{i}/{count}", "--no-summary"], env=env))
-    codes = [process.wait() for process in processes]
+    for index in range(count):
+        shard_options = {**options, "device": "cuda"} if on_gpu else options
+        previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if on_gpu:  # a spawned process starts with the environment of the moment
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+        try:
+            process = context.Process(target=_answer_shard, args=(shard_options, (index, count)),
+                                      name=f"eval-shard-{index}")
+            process.start()
+        finally:
+            if on_gpu:
+                if previous is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = previous
+        processes.append(process)
+    for process in processes:
+        process.join()
+    codes = [process.exitcode for process in processes]
     failed = [i for i, code in enumerate(codes) if code != 0]
     if failed:
         raise RuntimeError(f"eval shard(s) {failed} of {count} failed (exit codes {[codes[i] for i in failed]}); "

@@ -199,7 +199,7 @@ def _find_stage_file(source: str) -> str:
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
     raise ValueError(f"no stage file found for {source} (looked for {list(STAGE_CONFIG_NAMES)} in {folders}); "
-                     "name the stage file that trained it with --config")
+                     "name the stage file that trained it with --stage")
 
 
 def _weights_of(source: str) -> str:

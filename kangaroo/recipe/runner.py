@@ -97,20 +97,17 @@ class Preempted(RuntimeError):
 
 
 def prepare_stage(recipe: Recipe, stage: Stage, workdir: str, merged_path: str, workers: int) -> None:
-    from kangaroo.data.prepare import prepare_dataset
-    from kangaroo.modules.builder import visual_layout
-    from kangaroo.training.stage_file import load_stage_file
+    from kangaroo.training.commands import prepare_stage_data
 
     for split, manifest in stage.prepare.items():
         output = data_dir(workdir, stage, split)
         if storage.exists(storage.join(output, "index.json")):
             continue
-        sections = load_stage_file(merged_path)
         print(f"[{stage.name}] preparing {split} data from {manifest}", flush=True)
-        report = prepare_dataset(manifest, output, sections["data"].prepare,
-                                 visual_layout(sections["model"].architecture),
-                                 workers=workers, overwrite=True, start_method="forkserver")
-        print(report.summary(), flush=True)
+        # forkserver: this process holds threads (the node coordinator's), which fork would copy mid-call
+        if prepare_stage_data(manifest=manifest, stage=merged_path, output=output, workers=workers, overwrite=True,
+                              start_method="forkserver"):
+            raise RuntimeError(f"[{stage.name}] no usable sample in {manifest} (its rejects: {output}/rejects.jsonl)")
 
 
 def _fit_command(merged_path: str, resume: str | None, nodes: NodeSetup) -> list[str]:
@@ -283,8 +280,8 @@ def finish_stage(recipe: Recipe, stage: Stage, workdir: str, state: dict[str, An
     benchmarks = entry.setdefault("benchmarks", {})
     if entry.get("model_folder") and all(e.label in benchmarks for e in stage.eval):
         return
-    from kangaroo.evaluation import evaluate_shard, format_results, read_benchmark, summarize
-    from kangaroo.evaluation.run import frame_sampling
+    from kangaroo.evaluation import format_results, summarize
+    from kangaroo.evaluation.run import run_benchmark
     from kangaroo.inference import Generator, export_model, load_pretrained
 
     root, local_root = stage_dir(workdir, stage), local_stage_dir(workdir, stage)
@@ -314,12 +311,10 @@ def finish_stage(recipe: Recipe, stage: Stage, workdir: str, state: dict[str, An
             generator = Generator(load_pretrained(local_model, device="cuda" if on_gpu else "cpu",
                                                   dtype="bfloat16" if on_gpu else None))
             base = generator.sampling
-        generator.sampling = frame_sampling(base, evaluation.frames, evaluation.fps)
         output = os.path.join(local_root, EVAL_FOLDER, evaluation.label)
-        questions = read_benchmark(evaluation.benchmark, evaluation.data)
-        print(f"[{stage.name}] eval {evaluation.label}: {len(questions)} questions from {evaluation.data}", flush=True)
-        evaluate_shard(generator, questions, evaluation.videos or os.path.dirname(evaluation.data), output,
-                       evaluation.mode, benchmark=evaluation.benchmark)
+        print(f"[{stage.name}] eval {evaluation.label}: questions from {evaluation.data}", flush=True)
+        questions = run_benchmark(generator, base, evaluation.benchmark, evaluation.data, output, evaluation.videos,
+                                  evaluation.mode, evaluation.frames, evaluation.fps)
         results = summarize(questions, output, 1, evaluation.benchmark, evaluation.mode)
         print(format_results(results), flush=True)
         if local_root != root:

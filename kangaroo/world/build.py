@@ -29,6 +29,21 @@ from kangaroo.world.render import STAGES, World, WorldConfig, corpus_of, describ
 from kangaroo.world.tokenizer import write_tokenizer
 
 
+def synth(*, output: str = "data/kangaroo-tiny", seed: int = 0, overwrite: bool = False) -> int:
+    """Write the tiny synthetic world: videos, manifests for all five stages, held-out questions,
+    tokenizer and text-trained tiny LLM.
+
+    Args:
+        output: the world's folder
+        seed: the world's seed (its clips, questions and splits)
+        overwrite: replace a world made with other settings
+    """
+    info = synthesize(output, WorldConfig(seed=seed), overwrite=overwrite)
+    for name, count in info["manifests"].items():
+        print(f"{name:<40}{count:>7}")
+    return 0
+
+
 def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Writes the whole tiny world into ``output`` (see the module docstring). Refuses a folder
     that already holds a different world unless ``overwrite``."""
