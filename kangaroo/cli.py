@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
+import types
 import typing
 from typing import Any, Callable
 
@@ -104,7 +106,8 @@ def _spelled_for_jsonargparse(words: list[str], function: Callable[..., int]) ->
     kinds = {}
     for name in inspect.signature(function).parameters:
         hint = hints.get(name)
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
         if args[0] is bool:
             kinds[name] = "bool"
         elif typing.get_origin(args[0]) is list:
@@ -130,6 +133,22 @@ def _spelled_for_jsonargparse(words: list[str], function: Callable[..., int]) ->
             spelled.append(f"--{name}+" + (f"={value}" if equals else ""))
         else:
             spelled.append(f"--{name}{equals}{value}")
+    positional_lists = [name for name, parameter in inspect.signature(function).parameters.items()
+                        if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and kinds.get(name) == "list"]
+    if positional_lists:  # jsonargparse reads a positional list as one YAML list: `a b` -> `["a", "b"]`
+        values, kept, position = [], [], 0
+        while position < len(spelled):
+            word = spelled[position]
+            if word.startswith("--"):
+                kept.append(word)
+                if "=" not in word and position + 1 < len(spelled):
+                    kept.append(spelled[position + 1])
+                    position += 1
+            else:
+                values.append(word)
+            position += 1
+        if values and not (len(values) == 1 and values[0].startswith("[")):
+            spelled = ["[" + ", ".join(json.dumps(value) for value in values) + "]", *kept]
     return spelled
 
 

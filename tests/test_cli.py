@@ -167,6 +167,9 @@ def test_earlier_spellings_of_flags_mean_what_they_meant(capsys):
     exported = settings("export", "--overwrite", "runs/stage", "--output", "out")
     assert exported["overwrite"] is True and exported["source"] == "runs/stage"
     assert settings("curate", "--manifest", "m.jsonl", "--output", "o.jsonl")["manifest"] == "m.jsonl"
+    # several values of a positional list, before or after the options
+    assert settings("curate", "merge", "a.jsonl", "b c.jsonl", "--output", "o.jsonl")["parts"] == ["a.jsonl", "b c.jsonl"]
+    assert settings("curate", "merge", "--output", "o.jsonl", "a.jsonl")["parts"] == ["a.jsonl"]
 
 
 def test_bad_settings_are_refused_with_the_option_named(tmp_path):

@@ -67,3 +67,24 @@ def test_the_configs_language_model_is_the_named_size(model):
 
     written = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / model / "language-model.yaml").read_text())
     assert written["transformers_config"] == named_config(model).language_model.transformers_config
+
+
+@pytest.mark.parametrize("model", ["kangaroo-8b", "kangaroo-tiny"])
+def test_the_configs_architecture_file_is_the_named_size(model):
+    """configs/<model>/architecture.yaml, which every stage file names, and the named size agree on
+    the tower, its resolution, the visual tokens and the patchify kernel."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+
+    from kangaroo.modules import named_config
+
+    written = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / model / "architecture.yaml").read_text())
+    named = named_config(model)
+    assert written["vision_tower"]["name"] == named.vision_tower.name
+    assert written["vision_tower"]["image_size"] == named.vision_tower.image_size
+    assert written["vision_tower"].get("pretrained") == named.vision_tower.pretrained
+    assert written["visual_tokens"] == asdict(named.visual_tokens)
+    assert tuple(written["patchify"]["kernel"]) == tuple(named.patchify.kernel)
+    assert written["language_model"] == "language-model.yaml"

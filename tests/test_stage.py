@@ -191,6 +191,52 @@ def test_every_stage_config_parses_and_instantiates(path):
     assert cli.datamodule.prepare.max_tokens == cli.datamodule.hparams.max_tokens
 
 
+PRINTED = Path(__file__).resolve().parent / "data" / "print_config"
+
+
+@pytest.mark.parametrize("path", TINY + BIG, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_stage_names_its_models_parts_once_and_prints_the_whole_stage_as_before(path, capsys):
+    import yaml
+
+    from kangaroo.cli import main
+
+    # the stage file states only what its stage changes; the parts live in architecture.yaml
+    architecture = yaml.safe_load(path.read_text())["model"]["architecture"]
+    if isinstance(architecture, dict):
+        assert architecture["base"] == "architecture.yaml", path
+        assert not {"visual_tokens", "projector", "language_model"} & set(architecture), path
+        assert "name" not in (architecture.get("vision_tower") or {}), path
+    else:
+        assert architecture == "architecture.yaml", path
+    # ... and `kangaroo fit --print_config` shows the whole stage, key for key as when each stage
+    # file spelled out every part (the copies in tests/data/print_config were printed then)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == yaml.safe_load((PRINTED / f"{path.parent.name}-{path.name}").read_text())
+
+
+def test_a_base_file_is_merged_key_by_key_and_a_missing_one_is_named(tmp_path):
+    from kangaroo.training.stage_file import fit_arguments, read_stage_yaml
+
+    (tmp_path / "parts.yaml").write_text("vision_tower: {name: tower, image_size: 112, drop_path: 0.1}\n"
+                                         "patchify: {kernel: [2, 2, 2]}\nprojector: {kind: linear}\n")
+    stage = tmp_path / "stage.yaml"
+    stage.write_text("model:\n  architecture: {base: parts.yaml, vision_tower: {image_size: 56}, patchify: null}\n")
+    assert read_stage_yaml(str(stage))["model"]["architecture"] == {
+        "vision_tower": {"name": "tower", "image_size": 56, "drop_path": 0.1}, "patchify": None,
+        "projector": {"kind": "linear"}}
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model:\n  architecture: parts.yaml\n")
+    assert fit_arguments(["fit", "--config", str(plain)]) == ["fit", "--config", str(plain)], "a plain file kept"
+    given = fit_arguments(["fit", f"--config={stage}", "--trainer.max_steps=2"])
+    assert given[0] == "fit" and given[3] == "--trainer.max_steps=2" and "image_size: 56" in given[2]
+    stage.write_text("model:\n  architecture: {base: nowhere.yaml}\n")
+    with pytest.raises(ValueError, match="model.architecture.base names the config file nowhere.yaml"):
+        read_stage_yaml(str(stage))
+
+
 EXPECTED_TRAINABLE = {
     "1-image-pretrain": {"vision_tower", "projector"}, "2-video-pretrain": {"vision_tower", "projector"},
     "3-pretrain-refinement": {"vision_tower", "patchify", "projector"},

@@ -25,9 +25,15 @@ class KangarooCLI(LightningCLI):
     another checkpoint IO plugin), saves one on SIGTERM (``PreemptionCheckpoint``), ends a run whose process made no progress
     for 5 minutes with exit code 76 (``StallWatchdog``; each unless the config lists its own
     under ``trainer.callbacks``), and takes
-    ``--ckpt_path=auto``."""
+    ``--ckpt_path=auto``. A stage file whose architecture names a ``base:`` file is read whole
+    (``kangaroo.training.stage_file.fit_arguments``)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs) -> None:
+        import sys
+
+        from kangaroo.training.stage_file import fit_arguments
+
+        args = fit_arguments(sys.argv[1:] if args is None else list(args))
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("trainer_defaults", {"callbacks": [PreemptionCheckpoint(), StallWatchdog()]})

@@ -2,9 +2,19 @@
 
 A stage file may name another YAML file where a section of the model goes (``language_model:
 language-model.yaml``, relative to the stage file): jsonargparse reads such a file in place of
-the value during ``kangaroo fit``, so each model's shared parts are written once. Readers of the
-raw YAML (the recipe runner merges overrides into it) get the same mapping from
-``read_stage_yaml``, which inlines those files the same way.
+the value during ``kangaroo fit``, so each model's shared parts are written once. A mapping may
+also name a ``base:`` file and state only what differs from it::
+
+    architecture:
+      base: architecture.yaml          # the model's parts, written once for its five stages
+      vision_tower: {image_size: 56}   # what this stage changes
+      patchify: null
+
+The base's mappings are merged key by key with the stage's (a stage's value replaces the base's,
+``null`` included). Readers of the raw YAML (the recipe runner merges overrides into it) get the
+whole mapping from ``read_stage_yaml``, which inlines those files; ``kangaroo fit`` hands
+jsonargparse that mapping for a file that names a base (``fit_arguments``), so ``--print_config``
+shows the whole stage.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from typing import Any
 import yaml
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
+BASE_KEY = "base"
 
 
 def read_stage_yaml(path: str) -> dict[str, Any]:
@@ -31,14 +42,62 @@ def read_stage_yaml(path: str) -> dict[str, Any]:
 
 def _inline(value: Any, base: str, where: str) -> Any:
     # jsonargparse does this itself inside a parse; the raw mapping needs it done by hand
+    if isinstance(value, dict) and _is_file(value.get(BASE_KEY)):
+        merged = _inline(value[BASE_KEY], base, f"{where}.{BASE_KEY}")
+        if not isinstance(merged, dict):
+            raise ValueError(f"{where}.{BASE_KEY}: {value[BASE_KEY]} holds no mapping")
+        changes = _inline({k: v for k, v in value.items() if k != BASE_KEY}, base, where)
+        return _merged(merged, changes)
     if isinstance(value, dict):
         return {key: _inline(item, base, f"{where}.{key}") for key, item in value.items()}
-    if isinstance(value, str) and value.endswith(CONFIG_SUFFIXES):
+    if _is_file(value):
         included = value if os.path.isabs(value) else os.path.join(base, value)
         if not os.path.isfile(included):
             raise ValueError(f"{where} names the config file {value}, which does not exist ({included})")
         return _inline(_read_yaml(included), os.path.dirname(included), f"{where} ({value})")
     return value
+
+
+def _is_file(value: Any) -> bool:
+    return isinstance(value, str) and value.endswith(CONFIG_SUFFIXES)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _names_a_base(value: Any) -> bool:
+    if isinstance(value, dict):
+        return _is_file(value.get(BASE_KEY)) or any(_names_a_base(item) for item in value.values())
+    return False
+
+
+def fit_arguments(args: list[str]) -> list[str]:
+    """The arguments of ``kangaroo fit``/``validate``, each ``--config FILE`` whose model or data
+    names a ``base:`` file replaced by the whole stage as YAML text (jsonargparse reads a config
+    given as text as it reads a file; it knows no ``base:``). Other arguments are kept as given."""
+    kept, position = [], 0
+    while position < len(args):
+        word = args[position]
+        position += 1
+        if word == "--config" and position < len(args):
+            path = args[position]
+            position += 1
+        elif word.startswith("--config="):
+            path = word[len("--config="):]
+        else:
+            kept.append(word)
+            continue
+        raw = _read_yaml(path) if os.path.isfile(path) else None
+        if isinstance(raw, dict) and any(_names_a_base(raw.get(section)) for section in ("model", "data")):
+            kept += ["--config", yaml.safe_dump(read_stage_yaml(path), sort_keys=False)]
+        else:
+            kept += ["--config", path]
+    return kept
 
 
 def _read_yaml(path: str) -> Any:
