@@ -71,8 +71,8 @@ def test_the_configs_language_model_is_the_named_size(model):
 
 @pytest.mark.parametrize("model", ["kangaroo-8b", "kangaroo-tiny"])
 def test_the_configs_architecture_file_is_the_named_size(model):
-    """configs/<model>/architecture.yaml, which every stage file names, and the named size agree on
-    the tower, its resolution, the visual tokens and the patchify kernel."""
+    """configs/<model>/architecture.yaml, which every stage file names, and the named size describe
+    one model: the tower (its depth and resolution included), the visual tokens, the patchify kernel."""
     from dataclasses import asdict
     from pathlib import Path
 
@@ -80,11 +80,11 @@ def test_the_configs_architecture_file_is_the_named_size(model):
 
     from kangaroo.modules import named_config
 
+    from kangaroo.modules.vision_tower import VisionTowerConfig
+
     written = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / model / "architecture.yaml").read_text())
     named = named_config(model)
-    assert written["vision_tower"]["name"] == named.vision_tower.name
-    assert written["vision_tower"]["image_size"] == named.vision_tower.image_size
-    assert written["vision_tower"].get("pretrained") == named.vision_tower.pretrained
+    assert VisionTowerConfig(**written["vision_tower"]) == named.vision_tower, "one tower, not two"
     assert written["visual_tokens"] == asdict(named.visual_tokens)
     assert tuple(written["patchify"]["kernel"]) == tuple(named.patchify.kernel)
     assert written["language_model"] == "language-model.yaml"

@@ -45,6 +45,8 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 TINY_VISUAL_TOKENS = VisualTokens(*range(TINY_VOCAB - 5, TINY_VOCAB))
+# timm's EVA02-tiny cut to 4 blocks: the tower of the tiny recipe (configs/kangaroo-tiny/architecture.yaml)
+TINY_TOWER = {"name": "timm:eva02_tiny_patch14_224", "timm_kwargs": {"depth": 4, "global_pool": "token"}}
 
 
 def kangaroo_8b_config(image_size: int = 448, patchify: bool = True) -> KangarooConfig:
@@ -61,10 +63,11 @@ def kangaroo_8b_config(image_size: int = 448, patchify: bool = True) -> Kangaroo
 
 
 def kangaroo_tiny_config(image_size: int = 112, patchify: bool = True) -> KangarooConfig:
-    """A timm EVA02-tiny tower and a 4-layer Llama: the same code at CPU scale. Stages 1-2:
-    ``image_size=56, patchify=False``; stages 3-5: the defaults."""
+    """A 4-block timm EVA02-tiny tower and a 4-layer Llama, the model of the tiny recipe: the same
+    code at CPU scale. Stages 1-2: ``image_size=56, patchify=False``; stages 3-5: the defaults."""
     return KangarooConfig(
-        vision_tower=VisionTowerConfig("timm:eva02_tiny_patch14_224", image_size=image_size),
+        vision_tower=VisionTowerConfig(TINY_TOWER["name"], image_size=image_size,
+                                       timm_kwargs=dict(TINY_TOWER["timm_kwargs"])),
         language_model=LanguageModelConfig(transformers_config=dict(TINY_LLAMA)),
         visual_tokens=TINY_VISUAL_TOKENS,
         patchify=PatchifyConfig() if patchify else None,
