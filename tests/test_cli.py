@@ -1,8 +1,7 @@
-"""The real ``kangaroo`` entry point, in a subprocess."""
+"""The ``kangaroo`` entry point: every command's help and settings, and `model summary`."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -11,7 +10,20 @@ from kangaroo.modules.summary import model_summary
 
 
 def kangaroo(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "kangaroo.cli", *args], capture_output=True, text=True)
+    """``kangaroo ARGS`` in this process (the entry point's own ``main``; a subprocess would spend
+    its seconds importing torch): its exit code and what it printed."""
+    import contextlib
+    import io
+
+    from kangaroo.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as done:
+            code = done.code
+    result = subprocess.CompletedProcess(["kangaroo", *args], code or 0, out.getvalue(), err.getvalue())
     if check:
         assert result.returncode == 0, result.stderr
     return result
