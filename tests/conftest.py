@@ -111,6 +111,32 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory, tiny_tokenizer_dir):
+    """30 captioned images prepared with stage 1's own ``data.prepare`` (shuffled and packed in
+    training, so the packer's buffer and the epoch boundary are part of what must resume), the
+    frames stored as jpeg: the loader's workers decode them (``num_workers: 2`` in the resume tests). Read only: every test
+    that trains on it writes its run elsewhere."""
+    from runs import prepare_images
+
+    root = tmp_path_factory.mktemp("resume-data")
+    prepared = prepare_images(root, tiny_tokenizer_dir, 30, lambda i: 1 + i % 2, frame_format="jpeg")
+    assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"
+    return prepared, tiny_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> str:
+    """The tiny world at the recipe tests' size (``recipes.SMALL_WORLD``), made once per session.
+    Read only: recipes write their stages, data and state into their own work folders."""
+    from kangaroo.world import WorldConfig, synthesize
+    from recipes import SMALL_WORLD
+
+    world = tmp_path_factory.mktemp("small-world") / "world"
+    synthesize(str(world), WorldConfig(**SMALL_WORLD))
+    return str(world)
+
+
 @pytest.fixture
 def stage_yaml(tmp_path, tiny_tokenizer_dir):
     """Writes a stage-3 shaped tiny stage file (56 px, patchify) with a ``data.prepare`` section."""

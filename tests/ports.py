@@ -1,4 +1,4 @@
-"""Free ports for servers the tests start as processes.
+"""Ports for servers the tests start as processes, and waiting for them to answer.
 
 A port probed with ``bind(0)`` comes from the kernel's ephemeral range: between the probe and the
 server's own bind, any outgoing connection on the machine may take it as its source port (the
@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import time
+
+import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -28,3 +33,19 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Waits for ``url`` to answer 200, failing with the process's output if it ends first."""
+    deadline = time.time() + seconds
+    while True:
+        if process.poll() is not None:
+            output = process.stderr if process.stderr is not None else process.stdout
+            pytest.fail(f"{process.args[:4]} ended: {output.read()[-3000:] if output else ''}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, f"{url} did not come up in {seconds:.0f} s"
+        time.sleep(0.2)

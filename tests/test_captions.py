@@ -24,8 +24,7 @@ import pytest
 
 pytest.importorskip("openai")
 
-from ports import free_port  # noqa: E402
-from test_serve import wait_until_up  # noqa: E402
+from ports import free_port, wait_until_up  # noqa: E402
 from trained import COLOURS, colour_image  # noqa: E402
 
 TIMEOUT = 240

@@ -302,17 +302,15 @@ def test_the_8b_recipe_with_an_s3_workdir_passes_its_set_up_checks(s3, tmp_path)
 
 # -- the tiny recipe on the server ----------------------------------------------------------------
 
-def test_tiny_recipe_runs_end_to_end_on_s3_and_continues_after_a_sigterm(s3, tmp_path):
+def test_tiny_recipe_runs_end_to_end_on_s3_and_continues_after_a_sigterm(s3, small_world, tmp_path):
     """Data and workdir on the server; the runner gets SIGTERM (a preemption notice) during
     stage 3, exits 75, and the next run continues stage 3 from its checkpoint on the server.
     Three stages: the chain of all five with a kill in stage 3 runs locally in test_recipe."""
-    from test_recipe import SMALL_WORLD, chain_recipe
+    from recipes import chain_recipe
 
     from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
-    from kangaroo.world import WorldConfig, synthesize
 
-    synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
-    recipe = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=12, count=3)
+    recipe = chain_recipe(tmp_path, small_world, stage3_steps=12, count=3)
     work = f"s3://{BUCKET}/runs/chain"
     command = [sys.executable, "-m", "kangaroo.cli", "recipe", "run", recipe, "--workdir", work]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

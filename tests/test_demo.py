@@ -20,8 +20,7 @@ SCREENSHOT = os.environ.get("KANGAROO_DEMO_SCREENSHOT")
 
 @pytest.fixture(scope="module")
 def demo(trained_model, tmp_path_factory):
-    from ports import free_port
-    from test_serve import wait_until_up
+    from ports import free_port, wait_until_up
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "kangaroo.cli", "demo", "--model", str(trained_model.folder),

@@ -23,8 +23,7 @@ import torch
 
 from kangaroo.training.checkpoints import latest_checkpoint
 from kangaroo.training.watchdog import STALLED_EXIT_CODE
-from test_parallel import run
-from test_resume import prepare_images, steps_of, weights
+from runs import prepare_images, run, steps_of, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "configs" / "kangaroo-tiny" / "1-image-pretrain.yaml"
@@ -213,7 +212,7 @@ def test_two_processes_across_epoch_ends_train_like_one_holding_both_shares(tmp_
     on 2 processes (FSDP2 and DDP), through two epoch ends, against 1 process with accumulation 8
     whose windows hold both processes' micro-batches: the same losses, gradient norms and
     weights (an empty micro-batch adds exactly nothing)."""
-    from test_parallel import WORKER, assert_same_weights
+    from runs import WORKER, assert_same_weights
 
     runs = {}
     for devices, accumulate, strategy in ((1, 8, "fsdp2"), (2, 4, "fsdp2"), (2, 4, "ddp")):

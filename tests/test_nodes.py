@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from ports import free_port
-from test_parallel import FSDP, WORKER, assert_same_weights
-from test_resume import fit_command, image_data  # noqa: F401
+from runs import FSDP, WORKER, assert_same_weights, fit_command
 
 TIMEOUT = 300
 
@@ -74,7 +73,7 @@ def test_two_nodes_train_like_one_process_holding_both_rows(tmp_path):
     assert_same_weights(by_torchrun, one, "torchrun launch")
 
 
-def test_kangaroo_fit_on_two_torchrun_nodes_equals_two_processes_on_one(image_data, tmp_path):  # noqa: F811
+def test_kangaroo_fit_on_two_torchrun_nodes_equals_two_processes_on_one(image_data, tmp_path):
     steps = ("--trainer.max_steps=6", "--trainer.val_check_interval=6")
     sharded = FSDP[1:]  # FSDP2Strategy with activation checkpointing, without the device count
     one_node = tmp_path / "one-node"

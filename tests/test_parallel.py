@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,44 +17,10 @@ from safetensors.torch import load_file
 from kangaroo.training.checkpoints import COMPLETE_MARKER, latest_checkpoint
 from kangaroo.modules import kangaroo_tiny
 from kangaroo.training.fsdp import apply_activation_checkpointing, shard_model
-from test_resume import assert_same_run, fit_command, image_data, kill_at_a_random_step, steps_of  # noqa: F401
+from runs import (FSDP, WORKER, assert_same_run, assert_same_weights, fit_command, kill_at_a_random_step, run,
+                  steps_of)
 
-WORKER = Path(__file__).with_name("fsdp_worker.py")
-FSDP = ("--trainer.devices=2", "--trainer.strategy.class_path=kangaroo.training.fsdp.FSDP2Strategy",
-        "--trainer.strategy.init_args.activation_checkpointing=true")
 STEPS = 12  # a multiple of the checkpoint interval (3): the last checkpoint holds the final weights
-
-
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs ``command``; a hung collective fails the test at ``timeout`` instead of hanging it,
-    and every process the command started (the other ranks) is killed with it."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command[:4])} ... did not finish within {timeout} s:\n{stderr[-3000:]}")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def assert_same_weights(out: Path, reference: Path, what: object = "", steps: int = 6, lr: float = 1e-2) -> None:
-    """The stage weights two runs wrote agree: the same keys, and values within float32 drift
-    over a few optimizer steps. AdamW divides each gradient element by the root of its running
-    square: an element whose gradient is near zero (an embedding row barely used) turns a
-    last-bit difference of its gradient into an update that may differ by up to ``lr`` per step,
-    while every other element stays within rounding. So: all but 0.1% of each tensor's elements
-    within float32 rounding (rtol 1e-3, atol 1e-4), and none further than ``steps x lr``."""
-    mine, final = (load_file(Path(run) / "model.safetensors") for run in (out, reference))
-    assert set(mine) == set(final)
-    for name, value in final.items():
-        diff = (mine[name].float() - value.float()).abs()
-        close = diff <= 1e-4 + 1e-3 * value.float().abs()
-        assert close.float().mean() >= 0.999, f"{what} {name}: {int((~close).sum())} of {close.numel()} elements apart"
-        assert float(diff.max()) <= steps * lr, f"{what} {name}: an element {float(diff.max()):.3g} apart"
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +157,7 @@ def test_a_language_model_without_known_blocks_is_refused_before_sharding():
         shard_model(model, mesh=None, activation_checkpointing={})
 
 
-def test_sharded_checkpoints_resume_exactly_with_two_processes_and_load_into_one(image_data, tmp_path):  # noqa: F811
+def test_sharded_checkpoints_resume_exactly_with_two_processes_and_load_into_one(image_data, tmp_path):
     from kangaroo.cli import main
     from kangaroo.training.stage_file import load_stage_file
     from kangaroo.training.weights import load_weights
@@ -333,7 +297,7 @@ def held_out_questions(tmp_path_factory, tiny_tokenizer_dir):
     return str(root / "prepared")
 
 
-def validate_command(image_data, questions: str, run: Path, *extra: str) -> list[str]:  # noqa: F811
+def validate_command(image_data, questions: str, run: Path, *extra: str) -> list[str]:
     """Two training steps, then validation inside the fit, where a sharded model under FSDP2 meets
     its held-out set (a `kangaroo validate` alone did not hang before the fix). The learning rate
     is far below fp32's resolution of the weights, so one process and two validate the same
@@ -360,7 +324,7 @@ def validation_metrics(run: Path) -> dict[str, float]:
 
 # FSDP2 with its default settings, as in the run that hung before every process got as many batches
 @pytest.mark.parametrize("strategy", [("--trainer.strategy=ddp",), FSDP[1:2]], ids=["ddp", "fsdp2"])
-def test_validation_on_uneven_shares_finishes_with_the_one_process_metrics(image_data, held_out_questions,  # noqa: F811
+def test_validation_on_uneven_shares_finishes_with_the_one_process_metrics(image_data, held_out_questions,
                                                                          tmp_path, strategy):
     one = tmp_path / "one"
     run(validate_command(image_data, held_out_questions, one), timeout=240)
@@ -374,7 +338,7 @@ def test_validation_on_uneven_shares_finishes_with_the_one_process_metrics(image
         assert measured[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
 
 
-def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_with_every_record_of_its_epoch_once(image_data, tmp_path):  # noqa: F811
+def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_with_every_record_of_its_epoch_once(image_data, tmp_path):
     """The model and optimizer reshard (torch distributed checkpoint), and the data rule holds:
     the records of the interrupted epoch that neither process trained on (those in a packer's
     buffer included) come first, each once, then the next epoch."""
@@ -399,7 +363,7 @@ def test_a_sharded_checkpoint_of_two_processes_resumes_on_one_with_every_record_
     assert set(after[len(rest): len(rest) + 30]) == everything, "then the next epoch, whole"
 
 
-def test_a_sharded_checkpoint_of_one_process_resumes_on_two_splitting_the_rest_of_its_epoch(image_data, tmp_path):  # noqa: F811
+def test_a_sharded_checkpoint_of_one_process_resumes_on_two_splitting_the_rest_of_its_epoch(image_data, tmp_path):
     every = ("--data.rows_per_batch=1",)
     grown = tmp_path / "grown"
     one = (*FSDP[1:], "--trainer.devices=1")

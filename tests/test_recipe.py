@@ -14,22 +14,7 @@ import torch
 import yaml
 
 from kangaroo.recipe import RecipeError, load_recipe, run_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "kangaroo-tiny"
-
-
-def write_recipe(path: Path, stages: list[dict], name: str = "test-recipe", **extra) -> str:
-    path.write_text(yaml.safe_dump({"name": name, "stages": stages, **extra}, sort_keys=False))
-    return str(path)
-
-
-def stage(number: int, init_from: str | None = None, **extra) -> dict:
-    name = sorted(p.stem for p in TINY.glob("[1-9]-*.yaml"))[number - 1]
-    entry = {"name": name, "config": str(TINY / f"{name}.yaml")}
-    if init_from:
-        entry["init_from"] = init_from
-    return {**entry, **extra}
+from recipes import SMALL_WORLD, TINY, chain_recipe, stage, write_recipe
 
 
 @pytest.mark.parametrize("stages, message", [
@@ -74,44 +59,10 @@ def test_paths_resolve_against_the_recipe_file(tmp_path):
 
 # -- the real chain --------------------------------------------------------------------------
 
-SMALL_WORLD = dict(images=24, short_videos=12, dense_videos=12, instruction_videos=10, long_videos=8,
-                   val_short=6, val_long=6, llm_steps=10, vision_steps=5)
-
-
-def chain_recipe(tmp_path: Path, world: str, stage3_steps: int = 3, count: int = 5, long_stage: int = 3) -> str:
-    """The tiny recipe's first ``count`` stages with a few steps each, ``stage3_steps`` in stage
-    ``long_stage``."""
-    fast = {"trainer.val_check_interval": 2, "trainer.max_steps": 2, "data.prepare.tokenizer": "${world}/tokenizer",
-            "trainer.enable_progress_bar": False,
-            "trainer.callbacks": [{"class_path": "kangaroo.training.checkpoints.StageCheckpoint",
-                                   "init_args": {"every_n_train_steps": 1, "save_last": True}}]}
-    names = sorted(p.stem for p in TINY.glob("[1-9]-*.yaml"))[:count]
-    stages = []
-    for number, name in enumerate(names, 1):
-        overrides = dict(fast)
-        if number == 1:
-            overrides["model.architecture.language_model.pretrained"] = "${world}/llm"
-            overrides["model.architecture.vision_tower.pretrained"] = "${world}/vision.safetensors"
-        if number == long_stage:
-            overrides.update({"trainer.max_steps": stage3_steps, "trainer.val_check_interval": stage3_steps})
-        extra = {}
-        if number == 5:  # scored on its model folder, as the tiny recipe's last stage is
-            extra["eval"] = [{"name": "held-out", "benchmark": "manifest", "data": f"${{world}}/{name}-val.jsonl"},
-                             {"benchmark": "videomme", "data": "${world}/held-out.videomme.jsonl",
-                              "videos": "${world}", "frames": 4}]
-        stages.append(stage(number, init_from=names[number - 2] if number > 1 else None, overrides=overrides,
-                            prepare={"train": f"${{world}}/{name}-train.jsonl", "val": f"${{world}}/{name}-val.jsonl"},
-                            **extra))
-    return write_recipe(tmp_path / "chain.yaml", stages, name="chain", world=world)
-
-
-def test_tiny_recipe_chain_survives_a_kill_during_stage_3(tmp_path):
+def test_tiny_recipe_chain_survives_a_kill_during_stage_3(small_world, tmp_path):
     from safetensors.torch import load_file
 
-    from kangaroo.world import WorldConfig, synthesize
-
-    synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
-    recipe_path = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=12)
+    recipe_path = chain_recipe(tmp_path, small_world, stage3_steps=12)
     work = tmp_path / "work"
     command = [sys.executable, "-m", "kangaroo.cli", "recipe", "run", recipe_path, "--workdir", str(work)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -190,14 +141,16 @@ def test_unknown_recipe_keys_are_named(tmp_path):
         load_recipe(write_recipe(tmp_path / "r.yaml", [stage(1, overides={})]))
 
 
-def test_synth_refuses_a_folder_holding_another_world(tmp_path):
+def test_synth_refuses_a_folder_holding_another_world(small_world):
     from kangaroo.world import WorldConfig, synthesize
 
     small = WorldConfig(**SMALL_WORLD)
-    first = synthesize(str(tmp_path / "world"), small)
-    assert synthesize(str(tmp_path / "world"), small) == first  # same settings: reused, not redone
+    stamp = os.path.getmtime(os.path.join(small_world, "world.json"))
+    first = synthesize(small_world, small)  # the session's world, made with these settings
+    assert synthesize(small_world, small) == first  # same settings: reused, not redone
+    assert os.path.getmtime(os.path.join(small_world, "world.json")) == stamp
     with pytest.raises(ValueError, match="other settings; pass --overwrite"):
-        synthesize(str(tmp_path / "world"), WorldConfig(**{**SMALL_WORLD, "seed": 1}))
-    lines = (tmp_path / "world" / "5-long-video-tuning-val.jsonl").read_text().splitlines()
+        synthesize(small_world, WorldConfig(**{**SMALL_WORLD, "seed": 1}))
+    lines = (Path(small_world) / "5-long-video-tuning-val.jsonl").read_text().splitlines()
     assert len(lines) == SMALL_WORLD["val_short"] + SMALL_WORLD["val_long"]
     assert all(json.loads(line)["video"].startswith("media/val/") for line in lines)  # held-out renders

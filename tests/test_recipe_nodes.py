@@ -17,7 +17,7 @@ import pytest
 
 from kangaroo.recipe import NodeSetup
 from ports import free_port
-from test_recipe import SMALL_WORLD, chain_recipe
+from recipes import chain_recipe
 
 NODE_TIMEOUT = 15
 STOP_BOUND = NODE_TIMEOUT + 15  # the timeout, the poll, and the kill of the fit's processes
@@ -57,11 +57,8 @@ def wait_all(processes: list[subprocess.Popen], seconds: float) -> None:
             pytest.fail(f"a runner did not end within {seconds} s")
 
 
-def test_recipe_on_two_nodes_one_state_one_preparation_and_a_dead_node_stops_the_stage(tmp_path):
-    from kangaroo.world import WorldConfig, synthesize
-
-    synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
-    recipe = chain_recipe(tmp_path, str(tmp_path / "world"), stage3_steps=16, count=3, long_stage=2)
+def test_recipe_on_two_nodes_one_state_one_preparation_and_a_dead_node_stops_the_stage(small_world, tmp_path):
+    recipe = chain_recipe(tmp_path, small_world, stage3_steps=16, count=3, long_stage=2)
     work, logs = tmp_path / "work", tmp_path / "logs"
     logs.mkdir()
     log = lambda run, node: (logs / f"run{run}-node{node}.log").read_text()  # noqa: E731
@@ -121,13 +118,10 @@ if os.environ.get("FAIL_FIT") and "fit" in sys.argv and "recipe" not in sys.argv
 """
 
 
-def test_a_follower_whose_fit_fails_stops_node_0_at_once(tmp_path):
+def test_a_follower_whose_fit_fails_stops_node_0_at_once(small_world, tmp_path):
     """Node 1's fit dies at start: node 0's fit would wait for it in the rendezvous (for the
     process group's timeout); the reported exit code stops it, and both runners exit 1."""
-    from kangaroo.world import WorldConfig, synthesize
-
-    synthesize(str(tmp_path / "world"), WorldConfig(**SMALL_WORLD))
-    recipe = chain_recipe(tmp_path, str(tmp_path / "world"), count=1)
+    recipe = chain_recipe(tmp_path, small_world, count=1)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAILING_FIT)  # runs at the start of every Python process of node 1

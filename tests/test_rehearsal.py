@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
-from test_parallel import run
+from runs import run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "kangaroo-8b.yaml"

@@ -4,85 +4,19 @@ weights; incomplete checkpoints are never resumed from."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from kangaroo.training.checkpoints import COMPLETE_MARKER, PREEMPTED_EXIT_CODE, AtomicCheckpointIO, latest_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-STAGE = ROOT / "configs" / "kangaroo-tiny" / "1-image-pretrain.yaml"
-STEPS, EVERY = 14, 3
-
-
-def prepare_images(root: Path, tokenizer: str, count: int, words_of, frame_format: str = "raw") -> str:
-    """``count`` random 32-px images captioned with ``words_of(i)`` words, prepared with stage 1's
-    own ``data.prepare`` into ``root/prepared``."""
-    from kangaroo.data.prepare import prepare_dataset
-    from kangaroo.modules.builder import visual_layout
-    from kangaroo.training.stage_file import load_stage_file
-
-    (root / "media").mkdir()
-    rng = np.random.default_rng(0)
-    words = ["red", "green", "blue", "ring", "square", "bar"]
-    with open(root / "images.jsonl", "w") as manifest:
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "media" / f"{i}.png")
-            manifest.write(json.dumps({"id": f"img-{i}", "image": f"media/{i}.png", "task": "caption",
-                                       "caption": " ".join(rng.choice(words, words_of(i)))}) + "\n")
-    sections = load_stage_file(str(STAGE))
-    sections["data"].prepare.tokenizer = tokenizer
-    sections["data"].prepare.frame_format = frame_format
-    prepare_dataset(str(root / "images.jsonl"), str(root / "prepared"), sections["data"].prepare,
-                    visual_layout(sections["model"].architecture))
-    return str(root / "prepared")
-
-
-@pytest.fixture(scope="module")
-def image_data(tmp_path_factory, tiny_tokenizer_dir):
-    """30 captioned images prepared with stage 1's own ``data.prepare`` (shuffled and packed in
-    training, so the packer's buffer and the epoch boundary are part of what must resume), the
-    frames stored as jpeg: the loader's workers decode them (``num_workers: 2`` below)."""
-    root = tmp_path_factory.mktemp("resume-data")
-    prepared = prepare_images(root, tiny_tokenizer_dir, 30, lambda i: 1 + i % 2, frame_format="jpeg")
-    assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"
-    return prepared, tiny_tokenizer_dir
-
-
-def fit_command(data: tuple[str, str], run: Path, *extra: str) -> list[str]:
-    prepared, tokenizer = data
-    return [sys.executable, "-m", "kangaroo.cli", "fit", "--config", str(STAGE),
-            f"--trainer.max_steps={STEPS}", f"--trainer.val_check_interval={STEPS}", "--trainer.limit_val_batches=0",
-            f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-            "--trainer.enable_progress_bar=false",  # the config's ModelCheckpoint, then one more callback:
-            f"--trainer.callbacks.every_n_train_steps={EVERY}",
-            "--trainer.callbacks+=kangaroo.training.callbacks.SampleLog",
-            f"--data.train_dir={prepared}", "--data.val_dir=null", "--data.packing=true", "--data.max_tokens=128",
-            "--data.rows_per_batch=2", "--data.buffer_size=4", f"--data.prepare.tokenizer={tokenizer}",
-            "--model.architecture.language_model.pretrained=null", "--model.architecture.vision_tower.pretrained=null",
-            "--model.architecture.vision_tower.drop_path=0.1", *extra]
-
-
-def steps_of(run: Path, rank: int = 0) -> list[dict]:
-    path = run / f"samples.rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(run / "model.safetensors")
-
+from runs import (EVERY, STAGE, STEPS, assert_same_run, fit_command, kill_at_a_random_step, run_fit, steps_of,
+                  weights)
 
 @pytest.fixture(scope="module")
 def uninterrupted(image_data, tmp_path_factory):
@@ -94,46 +28,6 @@ def uninterrupted(image_data, tmp_path_factory):
     kept = sorted(p.name.split("step=")[-1] for p in run.rglob("*.ckpt"))  # the config keeps the last 3
     assert kept == ["12.ckpt", "6.ckpt", "9.ckpt", "last.ckpt"], kept
     return lines, weights(run)
-
-
-def assert_same_run(run: Path, reference: tuple[list[dict], dict], resumed_at: int, rank: int = 0,
-                    epoch: int = 30, steps: int = STEPS) -> None:
-    lines, final = reference
-    seen = steps_of(run, rank)
-    after = [line for line in seen if line["step"] >= resumed_at][-(steps - resumed_at):]
-    assert after == lines[resumed_at:], f"rank {rank}: after the resume point, the same samples in the same order"
-    trained = {line["step"]: line["ids"] for line in seen}  # a step cut off by the kill is redone
-    assert [trained[s] for s in range(steps)] == [line["ids"] for line in lines]
-    ids = [i for s in range(steps) for i in trained[s]]
-    assert len(set(ids[:epoch])) == epoch, f"rank {rank}: no sample twice in an epoch"
-    if epoch == 30:
-        assert sorted(ids[:epoch]) == sorted(f"img-{i}" for i in range(30)), "none skipped in an epoch"
-    mine = weights(run)
-    assert set(mine) == set(final)
-    for name in final:
-        torch.testing.assert_close(mine[name], final[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-
-
-def run_fit(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def kill_at_a_random_step(command: list[str], run: Path, steps: int = STEPS) -> int:
-    """Starts ``command`` and SIGKILLs it (every process of it) once a random step after the
-    first checkpoint has started; returns that step."""
-    kill_after = random.Random().randint(EVERY + 1, steps - 2)
-    print(f"killing once step {kill_after} has started")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while len(steps_of(run)) <= kill_after and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before the kill: " + process.stderr.read().decode()[-2000:]
-    os.killpg(process.pid, signal.SIGKILL)  # with 2 processes, the launcher and the rank it started
-    process.wait()
-    assert not (run / "model.safetensors").exists()
-    return kill_after
 
 
 def test_sigkill_at_a_random_step_then_resume_trains_as_if_uninterrupted(image_data, uninterrupted, tmp_path):

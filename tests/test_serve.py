@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from ports import free_port
+from ports import free_port, wait_until_up
 
 openai = pytest.importorskip("openai")
 
@@ -24,22 +24,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    """Waits for ``url`` to answer 200, failing with the process's output if it ends first."""
-    deadline = time.time() + seconds
-    while True:
-        if process.poll() is not None:
-            output = process.stderr if process.stderr is not None else process.stdout
-            pytest.fail(f"{process.args[:4]} ended: {output.read()[-3000:] if output else ''}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, f"{url} did not come up in {seconds:.0f} s"
-        time.sleep(0.2)
 
 
 @contextmanager

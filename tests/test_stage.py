@@ -488,7 +488,7 @@ def test_tiny_stage_4_on_two_sharded_processes_trains_and_validates(prepared, tm
     validation batches."""
     import sys
 
-    from test_parallel import run
+    from runs import run
 
     dirs, _, _, tokenizer = prepared
     stage = TINY[3]
