@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from kangaroo.modules import IGNORE_INDEX, KangarooModel, kangaroo_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,27 +82,6 @@ def tiny_model_no_patchify() -> KangarooModel:
 
 # -- data fixtures ---------------------------------------------------------------------------
 
-TINY_STAGE_YAML = """\
-model:
-  architecture:
-    vision_tower: {{name: 'timm:eva02_tiny_patch14_224', image_size: 56}}
-    language_model:
-      transformers_config: {{model_type: llama, vocab_size: 1024, hidden_size: 64, intermediate_size: 128,
-                     num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
-    visual_tokens: {{placeholder: 1019, vi_start: 1020, eof: 1021, eov: 1022, vi_end: 1023}}
-    patchify: {{kernel: [2, 2, 2]}}
-  trainable: {{vision_tower: true, patchify: true, projector: true, language_model: false}}
-data:
-  train_dir: {train_dir}
-  max_tokens: {max_tokens}
-  prepare:
-    tokenizer: {tokenizer}
-    sampling: {{strategy: uniform, num_frames: 4, multiple_of: 2}}
-    max_tokens: {max_tokens}
-    overflow: {overflow}
-"""
-
-
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     from kangaroo.world.tokenizer import build_tiny_tokenizer
@@ -139,12 +121,24 @@ def small_world(tmp_path_factory) -> str:
 
 @pytest.fixture
 def stage_yaml(tmp_path, tiny_tokenizer_dir):
-    """Writes a stage-3 shaped tiny stage file (56 px, patchify) with a ``data.prepare`` section."""
+    """Writes the tiny stage 3 (configs/kangaroo-tiny/3-pretrain-refinement.yaml) with dotted
+    overrides, as a recipe applies them: patchify at 56 px (4 visual tokens a frame pair), 4
+    frames, the session's tokenizer and ``max_tokens``/``overflow`` as asked."""
+    import yaml
+
+    from kangaroo.recipe.spec import set_dotted
+    from kangaroo.training.stage_file import read_stage_yaml
 
     def write(max_tokens: int = 400, overflow: str = "drop_frames") -> str:
+        config = read_stage_yaml(str(ROOT / "configs" / "kangaroo-tiny" / "3-pretrain-refinement.yaml"))
+        for dotted, value in {"model.architecture.vision_tower.image_size": 56,
+                              "data.train_dir": str(tmp_path / "prepared"), "data.val_dir": None,
+                              "data.max_tokens": max_tokens, "data.prepare.tokenizer": tiny_tokenizer_dir,
+                              "data.prepare.sampling.num_frames": 4, "data.prepare.max_tokens": max_tokens,
+                              "data.prepare.overflow": overflow}.items():
+            set_dotted(config, dotted, value)
         path = tmp_path / "stage.yaml"
-        path.write_text(TINY_STAGE_YAML.format(tokenizer=tiny_tokenizer_dir, max_tokens=max_tokens, overflow=overflow,
-                                               train_dir=tmp_path / "prepared"))
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
         return str(path)
 
     return write

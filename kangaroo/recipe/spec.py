@@ -209,7 +209,7 @@ def _expand(value: Any, **names: str | None) -> Any:
     return value
 
 
-def _set_dotted(config: dict, dotted: str, value: Any) -> None:
+def set_dotted(config: dict, dotted: str, value: Any) -> None:
     node = config
     keys = dotted.split(".")
     for key in keys[:-1]:
@@ -242,17 +242,17 @@ def merged_config(recipe: Recipe, stage: Stage, workdir: str) -> dict[str, Any]:
     """The stage config with the recipe's overrides and the workdir's paths applied."""
     config = read_stage_yaml(stage.config)  # the model files it names inlined: overrides reach into them
     root = stage_dir(workdir, stage)
-    _set_dotted(config, "trainer.default_root_dir", root)
+    set_dotted(config, "trainer.default_root_dir", root)
     logger = config.get("trainer", {}).get("logger")
     if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict) and "save_dir" in logger["init_args"]:
         logger["init_args"]["save_dir"] = local_stage_dir(workdir, stage)
     for split in stage.prepare:
-        _set_dotted(config, f"data.{split}_dir", data_dir(workdir, stage, split))
+        set_dotted(config, f"data.{split}_dir", data_dir(workdir, stage, split))
     if stage.init_from is not None:
         source = recipe.stage(stage.init_from)
-        _set_dotted(config, "model.init_from", storage.join(stage_dir(workdir, source), WEIGHTS_NAME))
+        set_dotted(config, "model.init_from", storage.join(stage_dir(workdir, source), WEIGHTS_NAME))
     for dotted, value in stage.overrides.items():
-        _set_dotted(config, dotted, _expand(value, world=recipe.world, workdir=workdir))
+        set_dotted(config, dotted, _expand(value, world=recipe.world, workdir=workdir))
     return config
 
 
