@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_video
 from kangaroo.data.video import MediaError
 from kangaroo.inference import Frames, Generator, export_model, load_pretrained
-from kangaroo.modules import build_kangaroo
+from kangaroo.modules import build_kangaroo, kangaroo_tiny
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +157,9 @@ def test_export_from_a_stage_folder_a_checkpoint_and_a_sharded_checkpoint(tmp_pa
         loaded = load_pretrained(str(tmp_path / folder)).model.state_dict()
         for name, value in trained.state_dict().items():
             assert torch.equal(loaded[name], value), (folder, name)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stage_dir / "model.safetensors")
-    with pytest.raises(ValueError, match="do not match the stage's architecture"):  # depth 12 weights, depth 4 stage
+    other = kangaroo_tiny(patchify=False)  # the weights of another architecture: no patchify
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, stage_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="do not match the stage's architecture"):
         export_model(str(stage_dir), str(tmp_path / "mismatch"))
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_model(str(stage_dir / "checkpoints" / "step=5.ckpt"), str(tmp_path / "from-ckpt"))
