@@ -192,9 +192,10 @@ def test_a_client_that_goes_away_frees_the_model(random_model_folder, tmp_path):
         # had the closed stream kept the model, this request would wait for ~2,000 tokens first
         assert waited < 500 * per_token, (waited, per_token)
 
+        text = long.choices[0].message.content  # 400 tokens: enough text to stop inside
+        assert len(text) >= 8, text
         stopped = client.chat.completions.create(model="kangaroo-test", messages=[{"role": "user", "content": "Hi"}],
-                                                 temperature=0, max_tokens=20, stop=[short.choices[0].message.content[5:8]])
-        text = short.choices[0].message.content
+                                                 temperature=0, max_tokens=400, stop=[text[5:8]])
         assert stopped.choices[0].message.content == text[:text.find(text[5:8])].strip()
         assert stopped.choices[0].finish_reason == "stop"
 

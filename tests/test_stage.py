@@ -75,7 +75,9 @@ def test_parameter_groups_cover_every_trainable_parameter_once_with_the_paper_ru
         assert scale(f"blocks.{i}.mlp.fc1_g.weight" if f"{trunk}blocks.{i}.mlp.fc1_g.weight" in named
                      else f"blocks.{i}.attn.proj.weight") == pytest.approx(
             0.9 * scale(f"blocks.{i + 1}.attn.proj.weight"))
-    assert scale("patch_embed.proj.weight") == pytest.approx(0.9 ** (blocks + 1))
+    top = scale(f"blocks.{blocks - 1}.attn.proj.weight")  # 1, or 0.9 under a head norm of its own
+    assert top in (pytest.approx(1.0), pytest.approx(0.9))
+    assert scale("patch_embed.proj.weight") == pytest.approx(0.9 ** blocks * top), "one step below block 0"
     assert by_param[id(named["projector.weight"])]["lr"] == pytest.approx(1e-3)
 
 
@@ -266,7 +268,8 @@ def test_unknown_yaml_key_fails_before_training(tmp_path, capsys):
     from kangaroo.training.fit import KangarooCLI
 
     bad = tmp_path / "bad.yaml"
-    shutil.copy(TINY[0].with_name("language-model.yaml"), tmp_path)  # the file the stage names, beside it
+    for name in ("architecture.yaml", "language-model.yaml"):  # the files the stage names, beside it
+        shutil.copy(TINY[0].with_name(name), tmp_path)
     bad.write_text(TINY[0].read_text().replace("  packing: false", "  packing: false\n  shufle: true"))
     with pytest.raises(SystemExit):
         KangarooCLI(args=["--config", str(bad)], run=False)
