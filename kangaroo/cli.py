@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import sys
 import types
 import typing
@@ -53,7 +54,7 @@ COMMANDS: dict[str, Any] = {
     "recipe": {"_help": "run or inspect a chain of stages", "run": "kangaroo.recipe.commands:run",
                "show": "kangaroo.recipe.commands:show"},
 }
-BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}  # the words jsonargparse reads as a bool
 
 
 def fit() -> int:
@@ -139,7 +140,12 @@ def _spelled_for_jsonargparse(words: list[str], function: Callable[..., int]) ->
         values, kept, position = [], [], 0
         while position < len(spelled):
             word = spelled[position]
-            if word.startswith("--"):
+            if word == "--":  # what follows is positional, as given
+                values += spelled[position + 1:]
+                break
+            if word in ("-h", "--help") or word.startswith("--print_config"):
+                kept.append(word)
+            elif word.startswith("--"):
                 kept.append(word)
                 if "=" not in word and position + 1 < len(spelled):
                     kept.append(spelled[position + 1])
@@ -150,6 +156,30 @@ def _spelled_for_jsonargparse(words: list[str], function: Callable[..., int]) ->
         if values and not (len(values) == 1 and values[0].startswith("[")):
             spelled = ["[" + ", ".join(json.dumps(value) for value in values) + "]", *kept]
     return spelled
+
+
+def _check_settings_files(words: list[str], function: Callable[..., int]) -> None:
+    """``--config`` names a command's own settings; a file of other keys given there (a stage file,
+    curation filters, a captioning file: earlier releases' ``--config``) is refused naming the flag
+    it belongs to, before jsonargparse reports its keys one by one."""
+    import yaml
+
+    parameters = set(inspect.signature(function).parameters)
+    for position, word in enumerate(words):
+        path = words[position + 1] if word == "--config" and position + 1 < len(words) else (
+            word.split("=", 1)[1] if word.startswith("--config=") else None)
+        if path is None or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                settings = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse says what is wrong with it
+        if isinstance(settings, dict) and not set(settings) <= parameters:
+            raise ValueError(
+                f"--config {path} holds {sorted(set(settings) - parameters)[:4]}, which are no options of this "
+                "command: --config is a command's own settings (as --print_config writes them); a stage file is "
+                "--stage, curation filters --filters, a captioning file --captions")
 
 
 def _run_command(words: list[str]) -> int:
@@ -164,6 +194,7 @@ def _run_command(words: list[str]) -> int:
         while isinstance(level, dict):
             level = level[words[depth]]
             depth += 1
+        _check_settings_files(words[depth:], function)
         words = words[:depth] + _spelled_for_jsonargparse(words[depth:], function)
     result = auto_cli(components, args=words, as_positional=True, prog="kangaroo",
                       description="Training recipes for Kangaroo video LMMs: `kangaroo COMMAND --help` for one command.")
@@ -178,8 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
         from kangaroo.training.fit import KangarooCLI
 
+        from kangaroo.training.stage_file import fit_arguments
+
         try:
-            KangarooCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+            fit_arguments(words)  # a stage file naming a base that is missing or not YAML: said plainly
+        except ValueError as err:
+            print(f"kangaroo: error: {err}", file=sys.stderr)
+            return 2
+        try:
+            KangarooCLI(args=argv)  # None: the command line, read by KangarooCLI
         except SIGTERMException:  # the step finished and PreemptionCheckpoint saved
             return PREEMPTED_EXIT_CODE
         except Exception as err:

@@ -191,3 +191,18 @@ def test_bad_settings_are_refused_with_the_option_named(tmp_path):
     assert result.returncode == 2 and "max_batch" in result.stderr
     unknown = kangaroo("eval", "--model", "m", "--benchmark", "nonesuch", "--data", "d", "--output", "o", check=False)
     assert unknown.returncode == 2 and "benchmark" in unknown.stderr
+
+
+def test_a_stage_file_given_as_a_commands_settings_is_refused_naming_the_flag_it_belongs_to(tmp_path):
+    from pathlib import Path
+
+    stage = Path(__file__).resolve().parents[1] / "configs" / "kangaroo-tiny" / "1-image-pretrain.yaml"
+    old = kangaroo("data", "prepare", "--manifest", "m.jsonl", "--config", str(stage), check=False)
+    assert old.returncode == 2 and "a stage file is --stage" in old.stderr
+    broken = tmp_path / "stage.yaml"
+    broken.write_text("model:\n  architecture: {base: nowhere.yaml}\n")
+    fit = kangaroo("fit", "-c", str(broken), check=False)
+    assert fit.returncode == 2 and "names the config file nowhere.yaml, which does not exist" in fit.stderr
+    assert "Traceback" not in fit.stderr
+    # help asked for after a positional list is help, not one more part
+    assert "--output" in kangaroo("curate", "merge", "a.jsonl", "b.jsonl", "-h").stdout

@@ -94,7 +94,7 @@ def prepare_stage_data(*, manifest: str, stage: str, split: Literal["train", "va
     except NothingUsable as err:
         print(f"kangaroo: error: {err}", file=sys.stderr)
         return 1
-    print(report.summary())
+    print(report.summary(), flush=True)
     return 0
 
 

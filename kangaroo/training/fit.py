@@ -30,9 +30,12 @@ class KangarooCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs) -> None:
         import sys
+        import warnings
 
         from kangaroo.training.stage_file import fit_arguments
 
+        if args is None:  # the command line itself, rewritten: LightningCLI's warning about both is moot
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run")
         args = fit_arguments(sys.argv[1:] if args is None else list(args))
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)

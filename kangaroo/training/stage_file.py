@@ -76,6 +76,14 @@ def _names_a_base(value: Any) -> bool:
     return False
 
 
+def _may_name_a_base(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return f"{BASE_KEY}:" in handle.read()
+    except OSError:  # not a file (jsonargparse also takes YAML text)
+        return False
+
+
 def fit_arguments(args: list[str]) -> list[str]:
     """The arguments of ``kangaroo fit``/``validate``, each ``--config FILE`` whose model or data
     names a ``base:`` file replaced by the whole stage as YAML text (jsonargparse reads a config
@@ -84,15 +92,18 @@ def fit_arguments(args: list[str]) -> list[str]:
     while position < len(args):
         word = args[position]
         position += 1
-        if word == "--config" and position < len(args):
+        if word in ("--config", "-c") and position < len(args):
             path = args[position]
             position += 1
-        elif word.startswith("--config="):
-            path = word[len("--config="):]
+        elif word.startswith(("--config=", "-c=")):
+            path = word.split("=", 1)[1]
         else:
             kept.append(word)
             continue
-        raw = _read_yaml(path) if os.path.isfile(path) else None
+        if not _may_name_a_base(path):  # jsonargparse reads (and reports on) every other file itself
+            kept += ["--config", path]
+            continue
+        raw = _read_yaml(path)
         if isinstance(raw, dict) and any(_names_a_base(raw.get(section)) for section in ("model", "data")):
             kept += ["--config", yaml.safe_dump(read_stage_yaml(path), sort_keys=False)]
         else:
