@@ -72,10 +72,10 @@ def _resolve(target: str) -> Callable[..., int]:
     return getattr(importlib.import_module(module), name)
 
 
-def _components(words: list[str]) -> tuple[dict[str, Any], Callable[..., int] | None]:
+def _components(words: list[str]) -> tuple[dict[str, Any], Callable[..., int] | None, int]:
     """The table jsonargparse builds its parser from: only the chain of the command ``words``
     names (its module alone imported), or the whole level where they stop naming one. Also the
-    command's function, when they name one."""
+    command's function, when they name one, and how many leading words name it."""
     chain, level, position = [], COMMANDS, 0
     while position < len(words) and isinstance(level, dict) and words[position] in level:
         chain.append(words[position])
@@ -89,14 +89,14 @@ def _components(words: list[str]) -> tuple[dict[str, Any], Callable[..., int] | 
             for name in chain[:depth]:
                 parent = parent[name]
             table = {**({"_help": parent["_help"]} if "_help" in parent else {}), chain[depth]: table}
-        return table, leaf
+        return table, leaf, len(chain)
 
     def load(entry: Any) -> Any:
         if isinstance(entry, str):
             return _resolve(entry)
         return {name: value if name == "_help" else load(value) for name, value in entry.items()}
 
-    return load(COMMANDS), None
+    return load(COMMANDS), None, 0
 
 
 def _spelled_for_jsonargparse(words: list[str], function: Callable[..., int]) -> list[str]:
@@ -187,13 +187,8 @@ def _run_command(words: list[str]) -> int:
 
     if len(words) > 1 and words[0] == "curate" and words[1].startswith("-") and words[1] not in ("-h", "--help"):
         words = ["curate", "filter", *words[1:]]  # `kangaroo curate --manifest ...`, as before `curate filter`
-    components, function = _components(words)
+    components, function, depth = _components(words)
     if function is not None:
-        depth = 0
-        level: Any = COMMANDS
-        while isinstance(level, dict):
-            level = level[words[depth]]
-            depth += 1
         _check_settings_files(words[depth:], function)
         words = words[:depth] + _spelled_for_jsonargparse(words[depth:], function)
     result = auto_cli(components, args=words, as_positional=True, prog="kangaroo",

@@ -79,6 +79,8 @@ def test_unknown_yaml_key_is_named(tmp_path):
     result = kangaroo("model", "summary", "--stage", str(config), check=False)
     assert result.returncode == 2
     assert "vision_towr" in result.stderr
+    both = kangaroo("model", "summary", "--stage", str(config), "--model", "kangaroo-tiny", check=False)
+    assert both.returncode == 2 and "give one or the other" in both.stderr
 
 
 def test_summary_counts_frozen_parameters():

@@ -19,13 +19,13 @@ from kangaroo.modules.sizes import MODEL_SIZES, named_config
 SizeName = Literal[tuple(sorted(MODEL_SIZES))]  # type: ignore[valid-type]
 
 
-def model_summary(stage: str | None = None, model: SizeName = "kangaroo-8b", image_size: int | None = None,
+def model_summary(stage: str | None = None, model: SizeName | None = None, image_size: int | None = None,
                   no_patchify: bool = False, json: bool = False) -> int:
     """Parameters per part and visual tokens per frame (no weights loaded).
 
     Args:
         stage: a stage file (configs/*/N-*.yaml): its model and trainable parts, instead of a named size
-        model: a named size
+        model: a named size (default kangaroo-8b)
         image_size: resolution for a named size (default: its stage 3-5 size)
         no_patchify: a named size without patchify (stages 1-2)
         json: print one JSON object
@@ -33,8 +33,9 @@ def model_summary(stage: str | None = None, model: SizeName = "kangaroo-8b", ima
     from kangaroo.modules.summary import format_summary, model_summary as summarize_model, summarize_config
 
     if stage:
-        if image_size is not None or no_patchify:
-            raise ValueError("--image_size and --no_patchify go with a named --model, not with --stage")
+        if model is not None or image_size is not None or no_patchify:
+            raise ValueError("--model, --image_size and --no_patchify name a size; --stage reads one from a stage "
+                             "file: give one or the other")
         import torch
 
         from kangaroo.training.stage_file import load_stage_file
@@ -49,7 +50,7 @@ def model_summary(stage: str | None = None, model: SizeName = "kangaroo-8b", ima
             overrides["image_size"] = image_size
         if no_patchify:
             overrides["patchify"] = False
-        summary = summarize_config(named_config(model, **overrides))
+        summary = summarize_config(named_config(model or "kangaroo-8b", **overrides))
     print(json_module.dumps(summary) if json else format_summary(summary))
     return 0
 
