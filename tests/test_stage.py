@@ -229,13 +229,34 @@ def test_a_base_file_is_merged_key_by_key_and_a_missing_one_is_named(tmp_path):
     assert read_stage_yaml(str(stage))["model"]["architecture"] == {
         "vision_tower": {"name": "tower", "image_size": 56, "drop_path": 0.1}, "patchify": None,
         "projector": {"kind": "linear"}}
-    plain = tmp_path / "plain.yaml"
-    plain.write_text("model:\n  architecture: parts.yaml\n")
+    plain = tmp_path / "plain.yaml"  # naming no other file: jsonargparse reads it (and reports on it) itself
+    plain.write_text("model:\n  architecture: {vision_tower: {name: tower}}\n")
     assert fit_arguments(["fit", "--config", str(plain)]) == ["fit", "--config", str(plain)], "a plain file kept"
     given = fit_arguments(["fit", f"--config={stage}", "--trainer.max_steps=2"])
     assert given[0] == "fit" and given[3] == "--trainer.max_steps=2" and "image_size: 56" in given[2]
     stage.write_text("model:\n  architecture: {base: nowhere.yaml}\n")
     with pytest.raises(ValueError, match="model.architecture.base names the config file nowhere.yaml"):
+        read_stage_yaml(str(stage))
+
+
+def test_an_architecture_naming_a_size_gets_its_numbers_from_sizes_py(tmp_path):
+    """``size: NAME`` stands for the named model's parts (kangaroo.modules.sizes, the one place
+    with their numbers); the file's other keys are merged over them; an unknown size is named."""
+    from kangaroo.modules.sizes import ARCHITECTURES, TINY_LLAMA
+    from kangaroo.training.stage_file import fit_arguments, read_stage_yaml
+
+    (tmp_path / "parts.yaml").write_text("size: kangaroo-tiny\nlanguage_model: {pretrained: llm}\n")
+    stage = tmp_path / "stage.yaml"
+    stage.write_text("model:\n  architecture: {base: parts.yaml, vision_tower: {image_size: 56}}\n")
+    architecture = read_stage_yaml(str(stage))["model"]["architecture"]
+    assert architecture["language_model"] == {"pretrained": "llm", "transformers_config": TINY_LLAMA}
+    assert architecture["vision_tower"] == {**ARCHITECTURES["kangaroo-tiny"]["vision_tower"], "image_size": 56}
+    assert ARCHITECTURES["kangaroo-tiny"]["vision_tower"]["image_size"] == 112, "the named size is not changed"
+    named = tmp_path / "named.yaml"  # a stage naming the file as it is: jsonargparse gets the parts
+    named.write_text("model:\n  architecture: parts.yaml\n")
+    assert "num_hidden_layers: 4" in fit_arguments(["fit", "--config", str(named)])[2]
+    (tmp_path / "parts.yaml").write_text("size: kangaroo-huge\n")
+    with pytest.raises(ValueError, match=r"size: unknown model size 'kangaroo-huge'; known: \['kangaroo-8b'"):
         read_stage_yaml(str(stage))
 
 
@@ -268,7 +289,7 @@ def test_unknown_yaml_key_fails_before_training(tmp_path, capsys):
     from kangaroo.training.fit import KangarooCLI
 
     bad = tmp_path / "bad.yaml"
-    for name in ("architecture.yaml", "language-model.yaml"):  # the files the stage names, beside it
+    for name in ("architecture.yaml",):  # the file the stage names, beside it
         shutil.copy(TINY[0].with_name(name), tmp_path)
     bad.write_text(TINY[0].read_text().replace("  packing: false", "  packing: false\n  shufle: true"))
     with pytest.raises(SystemExit):

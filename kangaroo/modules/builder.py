@@ -36,7 +36,7 @@ class KangarooConfig:
     """Fields of the LLM's ``transformers`` config this model changes, applied over
     ``language_model`` (inline or pretrained), e.g. stage 5's ``max_position_embeddings`` and
     ``rope_scaling`` for rows of 22,528 positions. A sibling of ``language_model`` so that a
-    stage file naming the shared ``language-model.yaml`` can still state them."""
+    stage file naming its model's shared ``architecture.yaml`` can still state them."""
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:

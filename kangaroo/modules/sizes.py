@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import copy
+from dataclasses import asdict
+from typing import Any, Callable
 
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
 from kangaroo.modules.language_model import LanguageModelConfig
 from kangaroo.modules.layout import VisualTokens
 from kangaroo.modules.model import KangarooModel
 from kangaroo.modules.patchify import PatchifyConfig
+from kangaroo.modules.projector import ProjectorConfig
 from kangaroo.modules.vision_tower import VisionTowerConfig
 
 LLAMA3_8B_INSTRUCT = {
@@ -45,33 +48,58 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 TINY_VISUAL_TOKENS = VisualTokens(*range(TINY_VOCAB - 5, TINY_VOCAB))
-# timm's EVA02-tiny cut to 4 blocks: the tower of the tiny recipe (configs/kangaroo-tiny/architecture.yaml)
-TINY_TOWER = {"name": "timm:eva02_tiny_patch14_224", "timm_kwargs": {"depth": 4, "global_pool": "token"}}
+# Each model's parts as a stage file writes them under model.architecture: configs/<model>/architecture.yaml
+# names one of these (`size: kangaroo-tiny`) and adds only what is not a size (weights to read, kernels),
+# so the numbers live here alone; `kangaroo fit --print_config` shows them in the stage.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "kangaroo-8b": {
+        "vision_tower": {"name": "EVA02-L-14", "image_size": 448, "pretrained": "merged2b_s4b_b131k", "drop_path": 0.0},
+        "language_model": {"pretrained": "meta-llama/Meta-Llama-3-8B-Instruct",
+                           "transformers_config": LLAMA3_8B_INSTRUCT},
+        "visual_tokens": asdict(LLAMA3_VISUAL_TOKENS),
+        "patchify": {"kernel": [2, 2, 2], "init": "uniform"},
+        "projector": {"kind": "linear"},
+    },
+    "kangaroo-tiny": {  # timm's EVA02-tiny cut to 4 blocks at 112 px, and the 4-layer Llama
+        "vision_tower": {"name": "timm:eva02_tiny_patch14_224", "image_size": 112, "drop_path": 0.0,
+                         "timm_kwargs": {"depth": 4, "global_pool": "token"}},
+        "language_model": {"transformers_config": TINY_LLAMA},
+        "visual_tokens": asdict(TINY_VISUAL_TOKENS),
+        "patchify": {"kernel": [2, 2, 2], "init": "uniform"},
+        "projector": {"kind": "linear"},
+    },
+}
+
+
+def architecture(name: str) -> dict[str, Any]:
+    """The named model's parts as a stage file's ``model.architecture`` mapping (a deep copy)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model size {name!r}; known: {sorted(ARCHITECTURES)}")
+    return copy.deepcopy(ARCHITECTURES[name])
+
+
+def _config(name: str, image_size: int, patchify: bool) -> KangarooConfig:
+    parts = architecture(name)
+    return KangarooConfig(
+        vision_tower=VisionTowerConfig(**{**parts["vision_tower"], "image_size": image_size}),
+        language_model=LanguageModelConfig(**parts["language_model"]),
+        visual_tokens=VisualTokens(**parts["visual_tokens"]),
+        patchify=PatchifyConfig(kernel=tuple(parts["patchify"]["kernel"]), init=parts["patchify"]["init"])
+        if patchify else None,
+        projector=ProjectorConfig(**parts["projector"]),
+    )
 
 
 def kangaroo_8b_config(image_size: int = 448, patchify: bool = True) -> KangarooConfig:
     """EVA02-CLIP-L/14 + Llama-3-8B-Instruct. Stages 1-2: ``image_size=224, patchify=False``;
     stages 3-5: the defaults."""
-    return KangarooConfig(
-        vision_tower=VisionTowerConfig("EVA02-L-14", image_size=image_size, pretrained="merged2b_s4b_b131k"),
-        language_model=LanguageModelConfig(
-            transformers_config=dict(LLAMA3_8B_INSTRUCT), pretrained="meta-llama/Meta-Llama-3-8B-Instruct"
-        ),
-        visual_tokens=LLAMA3_VISUAL_TOKENS,
-        patchify=PatchifyConfig() if patchify else None,
-    )
+    return _config("kangaroo-8b", image_size, patchify)
 
 
 def kangaroo_tiny_config(image_size: int = 112, patchify: bool = True) -> KangarooConfig:
     """A 4-block timm EVA02-tiny tower and a 4-layer Llama, the model of the tiny recipe: the same
     code at CPU scale. Stages 1-2: ``image_size=56, patchify=False``; stages 3-5: the defaults."""
-    return KangarooConfig(
-        vision_tower=VisionTowerConfig(TINY_TOWER["name"], image_size=image_size,
-                                       timm_kwargs=dict(TINY_TOWER["timm_kwargs"])),
-        language_model=LanguageModelConfig(transformers_config=dict(TINY_LLAMA)),
-        visual_tokens=TINY_VISUAL_TOKENS,
-        patchify=PatchifyConfig() if patchify else None,
-    )
+    return _config("kangaroo-tiny", image_size, patchify)
 
 
 def kangaroo_8b(image_size: int = 448, patchify: bool = True, load_weights: bool = False) -> KangarooModel:

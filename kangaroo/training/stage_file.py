@@ -1,8 +1,8 @@
 """Reading stage files (the LightningCLI YAML of ``kangaroo fit``) outside a fit.
 
-A stage file may name another YAML file where a section of the model goes (``language_model:
-language-model.yaml``, relative to the stage file): jsonargparse reads such a file in place of
-the value during ``kangaroo fit``, so each model's shared parts are written once. A mapping may
+A stage file may name another YAML file where a section of the model goes (``architecture:
+architecture.yaml``, relative to the stage file), read in place of the value, so each model's
+shared parts are written once. A mapping may
 also name a ``base:`` file and state only what differs from it::
 
     architecture:
@@ -11,10 +11,12 @@ also name a ``base:`` file and state only what differs from it::
       patchify: null
 
 The base's mappings are merged key by key with the stage's (a stage's value replaces the base's,
-``null`` included). Readers of the raw YAML (the recipe runner merges overrides into it) get the
-whole mapping from ``read_stage_yaml``, which inlines those files; ``kangaroo fit`` hands
-jsonargparse that mapping for a file that names a base (``fit_arguments``), so ``--print_config``
-shows the whole stage.
+``null`` included). A model's architecture file names its size (``size: kangaroo-tiny``): the
+parts' numbers, kept in ``kangaroo.modules.sizes`` alone, stand in for that key and the file's
+other keys are merged over them in the same way. Readers of the raw YAML (the recipe runner merges overrides into it) get the
+whole mapping from ``read_stage_yaml``, which inlines those files and sizes; ``kangaroo fit``
+hands jsonargparse that mapping for a stage file that names another file (``fit_arguments``), so
+``--print_config`` shows the whole stage.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import yaml
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 BASE_KEY = "base"
+SIZE_KEY = "size"
 
 
 def read_stage_yaml(path: str) -> dict[str, Any]:
@@ -48,6 +51,15 @@ def _inline(value: Any, base: str, where: str) -> Any:
             raise ValueError(f"{where}.{BASE_KEY}: {value[BASE_KEY]} holds no mapping")
         changes = _inline({k: v for k, v in value.items() if k != BASE_KEY}, base, where)
         return _merged(merged, changes)
+    if isinstance(value, dict) and isinstance(value.get(SIZE_KEY), str):
+        from kangaroo.modules.sizes import architecture
+
+        try:
+            parts = architecture(value[SIZE_KEY])
+        except ValueError as err:
+            raise ValueError(f"{where}.{SIZE_KEY}: {err}") from None
+        changes = _inline({k: v for k, v in value.items() if k != SIZE_KEY}, base, where)
+        return _merged(parts, changes)
     if isinstance(value, dict):
         return {key: _inline(item, base, f"{where}.{key}") for key, item in value.items()}
     if _is_file(value):
@@ -70,24 +82,26 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _names_a_base(value: Any) -> bool:
+def _names_a_file(value: Any) -> bool:
     if isinstance(value, dict):
-        return _is_file(value.get(BASE_KEY)) or any(_names_a_base(item) for item in value.values())
-    return False
+        return any(_names_a_file(item) for item in value.values())
+    return _is_file(value)
 
 
-def _may_name_a_base(path: str) -> bool:
+def _may_name_a_file(path: str) -> bool:
     try:
         with open(path, encoding="utf-8") as handle:
-            return f"{BASE_KEY}:" in handle.read()
+            text = handle.read()
     except OSError:  # not a file (jsonargparse also takes YAML text)
         return False
+    return any(suffix in text for suffix in CONFIG_SUFFIXES)
 
 
 def fit_arguments(args: list[str]) -> list[str]:
     """The arguments of ``kangaroo fit``/``validate``, each ``--config FILE`` whose model or data
-    names a ``base:`` file replaced by the whole stage as YAML text (jsonargparse reads a config
-    given as text as it reads a file; it knows no ``base:``). Other arguments are kept as given."""
+    names another file (a ``base:``, an architecture file naming its ``size:``) replaced by the
+    whole stage as YAML text (jsonargparse reads a config given as text as it reads a file; it
+    knows neither key). Other arguments are kept as given."""
     kept, position = [], 0
     while position < len(args):
         word = args[position]
@@ -100,11 +114,11 @@ def fit_arguments(args: list[str]) -> list[str]:
         else:
             kept.append(word)
             continue
-        if not _may_name_a_base(path):  # jsonargparse reads (and reports on) every other file itself
+        if not _may_name_a_file(path):  # jsonargparse reads (and reports on) every other file itself
             kept += ["--config", path]
             continue
         raw = _read_yaml(path)
-        if isinstance(raw, dict) and any(_names_a_base(raw.get(section)) for section in ("model", "data")):
+        if isinstance(raw, dict) and any(_names_a_file(raw.get(section)) for section in ("model", "data")):
             kept += ["--config", yaml.safe_dump(read_stage_yaml(path), sort_keys=False)]
         else:
             kept += ["--config", path]
