@@ -6,14 +6,24 @@ Nothing is downloaded: the hub is switched off for every test.
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist (the README's `-n 2`) runs one worker per core: each worker, and the processes its
+    # tests start (which inherit this), computes on one thread instead of all of them fighting for
+    # every core (set before torch loads its OpenMP runtime)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case a plugin loaded torch first
 
 from kangaroo.modules import IGNORE_INDEX, KangarooModel, kangaroo_tiny
 
@@ -28,6 +38,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def shared(tmp_path_factory, name: str, build):
+    """A session fixture's content, built once for the whole run: ``build(folder)`` writes into
+    ``folder`` and returns what the fixture gives. Under pytest-xdist (``-n 2``, the README's test
+    command) the workers share it: the first to ask builds it under a file lock, the others wait
+    and read what it returned (pickled beside the folder), as pytest-xdist's docs advise for
+    session fixtures. Read only, like every session fixture."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # one folder above every worker's own
+    stored = root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if stored.exists():
+            return pickle.loads(stored.read_bytes())
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+        folder.mkdir()
+        value = build(folder)
+        stored.write_bytes(pickle.dumps(value))
+        return value
 
 
 @dataclass
@@ -88,9 +121,12 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
     corpus = ["A red circle moves left. A blue square appears.", "一个红色的圆向左移动。",
               "Describe the video. What happens in this video? Answer with the option's letter."] * 20
-    path = tmp_path_factory.mktemp("tokenizer")
-    build_tiny_tokenizer(corpus).save_pretrained(path)
-    return str(path)
+
+    def build(path):
+        build_tiny_tokenizer(corpus).save_pretrained(path)
+        return str(path)
+
+    return shared(tmp_path_factory, "tokenizer", build)
 
 
 @pytest.fixture(scope="session")
@@ -101,10 +137,12 @@ def image_data(tmp_path_factory, tiny_tokenizer_dir):
     that trains on it writes its run elsewhere."""
     from runs import prepare_images
 
-    root = tmp_path_factory.mktemp("resume-data")
-    prepared = prepare_images(root, tiny_tokenizer_dir, 30, lambda i: 1 + i % 2, frame_format="jpeg")
-    assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"
-    return prepared, tiny_tokenizer_dir
+    def build(root):
+        prepared = prepare_images(root, tiny_tokenizer_dir, 30, lambda i: 1 + i % 2, frame_format="jpeg")
+        assert (root / "prepared" / "rejects.jsonl").read_text() == "", "every sample fits stage 1's budget"
+        return prepared
+
+    return shared(tmp_path_factory, "resume-data", build), tiny_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +152,11 @@ def small_world(tmp_path_factory) -> str:
     from kangaroo.world import WorldConfig, synthesize
     from recipes import SMALL_WORLD
 
-    world = tmp_path_factory.mktemp("small-world") / "world"
-    synthesize(str(world), WorldConfig(**SMALL_WORLD))
-    return str(world)
+    def build(root):
+        synthesize(str(root / "world"), WorldConfig(**SMALL_WORLD))
+        return str(root / "world")
+
+    return shared(tmp_path_factory, "small-world", build)
 
 
 @pytest.fixture
@@ -182,7 +222,7 @@ def trained_model(tmp_path_factory):
     something (tests/trained.py)."""
     from trained import train_colour_model
 
-    return train_colour_model(tmp_path_factory.mktemp("trained"))
+    return shared(tmp_path_factory, "trained", train_colour_model)
 
 
 @pytest.fixture(scope="session")
@@ -191,4 +231,4 @@ def summariser_folder(tmp_path_factory):
     captions (tests/trained.py): the summariser of the captioning tests."""
     from trained import train_summariser
 
-    return train_summariser(tmp_path_factory.mktemp("summariser"))
+    return shared(tmp_path_factory, "summariser", train_summariser)

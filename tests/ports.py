@@ -24,7 +24,9 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         low = 32768
     candidates = list(range(max(1024, low - 12000), low))
-    random.shuffle(candidates)
+    # the system's randomness, not the `random` module's: a test that seeds it (seed_everything in
+    # the test process) would make every pytest-xdist worker draw the same ports
+    random.SystemRandom().shuffle(candidates)
     for port in candidates:
         with socket.socket() as probe:
             try:
