@@ -19,7 +19,7 @@ from kangaroo.recipe import NodeSetup
 from ports import free_port
 from recipes import chain_recipe
 
-NODE_TIMEOUT = 15
+NODE_TIMEOUT = 10
 STOP_BOUND = NODE_TIMEOUT + 15  # the timeout, the poll, and the kill of the fit's processes
 
 
@@ -58,7 +58,8 @@ def wait_all(processes: list[subprocess.Popen], seconds: float) -> None:
 
 
 def test_recipe_on_two_nodes_one_state_one_preparation_and_a_dead_node_stops_the_stage(small_world, tmp_path):
-    recipe = chain_recipe(tmp_path, small_world, stage3_steps=16, count=3, long_stage=2)
+    # stage 2 runs long enough (80 steps, a few a second) that node 0 notices the dead node before it ends
+    recipe = chain_recipe(tmp_path, small_world, stage3_steps=80, count=3, long_stage=2)
     work, logs = tmp_path / "work", tmp_path / "logs"
     logs.mkdir()
     log = lambda run, node: (logs / f"run{run}-node{node}.log").read_text()  # noqa: E731
@@ -100,7 +101,7 @@ def test_recipe_on_two_nodes_one_state_one_preparation_and_a_dead_node_stops_the
     assert "[3-pretrain-refinement] node 1:" in log(2, 1) and "--ckpt_path=" in log(2, 1).split("[3-pretrain")[0]
     state = json.loads((work / "recipe-state.json").read_text())
     assert all(entry["status"] == "done" for entry in state["stages"].values())
-    assert state["stages"]["2-video-pretrain"]["metrics"]["steps"] == 16
+    assert state["stages"]["2-video-pretrain"]["metrics"]["steps"] == 80
 
     # One preparation per dataset, all by node 0; node 1 wrote no state and no summary of its own.
     assert "preparing" not in log(1, 1) + log(2, 1)
