@@ -60,6 +60,12 @@ NOT_PARSED = {  # commands the docs show that this test does not parse, each wit
 }
 
 
+NOT_RUN = {  # commands the docs show that no test runs through the command line, each with the reason
+    "data synth": "renders the full tiny world and pre-trains its LLM and ViT (minutes); the tests build the "
+                  "world through the same `kangaroo.world.synthesize` at a small size (conftest's small_world)",
+}
+
+
 def documented_commands() -> dict[str, str]:
     """Every ``kangaroo ...`` command in the README and docs/ (code blocks and inline code), with
     the page showing it first; synopsis lines (``[--flag VALUE]``, ``...``) are not commands."""
@@ -102,3 +108,29 @@ def test_every_command_the_docs_show_parses_with_the_flags_it_names(capsys):
         if code not in (0, None) or not printed.out.strip():
             refused.append(f"{page}: {command}: {printed.err.strip().splitlines()[-1:]}")
     assert not refused, "\n".join(refused)
+
+
+def test_every_command_the_docs_show_is_run_by_a_test_or_listed_with_its_reason():
+    """Each documented command (its subcommand: `data prepare`, `serve`, ...) is run by some test
+    through the command line (`python -m kangaroo.cli ...`, `main([...])` or a test's own
+    `kangaroo(...)` helper), other than this file's parse and test_cli's help checks, or NOT_RUN
+    says why not."""
+    import shlex
+
+    from kangaroo.cli import _components
+
+    sources = {path.name: path.read_text(encoding="utf-8") for path in (ROOT / "tests").glob("*.py")
+               if path.name not in ("test_docs.py", "test_cli.py")}
+    shown = set()
+    for command in documented_commands():
+        words = shlex.split(command)[1:]
+        _, _, depth = _components(words)
+        shown.add(" ".join(words[:max(depth, 1)]))
+    assert set(NOT_RUN) <= shown, f"NOT_RUN lists {sorted(set(NOT_RUN) - shown)}, which no page shows any more"
+    unrun = []
+    for subcommand in sorted(shown - set(NOT_RUN)):
+        quoted = r"[\"']" + r"[\"'],\s*[\"']".join(map(re.escape, subcommand.split())) + r"[\"']"
+        runs = re.compile(r"(kangaroo\.cli[\"'],\s*|main\(\[|kangaroo\()" + quoted)
+        if not any(runs.search(text) for text in sources.values()):
+            unrun.append(subcommand)
+    assert not unrun, f"documented but run by no test (run one, or list it in NOT_RUN with the reason): {unrun}"

@@ -191,3 +191,20 @@ def test_eval_of_the_trained_model_agrees_with_its_logged_validation_accuracy(tr
     assert trained_model.val_accuracy >= 0.75, f"the model learned colours: {trained_model.val_accuracy}"
     assert abs(results["accuracy"] - trained_model.val_accuracy) <= 0.05, (results["accuracy"], trained_model.val_accuracy)
     assert results["categories"]["category"]["colour"]["scored"] == results["scored"] == 24
+
+
+def test_kangaroo_validate_on_the_stage_checkpoint_gives_the_logged_validation_accuracy(trained_model, tmp_path):
+    """`kangaroo validate --config STAGE --ckpt_path CKPT` (LightningCLI's validate) scores the
+    stage's last checkpoint on its held-out clips: the accuracy the fit logged after that step."""
+    import re
+
+    checkpoint = max(trained_model.stage_dir.rglob("*.ckpt"), key=lambda path: path.stat().st_mtime)
+    out = subprocess.run([sys.executable, "-m", "kangaroo.cli", "validate", "--config", str(trained_model.stage_file),
+                          "--ckpt_path", str(checkpoint), f"--trainer.default_root_dir={tmp_path}",
+                          f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = re.search(r"val/accuracy\s*[│|]\s*([0-9.]+)", out.stdout)
+    assert shown, out.stdout[-2000:]
+    assert abs(float(shown.group(1)) - trained_model.val_accuracy) <= 1e-4, (shown.group(1), trained_model.val_accuracy)
+    assert not list(trained_model.stage_dir.rglob("version_1")), "the shared stage folder is left as it was"

@@ -74,12 +74,17 @@ def _strip_letter(option: str) -> str:
     return _OPTION_PREFIX.sub("", option.strip(), count=1)
 
 
+def _choices(record: dict[str, Any], field: str, where: str) -> tuple[list, str]:
+    """The record's list of choices in ``field`` and their letters."""
+    choices = record[field]
+    if not isinstance(choices, list):
+        raise BenchmarkError(f"{where}: field '{field}' must be a list")
+    return choices, _letters(len(choices), where)
+
+
 def video_mme(record: dict[str, Any], where: str) -> Question:
     _need(record, ("videoID", "question_id", "duration", "task_type", "question", "options", "answer"), where)
-    options = record["options"]
-    if not isinstance(options, list):
-        raise BenchmarkError(f"{where}: field 'options' must be a list")
-    letters = _letters(len(options), where)
+    options, letters = _choices(record, "options", where)
     shown = [f"{letter}. {_strip_letter(str(option))}" for letter, option in zip(letters, options)]
     prompt = ("Select the best answer to the following multiple-choice question based on the video. Respond with only "
               f"the letter ({_letter_list(letters)}) of the correct option.\n{record['question']}\n" + "\n".join(shown)
@@ -93,10 +98,7 @@ def video_mme(record: dict[str, Any], where: str) -> Question:
 
 def mvbench(record: dict[str, Any], where: str) -> Question:
     _need(record, ("video", "question", "candidates", "answer"), where)
-    candidates = record["candidates"]
-    if not isinstance(candidates, list):
-        raise BenchmarkError(f"{where}: field 'candidates' must be a list")
-    letters = _letters(len(candidates), where)
+    candidates, letters = _choices(record, "candidates", where)
     if record["answer"] not in candidates:
         raise BenchmarkError(f"{where}: field 'answer' {record['answer']!r} is none of the candidates")
     options = "".join(f"({letter}) {option}\n" for letter, option in zip(letters, candidates))
@@ -138,10 +140,7 @@ def longvideobench(record: dict[str, Any], where: str) -> Question:
 
 def egoschema(record: dict[str, Any], where: str) -> Question:
     _need(record, ("video_idx", "question", "option", "answer"), where)
-    options = record["option"]
-    if not isinstance(options, list):
-        raise BenchmarkError(f"{where}: field 'option' must be a list")
-    letters = _letters(len(options), where)
+    options, letters = _choices(record, "option", where)
     body = "".join(f"\n{letter}. {_strip_letter(str(option))}" for letter, option in zip(letters, options))
     prompt = f"{record['question']}{body}\n{ANSWER_WITH_LETTER}"
     return Question(str(record.get("question_idx", record["video_idx"])), _with_suffix(str(record["video_idx"]), ".mp4"),

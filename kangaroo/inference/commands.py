@@ -10,6 +10,23 @@ from __future__ import annotations
 import os
 import sys
 
+# The arguments chat, serve and demo share, documented once: each command's docstring (what
+# jsonargparse shows as its --help) names them by a placeholder that _shared_args fills in.
+_SHARED_ARGS = {
+    "{served model}": """model: a model folder (kangaroo export, or a recipe's last stage)
+        device: cpu, cuda, cuda:1, ...
+        dtype: cast the weights, e.g. bfloat16 on a GPU (default: as stored)""",
+    "{listening}": """host: 127.0.0.1 is this machine only
+        port: the port to listen on""",
+}
+
+
+def _shared_args(function):
+    for placeholder, text in _SHARED_ARGS.items():
+        function.__doc__ = function.__doc__.replace(placeholder, text)
+    return function
+
+
 def load_generator(model: str, device: str = "cpu", dtype: str | None = None, cache_mb: float = 1024.0):
     """A ``Generator`` on the model folder ``model``, what was loaded said on stderr."""
     from kangaroo.inference import Generator, load_pretrained
@@ -37,6 +54,7 @@ def export(source: str, *, output: str, stage: str | None = None, overwrite: boo
     return 0
 
 
+@_shared_args
 def chat(*, model: str, device: str = "cpu", dtype: str | None = None, video: str | None = None,
          image: str | None = None, query: str | None = None, cache_mb: float = 1024.0, history: str | None = None,
          max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -46,9 +64,7 @@ def chat(*, model: str, device: str = "cpu", dtype: str | None = None, video: st
     Interactive unless --query is given. Inside a session: /video PATH, /image PATH, /reset, /quit.
 
     Args:
-        model: a model folder (kangaroo export, or a recipe's last stage)
-        device: cpu, cuda, cuda:1, ...
-        dtype: cast the weights, e.g. bfloat16 on a GPU (default: as stored)
+        {served model}
         video: the video to talk about
         image: an image instead
         query: ask this, print the answer and exit
@@ -69,6 +85,7 @@ def chat(*, model: str, device: str = "cpu", dtype: str | None = None, video: st
                     temperature=temperature, top_p=top_p, top_k=top_k)
 
 
+@_shared_args
 def serve(*, model: str, device: str = "cpu", dtype: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, allowed_media_root: list[str] | None = None,
           allow_remote_media: bool = False, allow_media_host: list[str] | None = None, max_media_mb: float = 64.0,
@@ -81,11 +98,8 @@ def serve(*, model: str, device: str = "cpu", dtype: str | None = None, host: st
     /v1/models, on FastAPI + uvicorn.
 
     Args:
-        model: a model folder (kangaroo export, or a recipe's last stage)
-        device: cpu, cuda, cuda:1, ...
-        dtype: cast the weights, e.g. bfloat16 on a GPU (default: as stored)
-        host: 127.0.0.1 is this machine only
-        port: the port to listen on
+        {served model}
+        {listening}
         served_model_name: the model id clients name (default: the folder's name)
         allowed_media_root: folders whose files requests may name by path (repeatable; default: none)
         allow_remote_media: fetch http(s) media URLs
@@ -122,6 +136,7 @@ def serve(*, model: str, device: str = "cpu", dtype: str | None = None, host: st
     return 0
 
 
+@_shared_args
 def demo(*, model: str, device: str = "cpu", dtype: str | None = None, host: str = "127.0.0.1", port: int = 8501,
          max_upload_mb: int = 200, examples: str | None = None, temperature: float | None = None) -> int:
     """A web chat page about a video (Streamlit).
@@ -130,11 +145,8 @@ def demo(*, model: str, device: str = "cpu", dtype: str | None = None, host: str
     a URL and never runs a shell command.
 
     Args:
-        model: a model folder (kangaroo export, or a recipe's last stage)
-        device: cpu, cuda, cuda:1, ...
-        dtype: cast the weights, e.g. bfloat16 on a GPU (default: as stored)
-        host: 127.0.0.1 is this machine only
-        port: the port to listen on
+        {served model}
+        {listening}
         max_upload_mb: largest upload
         examples: a folder of videos offered to pick from
         temperature: 0 decodes greedily (default: the model folder's)
