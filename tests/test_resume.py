@@ -308,3 +308,44 @@ def test_two_resumes_inside_a_later_epoch_with_loader_workers_keep_the_order(ima
                             f"--trainer.val_check_interval={steps}", *(["--ckpt_path=auto"] if steps > 9 else [])))
     assert [line["step"] for line in steps_of(stopped)] == list(range(15))
     assert steps_of(stopped) == steps_of(reference)
+
+
+LORA = "--model.adapters={language_model: {r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}"
+
+
+def test_lora_on_the_frozen_llm_keeps_only_what_trains_and_a_killed_run_resumes_exactly(image_data, uninterrupted,
+                                                                                      tmp_path):
+    """Stage 1 with LoRA adapters on its frozen LLM: the loss falls, the merged weights file moves
+    only the adapted layers of the LLM (the run without adapters leaves the LLM as built), the
+    checkpoint holds only what trains, and a run killed at a random step resumes from such a
+    checkpoint (the frozen weights rebuilt from their source) as if uninterrupted."""
+    import json
+
+    reference = tmp_path / "lora"
+    result = run_fit(fit_command(image_data, reference, LORA))
+    assert "language_model adapters" in result.stdout + result.stderr, "the trainable table shows the adapters"
+    losses = [loss for _, loss in json.loads((reference / "stage-metrics.json").read_text())["loss_history"]]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    lines, final = steps_of(reference), weights(reference)
+    _, plain = uninterrupted  # same seed: the same LLM as built, which that run kept frozen
+    assert set(final) == set(plain), "the weights file has the names of a model without adapters"
+    for name, value in final.items():
+        if name.startswith("language_model."):
+            moved = not torch.equal(value, plain[name])
+            assert moved == any(f".{layer}." in name for layer in ("q_proj", "v_proj", "down_proj")), name
+
+    saved = torch.load(latest_checkpoint(str(reference)), weights_only=False)["state_dict"]
+    adapters = {k: v for k, v in saved.items() if "lora_" in k}
+    assert adapters and not [k for k in saved if k.startswith("model.language_model.") and "lora_" not in k]
+    frozen = sum(v.numel() for k, v in plain.items() if k.startswith("language_model."))
+    assert sum(v.numel() for v in saved.values()) == sum(v.numel() for v in plain.values()) - frozen + \
+        sum(v.numel() for v in adapters.values()), "everything but the frozen LLM, and the adapters"
+
+    run = tmp_path / "killed"
+    kill_after = kill_at_a_random_step(fit_command(image_data, run, LORA), run)
+    checkpoint = latest_checkpoint(str(run))
+    resumed_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert EVERY <= resumed_at <= kill_after
+    result = run_fit(fit_command(image_data, run, LORA, "--ckpt_path=auto"))
+    assert f"resuming from {checkpoint}" in result.stdout
+    assert_same_run(run, (lines, final), resumed_at)

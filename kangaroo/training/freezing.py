@@ -6,6 +6,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from kangaroo.modules.adapters import ADAPTER_MARK
 from kangaroo.modules.model import PART_NAMES, KangarooModel
 
 
@@ -49,15 +50,22 @@ def apply_trainable(model: KangarooModel, trainable: dict[str, bool],
                              f"(names look like {next(iter(named))!r})")
         for n in matched:
             named[n].requires_grad_(flag)
+    for n, parameter in named.items():  # adapters train; the weights they wrap stay as trainable says
+        if ADAPTER_MARK in n:
+            parameter.requires_grad_(True)
     return trainable_table(model)
 
 
 def trainable_table(model: KangarooModel) -> list[dict]:
+    """One row per part (its own weights) and one per part with adapters (``<part> adapters``)."""
     rows = []
     for name, part in model.parts().items():
-        params = list(part.parameters()) if isinstance(part, nn.Module) else []
-        rows.append({"part": name, "params": sum(p.numel() for p in params),
-                     "trainable": sum(p.numel() for p in params if p.requires_grad)})
+        named = list(part.named_parameters()) if isinstance(part, nn.Module) else []
+        for label, params in ((name, [p for n, p in named if ADAPTER_MARK not in n]),
+                              (f"{name} adapters", [p for n, p in named if ADAPTER_MARK in n])):
+            if params or label == name:
+                rows.append({"part": label, "params": sum(p.numel() for p in params),
+                             "trainable": sum(p.numel() for p in params if p.requires_grad)})
     return rows
 
 

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from kangaroo import storage
 from kangaroo.distributed import per_rank, rank_and_size
 from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
+from kangaroo.modules.adapters import AdapterConfig, add_adapters, has_adapters, merged_state_dict
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
@@ -49,7 +50,13 @@ class KangarooStage(L.LightningModule):
         accuracy_groups: manifest categories whose multiple-choice accuracy is logged apart
             (``val/accuracy/<group>``), next to the overall ``val/accuracy``.
         export_weights: at the end of ``fit``, write the model's weights to
-            ``<trainer.default_root_dir>/model.safetensors`` for the next stage.
+            ``<trainer.default_root_dir>/model.safetensors`` for the next stage (adapters
+            folded in: the file has the names of a model without them).
+        adapters: part -> LoRA adapters (``{language_model: {kind: lora, r: 64, alpha: 128,
+            target_modules: [q_proj, v_proj]}}``, through peft). The part's own weights stay
+            frozen (its ``trainable`` entry must be false) and its adapters train; checkpoints
+            then hold only what trains (the frozen weights come back from ``init_from`` or the
+            pretrained sources on a resume).
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class KangarooStage(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         accuracy_groups: list[str] | None = None,
         export_weights: bool = True,
+        adapters: dict[str, AdapterConfig] | None = None,
     ) -> None:
         super().__init__()
         check_trainable_spec(trainable, trainable_patterns)
@@ -79,6 +87,16 @@ class KangarooStage(L.LightningModule):
         self.accuracy_groups = list(accuracy_groups or [])
         self._rng_to_restore: dict[str, Any] | None = None
         self.export_weights = export_weights
+        self.adapters = dict(adapters or {})
+        unknown = sorted(set(self.adapters) - set(PART_NAMES))
+        if unknown:
+            raise ValueError(f"adapters: unknown part(s) {unknown}; parts are {list(PART_NAMES)}")
+        trained = sorted(name for name in self.adapters if self.trainable.get(name))
+        if trained:
+            raise ValueError(f"adapters on {trained}, which `trainable` also trains whole: a part with adapters keeps "
+                             "its own weights frozen; set its trainable entry to false")
+        if self.adapters:
+            self.strict_loading = False  # a checkpoint holds only what trains (on_save_checkpoint)
         self.model: KangarooModel | None = None
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
@@ -103,6 +121,8 @@ class KangarooStage(L.LightningModule):
         # Under FSDP2 with init_from: the vision tower and the LLM are built without parameter
         # memory, sharded, and only then filled from the file, shard by shard, so that no
         # process ever holds the whole model (nor the whole file beside it).
+        if sharded and self.adapters:
+            raise ValueError("adapters under FSDP2 are not supported yet: train them with DDP or one process")
         lean = (sharded and strategy.init_on_meta and self.init_from is not None and not on_meta
                 and not set(self.new_parts) & set(SKELETON_PARTS))
         model = build_kangaroo(self.architecture, load_weights=load_pretrained, skeleton=lean)
@@ -112,6 +132,8 @@ class KangarooStage(L.LightningModule):
         if self.init_from is not None and not on_meta and not lean:
             loaded = load_weights(model, self.init_from, self.new_parts)
             log.info("initialised from %s (new parts kept as built: %s)", self.init_from, loaded["new"] or "none")
+        if self.adapters:  # after init_from: adapters rename the layers they wrap
+            add_adapters(model, self.adapters)
         self.trainable_rows = apply_trainable(model, self.trainable, self.trainable_patterns)
         model.train()  # from_pretrained hands back eval mode
         if sharded:
@@ -258,6 +280,10 @@ class KangarooStage(L.LightningModule):
         # Random states (torch, CUDA, numpy, Python) of this process, so that anything random
         # after a resume (dropout, drop path) draws what the uninterrupted run drew.
         checkpoint["rng_states"] = per_rank(rng_states())  # one entry per process
+        if self.adapters:  # only what trains: the frozen weights are rebuilt from their sources on a resume
+            kept = {f"model.{name}" for name, parameter in self.model.named_parameters() if parameter.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k in kept or not k.startswith("model.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loss_history = [tuple(item) for item in checkpoint.get("loss_history", [])]
@@ -282,7 +308,10 @@ class KangarooStage(L.LightningModule):
             return
         if self.export_weights:
             target = storage.join(root, WEIGHTS_NAME)
-            path = save_state_dict(state, target) if sharded else save_weights(self.model, target)
+            if has_adapters(self.model):
+                path = save_state_dict(merged_state_dict(self.model), target)
+            else:
+                path = save_state_dict(state, target) if sharded else save_weights(self.model, target)
             rank_zero_info(f"stage weights written to {path}")
         metrics = {k: _finite_or_none(float(v)) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         summary = {"steps": self.global_step,
