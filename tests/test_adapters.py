@@ -79,3 +79,28 @@ def test_a_stage_refuses_adapters_on_a_part_it_also_trains_whole_or_an_unknown_p
         KangarooStage(kangaroo_tiny_config(), trainable, adapters={"llm": AdapterConfig()})
     with pytest.raises(ValueError, match="kind must be 'lora'"):
         AdapterConfig(kind="ia3")
+
+
+def test_only_linear_layers_are_wrapped_and_patterns_may_still_freeze_adapters():
+    model = adapted({"vision_tower": AdapterConfig(r=2, target_modules=["proj"])})
+    wrapped = {n.rsplit(".", 1)[0] for n, _ in model.vision_tower.named_parameters() if "lora_A" in n}
+    assert wrapped and all(name.split(".lora_A")[0].endswith("attn.proj") for name in wrapped), "the patch embedding's conv is a `proj` too"
+    apply_trainable(model, {"vision_tower": False, "patchify": True, "projector": True, "language_model": False},
+                    {"vision_tower.*.blocks.0.*lora_*": False})
+    frozen = [n for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad]
+    assert frozen and all(".blocks.0." in n for n in frozen)
+
+
+def test_a_checkpoint_without_the_stages_adapters_is_refused_on_load():
+    from kangaroo.modules import kangaroo_tiny_config
+    from kangaroo.training.stage import KangarooStage
+
+    stage = KangarooStage(kangaroo_tiny_config(), {"vision_tower": False, "patchify": True, "projector": True,
+                                                   "language_model": False},
+                          adapters={"language_model": AdapterConfig(r=2, target_modules=["v_proj"])})
+    stage.configure_model()
+    saved = {f"model.{n}": p.detach() for n, p in stage.model.named_parameters() if p.requires_grad}
+    stage.on_load_checkpoint({"state_dict": saved})  # what its own on_save_checkpoint keeps: accepted
+    renamed = {k.replace("v_proj", "k_proj"): v for k, v in saved.items()}  # other targets, same shapes
+    with pytest.raises(ValueError, match=r"does not match this stage's adapters: missing \['model.language_model"):
+        stage.on_load_checkpoint({"state_dict": renamed})

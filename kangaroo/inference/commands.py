@@ -22,7 +22,7 @@ _SHARED_ARGS = {
 
 
 def _shared_args(function):
-    for placeholder, text in _SHARED_ARGS.items():
+    for placeholder, text in _SHARED_ARGS.items() if function.__doc__ else ():  # no docstrings under -OO
         function.__doc__ = function.__doc__.replace(placeholder, text)
     return function
 

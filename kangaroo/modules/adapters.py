@@ -66,8 +66,12 @@ def add_adapters(model: nn.Module, adapters: dict[str, AdapterConfig]) -> None:
             raise ValueError(f"adapters.{name}.target_modules: {bypassed} of {name} are applied through their "
                              "weight alone (EVA attention adds its q/v biases in one F.linear call), so an adapter "
                              f"there would change nothing; adapt others of {linear}")
+        # the full names of the matching linear layers: peft would also wrap any other module whose
+        # name ends the same (the tower's patch embedding convolution is a `proj` too)
+        targets = [module_name for module_name, module in part.named_modules()
+                   if isinstance(module, nn.Linear) and module_name.rsplit(".", 1)[-1] in config.target_modules]
         inject_adapter_in_model(LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                           target_modules=list(config.target_modules)), part)
+                                           target_modules=targets), part)
 
 
 def _bypassed(part: nn.Module) -> set[str]:
@@ -76,7 +80,7 @@ def _bypassed(part: nn.Module) -> set[str]:
     not separate, so a wrapper around ``qkv`` would be skipped."""
     names = set()
     for module in part.modules():
-        if getattr(module, "q_bias", None) is not None and not getattr(module, "qkv_bias_separate", True) \
+        if getattr(module, "q_bias", None) is not None and not getattr(module, "qkv_bias_separate", False) \
                 and isinstance(getattr(module, "qkv", None), nn.Linear):
             names.add("qkv")
     return names

@@ -43,6 +43,9 @@ def apply_trainable(model: KangarooModel, trainable: dict[str, bool],
     if unsaid:
         raise ValueError(f"trainable: the spec does not say whether {unsaid} train; list every part with parameters")
     named = dict(model.named_parameters())
+    for n, parameter in named.items():  # adapters train (patterns may still say otherwise)
+        if ADAPTER_MARK in n:
+            parameter.requires_grad_(True)
     for pattern, flag in (patterns or {}).items():
         matched = [n for n in named if fnmatchcase(n, pattern)]
         if not matched:
@@ -50,9 +53,6 @@ def apply_trainable(model: KangarooModel, trainable: dict[str, bool],
                              f"(names look like {next(iter(named))!r})")
         for n in matched:
             named[n].requires_grad_(flag)
-    for n, parameter in named.items():  # adapters train; the weights they wrap stay as trainable says
-        if ADAPTER_MARK in n:
-            parameter.requires_grad_(True)
     return trainable_table(model)
 
 

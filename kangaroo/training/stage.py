@@ -286,12 +286,20 @@ class KangarooStage(L.LightningModule):
                                         if k in kept or not k.startswith("model.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapters and self.model is not None:  # strict_loading is off: check what strict would
+            saved = {k for k in checkpoint.get("state_dict", {}) if k.startswith("model.")}
+            trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            known = {f"model.{n}" for n in self.model.state_dict()}
+            missing, unknown = sorted(trained - saved), sorted(saved - known)
+            if missing or unknown:
+                raise ValueError(f"the checkpoint does not match this stage's adapters: missing {missing[:5]} "
+                                 f"({len(missing)}), not in the model {unknown[:5]} ({len(unknown)})")
         self.loss_history = [tuple(item) for item in checkpoint.get("loss_history", [])]
         # Applied at the first step, not here: setting up the run after this (the loader's
         # iterator among others) may draw from the global generators.
-        states = checkpoint.get("rng_states")
-        if isinstance(states, dict):  # a checkpoint from before states were kept per process
-            states = [states]
+        states = checkpoint.get("rng_states")  # one entry per process
+        if not isinstance(states, list):
+            states = None
         rank, size = rank_and_size()
         if states and len(states) != size:  # resumed on another number of processes
             log.warning("random states of %d processes in the checkpoint, %d now: not restored (the generators "

@@ -15,7 +15,7 @@ The base's mappings are merged key by key with the stage's (a stage's value repl
 parts' numbers, kept in ``kangaroo.modules.sizes`` alone, stand in for that key and the file's
 other keys are merged over them in the same way. Readers of the raw YAML (the recipe runner merges overrides into it) get the
 whole mapping from ``read_stage_yaml``, which inlines those files and sizes; ``kangaroo fit``
-hands jsonargparse that mapping for a stage file that names another file (``fit_arguments``), so
+hands jsonargparse that mapping for a stage file naming a base or an architecture file (``fit_arguments``), so
 ``--print_config`` shows the whole stage.
 """
 
@@ -39,19 +39,23 @@ def read_stage_yaml(path: str) -> dict[str, Any]:
         raise ValueError(f"{path}: a stage file is a mapping with model/data/trainer sections")
     for section in ("model", "data"):
         if section in raw:
-            raw[section] = _inline(raw[section], os.path.dirname(os.path.abspath(path)), f"{path}: {section}")
+            raw[section] = _inline(raw[section], os.path.dirname(os.path.abspath(path)), f"{path}: {section}",
+                                   section=section)
     return raw
 
 
-def _inline(value: Any, base: str, where: str) -> Any:
+def _inline(value: Any, base: str, where: str, section: str = "", sized: bool = False) -> Any:
+    """``value`` with the files it names read in place; ``section`` is set for a stage's
+    ``model``/``data`` mapping itself, ``sized`` for its ``model.architecture`` (the one place a
+    ``size:`` is read, so that no other key named ``size`` is taken for one)."""
     # jsonargparse does this itself inside a parse; the raw mapping needs it done by hand
     if isinstance(value, dict) and _is_file(value.get(BASE_KEY)):
-        merged = _inline(value[BASE_KEY], base, f"{where}.{BASE_KEY}")
+        merged = _inline(value[BASE_KEY], base, f"{where}.{BASE_KEY}", section, sized)
         if not isinstance(merged, dict):
             raise ValueError(f"{where}.{BASE_KEY}: {value[BASE_KEY]} holds no mapping")
-        changes = _inline({k: v for k, v in value.items() if k != BASE_KEY}, base, where)
+        changes = _inline({k: v for k, v in value.items() if k != BASE_KEY}, base, where, section, sized)
         return _merged(merged, changes)
-    if isinstance(value, dict) and isinstance(value.get(SIZE_KEY), str):
+    if sized and isinstance(value, dict) and isinstance(value.get(SIZE_KEY), str):
         from kangaroo.modules.sizes import architecture
 
         try:
@@ -61,12 +65,13 @@ def _inline(value: Any, base: str, where: str) -> Any:
         changes = _inline({k: v for k, v in value.items() if k != SIZE_KEY}, base, where)
         return _merged(parts, changes)
     if isinstance(value, dict):
-        return {key: _inline(item, base, f"{where}.{key}") for key, item in value.items()}
+        return {key: _inline(item, base, f"{where}.{key}", sized=section == "model" and key == "architecture")
+                for key, item in value.items()}
     if _is_file(value):
         included = value if os.path.isabs(value) else os.path.join(base, value)
         if not os.path.isfile(included):
             raise ValueError(f"{where} names the config file {value}, which does not exist ({included})")
-        return _inline(_read_yaml(included), os.path.dirname(included), f"{where} ({value})")
+        return _inline(_read_yaml(included), os.path.dirname(included), f"{where} ({value})", section, sized)
     return value
 
 
@@ -88,6 +93,21 @@ def _names_a_file(value: Any) -> bool:
     return _is_file(value)
 
 
+def _names_a_base(value: Any) -> bool:
+    if isinstance(value, dict):
+        return _is_file(value.get(BASE_KEY)) or any(_names_a_base(item) for item in value.values())
+    return False
+
+
+def _needs_inlining(raw: dict[str, Any]) -> bool:
+    """Whether jsonargparse must get the stage inlined: it names a ``base:``, or its
+    ``model.architecture`` names a file (which may name a ``size:``). Other file references reach
+    jsonargparse as written, which reads them itself."""
+    model = raw.get("model")
+    architecture = model.get("architecture") if isinstance(model, dict) else None
+    return any(_names_a_base(raw.get(section)) for section in ("model", "data")) or _names_a_file(architecture)
+
+
 def _may_name_a_file(path: str) -> bool:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -98,8 +118,8 @@ def _may_name_a_file(path: str) -> bool:
 
 
 def fit_arguments(args: list[str]) -> list[str]:
-    """The arguments of ``kangaroo fit``/``validate``, each ``--config FILE`` whose model or data
-    names another file (a ``base:``, an architecture file naming its ``size:``) replaced by the
+    """The arguments of ``kangaroo fit``/``validate``, each ``--config FILE`` that names a
+    ``base:`` or an architecture file (which may name its ``size:``) replaced by the
     whole stage as YAML text (jsonargparse reads a config given as text as it reads a file; it
     knows neither key). Other arguments are kept as given."""
     kept, position = [], 0
@@ -118,7 +138,7 @@ def fit_arguments(args: list[str]) -> list[str]:
             kept += ["--config", path]
             continue
         raw = _read_yaml(path)
-        if isinstance(raw, dict) and any(_names_a_file(raw.get(section)) for section in ("model", "data")):
+        if isinstance(raw, dict) and _needs_inlining(raw):
             kept += ["--config", yaml.safe_dump(read_stage_yaml(path), sort_keys=False)]
         else:
             kept += ["--config", path]
