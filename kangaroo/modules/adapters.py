@@ -86,10 +86,6 @@ def _bypassed(part: nn.Module) -> set[str]:
     return names
 
 
-def has_adapters(model: nn.Module) -> bool:
-    return any(ADAPTER_MARK in name for name, _ in model.named_parameters())
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s weights with every adapter folded into the layer it wraps, under the names the
     model has without adapters (``...q_proj.weight``, not ``...q_proj.base_layer.weight``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -78,10 +79,10 @@ def architecture(name: str) -> dict[str, Any]:
     return copy.deepcopy(ARCHITECTURES[name])
 
 
-def _config(name: str, image_size: int, patchify: bool) -> KangarooConfig:
+def _config(name: str, image_size: int | None = None, patchify: bool = True) -> KangarooConfig:
     parts = architecture(name)
     return KangarooConfig(
-        vision_tower=VisionTowerConfig(**{**parts["vision_tower"], "image_size": image_size}),
+        vision_tower=VisionTowerConfig(**{**parts["vision_tower"], **({"image_size": image_size} if image_size else {})}),
         language_model=LanguageModelConfig(**parts["language_model"]),
         visual_tokens=VisualTokens(**parts["visual_tokens"]),
         patchify=PatchifyConfig(kernel=tuple(parts["patchify"]["kernel"]), init=parts["patchify"]["init"])
@@ -90,29 +91,29 @@ def _config(name: str, image_size: int, patchify: bool) -> KangarooConfig:
     )
 
 
-def kangaroo_8b_config(image_size: int = 448, patchify: bool = True) -> KangarooConfig:
+def kangaroo_8b_config(image_size: int | None = None, patchify: bool = True) -> KangarooConfig:
     """EVA02-CLIP-L/14 + Llama-3-8B-Instruct. Stages 1-2: ``image_size=224, patchify=False``;
-    stages 3-5: the defaults."""
+    stages 3-5: the defaults (448 px, patchify)."""
     return _config("kangaroo-8b", image_size, patchify)
 
 
-def kangaroo_tiny_config(image_size: int = 112, patchify: bool = True) -> KangarooConfig:
+def kangaroo_tiny_config(image_size: int | None = None, patchify: bool = True) -> KangarooConfig:
     """A 4-block timm EVA02-tiny tower and a 4-layer Llama, the model of the tiny recipe: the same
-    code at CPU scale. Stages 1-2: ``image_size=56, patchify=False``; stages 3-5: the defaults."""
+    code at CPU scale. Stages 1-2: ``image_size=56, patchify=False``; stages 3-5: the defaults
+    (112 px, patchify)."""
     return _config("kangaroo-tiny", image_size, patchify)
 
 
-def kangaroo_8b(image_size: int = 448, patchify: bool = True, load_weights: bool = False) -> KangarooModel:
+def kangaroo_8b(image_size: int | None = None, patchify: bool = True, load_weights: bool = False) -> KangarooModel:
     return build_kangaroo(kangaroo_8b_config(image_size, patchify), load_weights)
 
 
-def kangaroo_tiny(image_size: int = 112, patchify: bool = True, load_weights: bool = False) -> KangarooModel:
+def kangaroo_tiny(image_size: int | None = None, patchify: bool = True, load_weights: bool = False) -> KangarooModel:
     return build_kangaroo(kangaroo_tiny_config(image_size, patchify), load_weights)
 
 
 MODEL_SIZES: dict[str, Callable[..., KangarooConfig]] = {
-    "kangaroo-8b": kangaroo_8b_config,
-    "kangaroo-tiny": kangaroo_tiny_config,
+    name: functools.partial(_config, name) for name in ARCHITECTURES
 }
 
 

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from kangaroo import storage
 from kangaroo.distributed import per_rank, rank_and_size
 from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
-from kangaroo.modules.adapters import AdapterConfig, add_adapters, has_adapters, merged_state_dict
+from kangaroo.modules.adapters import AdapterConfig, add_adapters, merged_state_dict
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
@@ -316,7 +316,7 @@ class KangarooStage(L.LightningModule):
             return
         if self.export_weights:
             target = storage.join(root, WEIGHTS_NAME)
-            if has_adapters(self.model):
+            if self.adapters:  # never sharded (refused in configure_model)
                 path = save_state_dict(merged_state_dict(self.model), target)
             else:
                 path = save_state_dict(state, target) if sharded else save_weights(self.model, target)
