@@ -77,8 +77,21 @@ def test_a_stage_refuses_adapters_on_a_part_it_also_trains_whole_or_an_unknown_p
         KangarooStage(kangaroo_tiny_config(), trainable, adapters={"language_model": AdapterConfig()})
     with pytest.raises(ValueError, match=r"adapters: unknown part\(s\) \['llm'\]"):
         KangarooStage(kangaroo_tiny_config(), trainable, adapters={"llm": AdapterConfig()})
-    with pytest.raises(ValueError, match="kind must be 'lora'"):
+    with pytest.raises(ValueError, match="kind must be 'lora' or 'qlora'"):
         AdapterConfig(kind="ia3")
+
+
+def test_a_4bit_base_is_refused_without_a_cuda_device():
+    from kangaroo.modules import kangaroo_tiny_config
+    from kangaroo.training.stage import KangarooStage
+
+    stage = KangarooStage(kangaroo_tiny_config(), {"vision_tower": False, "patchify": True, "projector": True,
+                                                   "language_model": False},
+                          adapters={"language_model": AdapterConfig(kind="qlora", r=2, target_modules=["v_proj"])})
+    with pytest.raises(ValueError, match=r"adapters on \['language_model'\] are kind: qlora.*need a CUDA device; "
+                                         "this run is on cpu"):
+        stage.configure_model()
+    assert stage.model is None
 
 
 def test_only_linear_layers_are_wrapped_and_patterns_may_still_freeze_adapters():

@@ -313,21 +313,35 @@ def test_two_resumes_inside_a_later_epoch_with_loader_workers_keep_the_order(ima
 LORA = "--model.adapters={language_model: {r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}}"
 
 
+@pytest.fixture(scope="module")
+def lora(image_data, uninterrupted, tmp_path_factory):
+    """Stage 1 with LoRA adapters on its frozen LLM, started from the uninterrupted run's weights:
+    its command's arguments and its run folder."""
+    start = tmp_path_factory.mktemp("lora")
+    uninterrupted_weights = start / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(uninterrupted[1], uninterrupted_weights)
+    arguments = (LORA, f"--model.init_from={uninterrupted_weights}")
+    run = start / "run"
+    result = run_fit(fit_command(image_data, run, *arguments))
+    assert "language_model adapters" in result.stdout + result.stderr, "the trainable table shows the adapters"
+    return arguments, run
+
+
 def test_lora_on_the_frozen_llm_keeps_only_what_trains_and_a_killed_run_resumes_exactly(image_data, uninterrupted,
-                                                                                      tmp_path):
+                                                                                      lora, tmp_path):
     """Stage 1 with LoRA adapters on its frozen LLM: the loss falls, the merged weights file moves
-    only the adapted layers of the LLM (the run without adapters leaves the LLM as built), the
+    only the adapted layers of the LLM (the run it started from left the LLM as built), the
     checkpoint holds only what trains, and a run killed at a random step resumes from such a
-    checkpoint (the frozen weights rebuilt from their source) as if uninterrupted."""
+    checkpoint (the frozen weights rebuilt from init_from) as if uninterrupted."""
     import json
 
-    reference = tmp_path / "lora"
-    result = run_fit(fit_command(image_data, reference, LORA))
-    assert "language_model adapters" in result.stdout + result.stderr, "the trainable table shows the adapters"
+    arguments, reference = lora
     losses = [loss for _, loss in json.loads((reference / "stage-metrics.json").read_text())["loss_history"]]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     lines, final = steps_of(reference), weights(reference)
-    _, plain = uninterrupted  # same seed: the same LLM as built, which that run kept frozen
+    _, plain = uninterrupted  # init_from: the LLM as that run kept it, frozen
     assert set(final) == set(plain), "the weights file has the names of a model without adapters"
     for name, value in final.items():
         if name.startswith("language_model."):
@@ -342,10 +356,56 @@ def test_lora_on_the_frozen_llm_keeps_only_what_trains_and_a_killed_run_resumes_
         sum(v.numel() for v in adapters.values()), "everything but the frozen LLM, and the adapters"
 
     run = tmp_path / "killed"
-    kill_after = kill_at_a_random_step(fit_command(image_data, run, LORA), run)
+    kill_after = kill_at_a_random_step(fit_command(image_data, run, *arguments), run)
     checkpoint = latest_checkpoint(str(run))
     resumed_at = torch.load(checkpoint, weights_only=False)["global_step"]
     assert EVERY <= resumed_at <= kill_after
-    result = run_fit(fit_command(image_data, run, LORA, "--ckpt_path=auto"))
+    result = run_fit(fit_command(image_data, run, *arguments, "--ckpt_path=auto"))
     assert f"resuming from {checkpoint}" in result.stdout
     assert_same_run(run, (lines, final), resumed_at)
+
+
+def test_a_lora_stage_exports_merged_or_with_its_adapters_apart_and_both_give_the_same_logits(lora, uninterrupted,
+                                                                                           tmp_path):
+    """kangaroo export of the LoRA stage, from its folder and from a checkpoint (which holds only
+    the adapters and the trained parts: the frozen LLM comes back from init_from): merged, the
+    folder has no adapters; with --keep-adapters, its base LLM weights are the ones the stage
+    started from and load_pretrained puts the adapters back; all give the adapter model's logits.
+    A stage cannot start from a folder whose adapters are apart."""
+    from safetensors.torch import load_file
+
+    from conftest import collate, make_sample
+    from kangaroo.inference import export_model, load_pretrained
+    from kangaroo.training.weights import load_weights
+
+    _, run = lora
+    stage = str(next(run.rglob("config.yaml")))  # the stage file the fit ran, as LightningCLI saved it
+    checkpoint = latest_checkpoint(str(run))
+    folders = {}
+    for name, source in (("folder", str(run)), ("checkpoint", checkpoint)):
+        for keep in (False, True):
+            folders[name, keep] = tmp_path / f"{name}-{'kept' if keep else 'merged'}"
+            export_model(source, str(folders[name, keep]), stage, keep_adapters=keep)
+            assert (folders[name, keep] / "adapters.safetensors").exists() == keep
+    _, plain = uninterrupted
+    for name in ("folder", "checkpoint"):
+        base = load_file(folders[name, True] / "model.safetensors")
+        merged = load_file(folders[name, False] / "model.safetensors")
+        key = "language_model.model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(merged[key], plain[key]), "the adapters moved the merged weight"
+        # the folder's base is its merged weights less the update (float rounding); the checkpoint's is init_from's
+        torch.testing.assert_close(base[key], plain[key], rtol=0, atol=0 if name == "checkpoint" else 1e-6)
+
+    logits = {}
+    for (name, keep), folder in folders.items():
+        loaded = load_pretrained(str(folder))
+        assert ("lora_A" in str(loaded.model)) == keep
+        batch = collate([make_sample(loaded.model, 4, 6, seed=1), make_sample(loaded.model, 2, 3, seed=2)])
+        with torch.no_grad():
+            logits[name, keep] = loaded.model(**batch, return_logits=True).logits
+    for name in ("folder", "checkpoint"):  # float32 sums in another order: a few ulps of logits of order 1
+        torch.testing.assert_close(logits[name, True], logits[name, False], rtol=1e-5, atol=1e-5)
+
+    model = load_pretrained(str(folders["folder", False])).model
+    with pytest.raises(ValueError, match="keeps its adapters apart"):
+        load_weights(model, str(folders["folder", True]))

@@ -36,7 +36,8 @@ def load_generator(model: str, device: str = "cpu", dtype: str | None = None, ca
     return Generator(loaded, cache_mb=cache_mb)
 
 
-def export(source: str, *, output: str, stage: str | None = None, overwrite: bool = False) -> int:
+def export(source: str, *, output: str, stage: str | None = None, overwrite: bool = False,
+           keep_adapters: bool = False) -> int:
     """Write a self-contained model folder from a stage or checkpoint.
 
     Writes config, safetensors weights, tokenizer with chat template, preprocessing and generation
@@ -47,10 +48,12 @@ def export(source: str, *, output: str, stage: str | None = None, overwrite: boo
         output: the model folder to write
         stage: the stage file that trained it (default: the stage folder's stage.yaml)
         overwrite: replace a non-empty output folder
+        keep_adapters: for a stage that trained LoRA adapters, write its base weights and its
+            adapters apart (adapters.safetensors, loaded by chat, serve and eval) instead of merged
     """
     from kangaroo.inference.folder import export_model
 
-    print(f"model folder written to {export_model(source, output, stage, overwrite)}")
+    print(f"model folder written to {export_model(source, output, stage, overwrite, keep_adapters)}")
     return 0
 
 

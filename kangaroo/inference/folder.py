@@ -6,6 +6,8 @@ recipe)::
     config.json              {"format": 1, "architecture": {...}}: the KangarooConfig, with the
                              language model's transformers config inline (no hub id, no remote code)
     model.safetensors        the weights (the stage's own key names)
+    adapters.safetensors, adapters.json   only with ``--keep-adapters``: LoRA adapters kept apart
+                             from the base weights in model.safetensors
     preprocessor_config.json resolution, resize mode, frame sampling, image time, sample budget
     generation_config.json   sampling defaults and the stop tokens
     tokenizer.json, tokenizer_config.json, ...   the tokenizer with its chat template
@@ -29,6 +31,7 @@ import torch
 from kangaroo import storage
 from kangaroo.data.encode import PrepareConfig
 from kangaroo.data.video import FrameSampling
+from kangaroo.modules.adapters import load_adapters, read_adapters
 from kangaroo.modules.builder import KangarooConfig, build_kangaroo
 from kangaroo.modules.language_model import resolve_attention, resolve_llm_config
 from kangaroo.modules.precision import cast_model
@@ -115,14 +118,17 @@ def architecture_from_dict(data: dict[str, Any], where: str = CONFIG_NAME) -> Ka
         raise ValueError(f"{where}: not a valid model architecture: {err}") from err
 
 
-def export_model(source: str, output: str, config: str | None = None, overwrite: bool = False) -> str:
+def export_model(source: str, output: str, config: str | None = None, overwrite: bool = False,
+                 keep_adapters: bool = False) -> str:
     """Writes the model folder of ``source`` into ``output`` and returns ``output``.
 
     ``source``: a stage folder (its ``model.safetensors``), a checkpoint file, or a sharded
     checkpoint folder. ``config``: the stage file that trained it; by default the ``stage.yaml``
     a recipe keeps in the stage folder (for a checkpoint, in the folder above ``checkpoints/``).
     The stage file gives the architecture and, from its ``data.prepare``, the tokenizer and the
-    preprocessing."""
+    preprocessing. A stage that trained adapters is exported with them merged into the weights,
+    or, with ``keep_adapters``, with its base weights and its adapters apart (``load_pretrained``
+    reads both)."""
     from transformers import AutoTokenizer
 
     from kangaroo.training.stage_file import load_stage_file
@@ -134,7 +140,13 @@ def export_model(source: str, output: str, config: str | None = None, overwrite:
         raise ValueError(f"{stage_file}: no data.prepare section; the model folder takes its tokenizer and "
                          "preprocessing from it")
     weights = _weights_of(source)
-    weights_state = read_state_dict(weights)
+    adapters = None
+    if stage.adapters:
+        weights_state, adapters = _adapted_weights(stage, source, weights, keep_adapters)
+    elif keep_adapters:
+        raise ValueError(f"{stage_file}: the stage trained no adapters; there are none to keep apart")
+    else:
+        weights_state = read_state_dict(weights)
     prepare = data.prepare
     # the minimum duration filters training data (instruction data drops clips under 5 s), not questions
     preprocessing = Preprocessing(image_size=stage.architecture.vision_tower.image_size, resize=prepare.resize,
@@ -142,17 +154,57 @@ def export_model(source: str, output: str, config: str | None = None, overwrite:
                                   image_max_time=prepare.image_max_time,
                                   max_tokens=prepare.max_tokens)
     write_model_folder(output, stage.architecture, weights_state, AutoTokenizer.from_pretrained(prepare.tokenizer),
-                       preprocessing, overwrite=overwrite,
+                       preprocessing, overwrite=overwrite, adapters=adapters,
                        source={"weights": weights, "stage_file": os.path.abspath(stage_file)})
     log.info("model folder written to %s", output)
     return output
 
 
+def _adapted_weights(stage, source: str, weights: str, keep: bool):
+    """The weights of a stage that trained adapters, merged (``keep`` false) or as base weights
+    and adapters apart. From a stage folder: its merged weights and the adapters beside them (the
+    base is the merged weights less the adapters' update, exact to float rounding). From a
+    checkpoint, which holds only what trained: the model rebuilt as the stage built it (from its
+    ``init_from`` or pretrained sources) and the checkpoint's tensors loaded into it."""
+    from kangaroo.modules.adapters import (adapter_state_dict, base_state_dict, load_adapters, merged_state_dict,
+                                           read_adapters, unmerge)
+
+    if os.path.isdir(source) and weights.endswith(WEIGHTS_NAME):  # a stage folder
+        kept = read_adapters(source)
+        if kept is None:
+            raise ValueError(f"{source}: the stage trained adapters but the folder has no adapters.json beside its "
+                             "weights (written by this version at the end of a fit); export a checkpoint instead")
+        model = build_kangaroo(stage.architecture, load_weights=False)
+        load_weights(model, weights)
+        load_adapters(model, *kept, where=source)
+        if not keep:
+            return read_state_dict(weights), None
+        unmerge(model)
+    else:
+        architecture = stage.architecture
+        sources = architecture.language_model.pretrained or architecture.vision_tower.pretrained
+        if stage.init_from is None and not (stage.load_pretrained and sources):
+            raise ValueError(f"{source} holds only what the stage trained, and the stage has neither init_from nor "
+                             "pretrained sources to rebuild its frozen weights from; export the stage folder")
+        stage.configure_model()  # init_from or the pretrained sources, then the adapters, as in the fit
+        model = stage.model
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = read_state_dict(weights)
+        missing = sorted(trained - set(state))
+        if missing:
+            raise ValueError(f"{source} does not hold what the stage trains: missing {missing[:5]} ({len(missing)})")
+        model.load_state_dict(state, strict=False)
+    if not keep:
+        return merged_state_dict(model), None
+    return base_state_dict(model), (stage.adapters, adapter_state_dict(model))
+
+
 def write_model_folder(output: str, architecture: KangarooConfig, state: dict[str, torch.Tensor], tokenizer,
                        preprocessing: Preprocessing, generation: GenerationDefaults | None = None,
-                       overwrite: bool = False, source: dict[str, Any] | None = None) -> str:
+                       overwrite: bool = False, source: dict[str, Any] | None = None, adapters=None) -> str:
     """Writes a model folder from its parts: ``state`` holds the model's weights by their own
-    key names (a stage's ``model.safetensors``); each must fit ``architecture``."""
+    key names (a stage's ``model.safetensors``); each must fit ``architecture``. ``adapters``:
+    (part -> ``AdapterConfig``, their tensors) kept apart from ``state``, the base weights."""
     if storage.is_remote(output):
         raise ValueError(f"a model folder is written to a local path, not {output}")
     if os.path.exists(output) and os.listdir(output) and not overwrite:
@@ -170,6 +222,10 @@ def write_model_folder(output: str, architecture: KangarooConfig, state: dict[st
     try:
         tokenizer.save_pretrained(local)
         save_state_dict({k: state[k] for k in model_keys}, os.path.join(local, WEIGHTS_NAME))
+        if adapters is not None:
+            from kangaroo.modules.adapters import write_adapters
+
+            write_adapters(local, *adapters)
         _write_json(os.path.join(local, CONFIG_NAME),
                     {"format": FORMAT, "architecture": architecture_to_dict(architecture), "source": source or {}})
         _write_json(os.path.join(local, PREPROCESSOR_NAME), asdict(preprocessing))
@@ -269,6 +325,9 @@ def load_pretrained(folder: str, device: str | torch.device = "cpu", dtype: torc
     llm.attn_implementation = resolve_attention(llm.attn_implementation, device, dtype or torch.float32)  # loads into fp32
     model = build_kangaroo(architecture, load_weights=False)
     load_weights(model, paths[WEIGHTS_NAME])  # strict; safetensors only
+    kept = read_adapters(folder)
+    if kept is not None:  # exported with --keep-adapters: the base weights, then the adapters on them
+        load_adapters(model, *kept, where=folder)
     model = cast_model(model, dtype).to(device) if dtype is not None else model.to(device)
     model.eval()
     try:

@@ -10,7 +10,8 @@ next stage's ``init_from`` and ``kangaroo export`` need not know adapters were u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -18,13 +19,18 @@ from torch import nn
 
 ADAPTER_MARK = "lora_"
 """What every adapter parameter's name holds (``...q_proj.lora_A.default.weight``)."""
+ADAPTERS_NAME = "adapters.safetensors"
+"""The adapters' tensors, beside a stage's merged weights or a model folder's base weights."""
+ADAPTERS_CONFIG_NAME = "adapters.json"
+"""Which part has which adapters (``{language_model: {kind: lora, r: 64, ...}}``), beside them."""
 
 
 @dataclass
 class AdapterConfig:
     """One part's adapters."""
 
-    kind: Literal["lora"] = "lora"
+    kind: Literal["lora", "qlora"] = "lora"
+    """``qlora``: LoRA on the part's base weights quantized to 4 bits (bitsandbytes), CUDA only."""
     r: int = 16
     """Rank of the low-rank update."""
     alpha: float = 32.0
@@ -35,13 +41,26 @@ class AdapterConfig:
     """Last names of the linear layers to adapt (``q_proj`` matches every ``...self_attn.q_proj``)."""
 
     def __post_init__(self) -> None:
-        if self.kind != "lora":
-            raise ValueError(f"adapters: kind must be 'lora', got {self.kind!r}")
+        if self.kind not in ("lora", "qlora"):
+            raise ValueError(f"adapters: kind must be 'lora' or 'qlora', got {self.kind!r}")
         if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"adapters: need r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={self.r}, "
                              f"alpha={self.alpha}, dropout={self.dropout})")
         if not self.target_modules:
             raise ValueError("adapters: target_modules names no layer")
+
+
+def check_device(adapters: dict[str, AdapterConfig], device: torch.device) -> None:
+    """Refuses 4-bit bases (``kind: qlora``) where they cannot run: bitsandbytes' 4-bit layers
+    need a CUDA device."""
+    quantized = sorted(part for part, config in adapters.items() if config.kind == "qlora")
+    if not quantized:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"adapters on {quantized} are kind: qlora, whose 4-bit base weights (bitsandbytes) need a "
+                         f"CUDA device; this run is on {device.type}: use kind: lora (full-precision base)")
+    raise NotImplementedError(f"adapters on {quantized}: kind: qlora is not implemented yet (its 4-bit base layers "
+                              "have not been run on a GPU in this project); use kind: lora")
 
 
 def add_adapters(model: nn.Module, adapters: dict[str, AdapterConfig]) -> None:
@@ -99,3 +118,73 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
                 state[key] = state[key] + delta.to(state[key].dtype)
     return {key.replace(".base_layer.", "."): value for key, value in state.items()}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors of ``model``, by the names of the model with adapters."""
+    return {key: value.detach() for key, value in model.state_dict().items() if ADAPTER_MARK in key}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s own weights without its adapters, under the names of a model without them."""
+    return {key.replace(".base_layer.", "."): value.detach() for key, value in model.state_dict().items()
+            if ADAPTER_MARK not in key}
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> None:
+    """Takes each adapter's update out of the layer it wraps: for a model whose layers were loaded
+    with the merged weights (a stage's ``model.safetensors``) and whose adapters were then loaded
+    beside them, the layers hold the base weights again (to float rounding). Written here rather
+    than through peft's ``unmerge``, which only undoes a merge peft itself recorded."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            weight = module.base_layer.weight
+            for adapter in module.active_adapters:
+                weight -= module.get_delta_weight(adapter).to(weight.dtype)
+
+
+def write_adapters(folder: str, adapters: dict[str, AdapterConfig], state: dict[str, torch.Tensor]) -> None:
+    """Writes ``adapters.safetensors`` and ``adapters.json`` into ``folder`` (local or object store)."""
+    from kangaroo import storage
+    from kangaroo.training.weights import save_state_dict
+
+    save_state_dict(state, storage.join(folder, ADAPTERS_NAME))
+    storage.write_text(storage.join(folder, ADAPTERS_CONFIG_NAME),
+                       json.dumps({part: asdict(config) for part, config in adapters.items()}, indent=1))
+
+
+def read_adapters(folder: str) -> tuple[dict[str, AdapterConfig], dict[str, torch.Tensor]] | None:
+    """The adapters kept in ``folder`` (``write_adapters``), or None when it has none."""
+    import os
+
+    from safetensors.torch import load_file
+
+    config_path, tensors_path = os.path.join(folder, ADAPTERS_CONFIG_NAME), os.path.join(folder, ADAPTERS_NAME)
+    if not os.path.isfile(config_path):
+        return None
+    if not os.path.isfile(tensors_path):
+        raise FileNotFoundError(f"{folder} has {ADAPTERS_CONFIG_NAME} but no {ADAPTERS_NAME}")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            configs = {part: AdapterConfig(**fields) for part, fields in json.load(handle).items()}
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"cannot read {config_path}: {err}") from err
+    return configs, load_file(tensors_path)
+
+
+def load_adapters(model: nn.Module, adapters: dict[str, AdapterConfig], state: dict[str, torch.Tensor],
+                  where: str = ADAPTERS_NAME) -> None:
+    """Adds ``adapters`` to ``model`` and fills them from ``state``: every adapter tensor of the
+    model must be there with its shape, and nothing else."""
+    add_adapters(model, adapters)
+    own = adapter_state_dict(model)
+    missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unknown or shapes:
+        raise ValueError(f"{where} does not match the adapters its config declares: missing {missing[:5]} "
+                         f"({len(missing)}), not in the model {unknown[:5]} ({len(unknown)}), shape mismatch {shapes[:5]}")
+    model.load_state_dict(state, strict=False)

@@ -17,7 +17,8 @@ from torchmetrics import MeanMetric
 from kangaroo import storage
 from kangaroo.distributed import per_rank, rank_and_size
 from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
-from kangaroo.modules.adapters import AdapterConfig, add_adapters, merged_state_dict
+from kangaroo.modules.adapters import (AdapterConfig, adapter_state_dict, add_adapters, check_device, merged_state_dict,
+                                       write_adapters)
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
@@ -51,7 +52,8 @@ class KangarooStage(L.LightningModule):
             (``val/accuracy/<group>``), next to the overall ``val/accuracy``.
         export_weights: at the end of ``fit``, write the model's weights to
             ``<trainer.default_root_dir>/model.safetensors`` for the next stage (adapters
-            folded in: the file has the names of a model without them).
+            folded in: the file has the names of a model without them; the adapters alone
+            beside it in ``adapters.safetensors`` and ``adapters.json``).
         adapters: part -> LoRA adapters (``{language_model: {kind: lora, r: 64, alpha: 128,
             target_modules: [q_proj, v_proj]}}``, through peft). The part's own weights stay
             frozen (its ``trainable`` entry must be false) and its adapters train; checkpoints
@@ -123,6 +125,7 @@ class KangarooStage(L.LightningModule):
         # process ever holds the whole model (nor the whole file beside it).
         if sharded and self.adapters:
             raise ValueError("adapters under FSDP2 are not supported yet: train them with DDP or one process")
+        check_device(self.adapters, strategy.root_device if strategy is not None else torch.device("cpu"))
         lean = (sharded and strategy.init_on_meta and self.init_from is not None and not on_meta
                 and not set(self.new_parts) & set(SKELETON_PARTS))
         model = build_kangaroo(self.architecture, load_weights=load_pretrained, skeleton=lean)
@@ -318,6 +321,8 @@ class KangarooStage(L.LightningModule):
             target = storage.join(root, WEIGHTS_NAME)
             if self.adapters:  # never sharded (refused in configure_model)
                 path = save_state_dict(merged_state_dict(self.model), target)
+                # and the adapters alone, for `kangaroo export --keep-adapters`
+                write_adapters(root, self.adapters, adapter_state_dict(self.model))
             else:
                 path = save_state_dict(state, target) if sharded else save_weights(self.model, target)
             rank_zero_info(f"stage weights written to {path}")

@@ -58,7 +58,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if is_distributed_checkpoint(path):
         return read_distributed_weights(path)
     if storage.isdir(path):
-        path = storage.join(path, WEIGHTS_NAME)
+        path = _weights_in(path)
     if not storage.exists(path):
         raise ValueError(f"init_from: {path} does not exist")
     if storage.is_remote(path):
@@ -80,6 +80,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _weights_in(folder: str) -> str:
+    """The weights file of a stage or model folder. A model folder that keeps adapters apart from
+    its base weights (``kangaroo export --keep-adapters``) is refused: its ``model.safetensors``
+    alone is not the model it holds."""
+    from kangaroo.modules.adapters import ADAPTERS_CONFIG_NAME
+
+    if storage.exists(storage.join(folder, "config.json")) and storage.exists(storage.join(folder, ADAPTERS_CONFIG_NAME)):
+        raise ValueError(f"{folder} keeps its adapters apart from its base weights; a stage starts from merged "
+                         f"weights: write them with `kangaroo export {folder} --output DIR` (merges by default)")
+    return storage.join(folder, WEIGHTS_NAME)
+
+
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -98,7 +110,7 @@ class _Weights:
         self.path, self._header, self._state = path, None, None
         local = path
         if storage.isdir(path) and not is_distributed_checkpoint(path):
-            local = storage.join(path, WEIGHTS_NAME)
+            local = _weights_in(path)
         if local.endswith(".safetensors") and not storage.is_remote(local) and os.path.isfile(local):
             self._local = local
             with open(local, "rb") as handle:
