@@ -47,6 +47,7 @@ COMMANDS: dict[str, Any] = {
     },
     "checkpoint": {"_help": "work with stage checkpoints", "consolidate": "kangaroo.training.commands:consolidate"},
     "export": "kangaroo.inference.commands:export",
+    "import": "kangaroo.inference.commands:import_model",
     "chat": "kangaroo.inference.commands:chat",
     "serve": "kangaroo.inference.commands:serve",
     "demo": "kangaroo.inference.commands:demo",

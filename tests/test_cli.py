@@ -110,8 +110,8 @@ def test_help_lists_every_command_and_each_answers_its_own_help(capsys):
         main(["--help"])
     assert done.value.code == 0
     listed = capsys.readouterr().out
-    commands = ("fit", "validate", "model", "data", "curate", "checkpoint", "export", "chat", "serve", "demo", "eval",
-                "recipe")
+    commands = ("fit", "validate", "model", "data", "curate", "checkpoint", "export", "import", "chat", "serve", "demo",
+                "eval", "recipe")
     for name in commands:
         assert f"\n    {name} " in listed, name
     for name in commands:
@@ -140,7 +140,7 @@ def test_every_command_prints_its_settings_and_reads_them_back_from_config(capsy
     from kangaroo.cli import main
 
     commands = list(leaves())
-    assert len(commands) == 16, commands
+    assert len(commands) == 17, commands
     for words in commands:
         with pytest.raises(SystemExit) as done:
             main([*words, "--help"])

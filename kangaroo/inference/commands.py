@@ -57,6 +57,34 @@ def export(source: str, *, output: str, stage: str | None = None, overwrite: boo
     return 0
 
 
+def import_model(source: str, *, layout: str, output: str | None = None, architecture: str | None = None,
+                 tokenizer: str | None = None, stage: str | None = None, dry_run: bool = False,
+                 overwrite: bool = False) -> int:
+    """Convert a checkpoint of another layout into a model folder, through a key map.
+
+    Prints which source keys no rule takes, which model keys no source key gives, shape
+    mismatches and the assumptions of the map it used; exits 1 when any key does not fit.
+
+    Args:
+        source: the checkpoint: a folder of safetensors shards (with its tokenizer), a
+            safetensors file, or one of this project's checkpoints
+        layout: a shipped key map (kangaroo-released, kangaroo) or the path of one (YAML)
+        output: the model folder to write
+        architecture: the model size it holds (default: the layout's)
+        tokenizer: where the tokenizer is (default: the stage file's, or the source folder's)
+        stage: a stage file whose model.architecture and data.prepare describe the checkpoint
+        dry_run: only print the report; write nothing
+        overwrite: replace a non-empty output folder
+    """
+    from kangaroo.inference.importing import import_checkpoint
+
+    plan = import_checkpoint(source, layout, output, architecture, tokenizer, stage, dry_run, overwrite)
+    print(plan.report())
+    if not dry_run:
+        print(f"model folder written to {output}")
+    return 0 if plan.ok else 1
+
+
 @_shared_args
 def chat(*, model: str, device: str = "cpu", dtype: str | None = None, video: str | None = None,
          image: str | None = None, query: str | None = None, cache_mb: float = 1024.0, history: str | None = None,
