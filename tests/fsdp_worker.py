@@ -33,6 +33,7 @@ from datetime import timedelta
 import lightning as L
 import torch
 
+from kangaroo.modules.adapters import AdapterConfig
 from kangaroo.modules import IGNORE_INDEX, KangarooConfig, LanguageModelConfig, PatchifyConfig, VisionTowerConfig
 from kangaroo.training.optim import OptimizerConfig
 from kangaroo.modules.sizes import TINY_VISUAL_TOKENS
@@ -174,6 +175,11 @@ class EvenEpochs:
         return even_epoch(self.batches, self.multiple_of)
 
 
+LORA = {"language_model": AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "vision_tower": AdapterConfig(r=2, alpha=4, target_modules=["proj"])}
+"""With ``--lora``: adapters on both big parts, whose own weights then stay frozen."""
+
+
 class RecordingStage(KangarooStage):
     """The stage, noting each step's gradient norm once the window's gradients are normalised."""
 
@@ -201,14 +207,15 @@ def main() -> None:
     parser.add_argument("--uneven", action="store_true", help="epochs of UNEVEN micro-batches per process")
     parser.add_argument("--init-from", help="the stage's init_from (patchify a new part)")
     parser.add_argument("--init-on-meta", type=int, default=1, help="FSDP2Strategy.init_on_meta")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters on the frozen LLM and tower (LORA)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     os.makedirs(args.out, exist_ok=True)
     L.seed_everything(0)
-    stage = RecordingStage(architecture(), trainable={"vision_tower": True, "patchify": True, "projector": True,
-                                                     "language_model": True},
+    stage = RecordingStage(architecture(), trainable={"vision_tower": not args.lora, "patchify": True, "projector": True,
+                                                     "language_model": not args.lora},
                           optimizer=OptimizerConfig(lr=1e-2, min_lr=1e-4), init_from=args.init_from,
-                          new_parts=["patchify"] if args.init_from else None)
+                          new_parts=["patchify"] if args.init_from else None, adapters=LORA if args.lora else None)
     strategy, processes = "auto", args.devices * args.num_nodes
     if processes > 1 and args.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy

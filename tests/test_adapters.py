@@ -25,12 +25,13 @@ def adapted(adapters: dict[str, AdapterConfig], seed: int = 0):
 
 
 def test_merged_weights_give_the_adapter_models_logits_under_the_plain_names():
-    model = adapted({"language_model": AdapterConfig(r=4, alpha=8, target_modules=ALL_LINEAR),
-                     "vision_tower": AdapterConfig(r=4, alpha=8, target_modules=["proj", "fc1", "fc2"])})
+    adapters = {"language_model": AdapterConfig(r=4, alpha=8, target_modules=ALL_LINEAR),
+                "vision_tower": AdapterConfig(r=2, alpha=8, target_modules=["proj", "fc1", "fc2"])}
+    model = adapted(adapters)
     batch = collate([make_sample(model, 4, 6, seed=1), make_sample(model, 2, 3, seed=2)])
     with torch.no_grad():
         expected = model(**batch, return_logits=True).logits
-        merged = merged_state_dict(model)
+        merged = merged_state_dict(model.state_dict(), adapters)  # each part at its own scale, alpha / r
         plain = kangaroo_tiny().eval()
         plain.load_state_dict(merged, strict=True)  # every name of a model without adapters, nothing more
         got = plain(**batch, return_logits=True).logits

@@ -217,18 +217,24 @@ def test_a_process_that_stops_answering_ends_the_run_with_code_76_within_the_bou
     assert checkpoint is not None and torch.load(checkpoint, weights_only=False)["global_step"] >= 1
 
 
-def test_two_processes_across_epoch_ends_train_like_one_holding_both_shares(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["whole", "lora"])
+def test_two_processes_across_epoch_ends_train_like_one_holding_both_shares(tmp_path, lora):
     """tests/fsdp_worker.py --uneven: shares of 7 and 5 micro-batches per epoch, accumulation 4
     on 2 processes (FSDP2 and DDP), through two epoch ends, against 1 process with accumulation 8
     whose windows hold both processes' micro-batches: the same losses, gradient norms and
-    weights (an empty micro-batch adds exactly nothing)."""
+    weights (an empty micro-batch adds exactly nothing). With LoRA adapters on the frozen LLM and
+    tower too: under FSDP2 the adapters are sharded with their layers and merged from the
+    gathered weights at the end."""
+    from safetensors.torch import load_file
+
     from runs import WORKER, assert_same_weights
 
     runs = {}
     for devices, accumulate, strategy in ((1, 8, "fsdp2"), (2, 4, "fsdp2"), (2, 4, "ddp")):
         runs[devices, strategy] = tmp_path / f"{devices}-{strategy}"
         run([sys.executable, str(WORKER), "--uneven", "--devices", str(devices), "--accumulate", str(accumulate),
-             "--strategy", strategy, "--steps", "5", "--out", str(runs[devices, strategy])], timeout=240)
+             "--strategy", strategy, "--steps", "5", "--out", str(runs[devices, strategy]),
+             *(["--lora"] if lora else [])], timeout=240)
     reference = runs.pop((1, "fsdp2"))
     one = {name: json.loads((reference / name).read_text()) for name in ("losses.json", "grad_norms.json")}
     assert len(one["losses.json"]) == 5, "two steps an epoch: 5 steps cross two epoch ends"
@@ -237,6 +243,13 @@ def test_two_processes_across_epoch_ends_train_like_one_holding_both_shares(tmp_
             torch.testing.assert_close(torch.tensor(json.loads((out / name).read_text())), torch.tensor(expected),
                                        rtol=1e-4, atol=0, msg=lambda m: f"{key} {name}: {m}")
         assert_same_weights(out, reference, key)
+        if lora:  # the adapters alone beside the merged weights, trained (peft starts B at zero)
+            adapters = load_file(out / "adapters.safetensors")
+            ups = [v for k, v in adapters.items() if "lora_B" in k]
+            assert len(ups) == 2 * 3 + 2 and all(v.abs().max() > 0 for v in ups), sorted(adapters)
+            for name, value in adapters.items():
+                torch.testing.assert_close(value, load_file(reference / "adapters.safetensors")[name],
+                                           rtol=1e-3, atol=1e-4, msg=lambda m: f"{key} {name}: {m}")
 
 
 def test_the_schedule_follows_the_global_batch_and_the_epochs(uneven_data):

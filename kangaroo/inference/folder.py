@@ -195,7 +195,7 @@ def _adapted_weights(stage, source: str, weights: str, keep: bool):
             raise ValueError(f"{source} does not hold what the stage trains: missing {missing[:5]} ({len(missing)})")
         model.load_state_dict(state, strict=False)
     if not keep:
-        return merged_state_dict(model), None
+        return merged_state_dict(model.state_dict(), stage.adapters), None
     return base_state_dict(model), (stage.adapters, adapter_state_dict(model))
 
 

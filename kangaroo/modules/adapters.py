@@ -105,19 +105,26 @@ def _bypassed(part: nn.Module) -> set[str]:
     return names
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s weights with every adapter folded into the layer it wraps, under the names the
-    model has without adapters (``...q_proj.weight``, not ``...q_proj.base_layer.weight``)."""
-    from peft.tuners.lora import LoraLayer
-
-    state = {key: value.detach() for key, value in model.state_dict().items() if ADAPTER_MARK not in key}
-    with torch.no_grad():
-        for module_name, module in model.named_modules():
-            if isinstance(module, LoraLayer):
-                key = f"{module_name}.base_layer.weight"
-                delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-                state[key] = state[key] + delta.to(state[key].dtype)
-    return {key.replace(".base_layer.", "."): value for key, value in state.items()}
+def merged_state_dict(state: dict[str, torch.Tensor], adapters: dict[str, AdapterConfig]) -> dict[str, torch.Tensor]:
+    """The weights of a model with adapters (``state``: its state dict, possibly gathered from
+    FSDP2 shards onto one process) with every adapter folded into the layer it wraps, under the
+    names the model has without adapters (``...q_proj.weight``, not ``...base_layer.weight``).
+    Computed on the tensors rather than through peft's layers, which under FSDP2 hold shards and
+    would compute the update only inside a collective: ``W + alpha / r * B @ A``, peft's LoRA
+    update (``tests/test_adapters.py`` checks the merged model's logits against the adapter
+    model's)."""
+    merged = {}
+    for key, value in state.items():
+        if ADAPTER_MARK in key:
+            continue
+        value = value.detach()
+        if key.endswith(".base_layer.weight"):
+            prefix = key[: -len(".base_layer.weight")]
+            config = adapters[key.split(".", 1)[0]]
+            down, up = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
+            value = value + (config.alpha / config.r * (up.float() @ down.float())).to(value.dtype)
+        merged[key.replace(".base_layer.", ".")] = value
+    return merged
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 from kangaroo import storage
 from kangaroo.distributed import per_rank, rank_and_size
 from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
-from kangaroo.modules.adapters import (AdapterConfig, adapter_state_dict, add_adapters, check_device, merged_state_dict,
+from kangaroo.modules.adapters import (ADAPTER_MARK, AdapterConfig, add_adapters, check_device, merged_state_dict,
                                        write_adapters)
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
@@ -123,11 +123,10 @@ class KangarooStage(L.LightningModule):
         # Under FSDP2 with init_from: the vision tower and the LLM are built without parameter
         # memory, sharded, and only then filled from the file, shard by shard, so that no
         # process ever holds the whole model (nor the whole file beside it).
-        if sharded and self.adapters:
-            raise ValueError("adapters under FSDP2 are not supported yet: train them with DDP or one process")
         check_device(self.adapters, strategy.root_device if strategy is not None else torch.device("cpu"))
+        # (with adapters the model is built whole: they wrap its layers before they are sharded)
         lean = (sharded and strategy.init_on_meta and self.init_from is not None and not on_meta
-                and not set(self.new_parts) & set(SKELETON_PARTS))
+                and not set(self.new_parts) & set(SKELETON_PARTS) and not self.adapters)
         model = build_kangaroo(self.architecture, load_weights=load_pretrained, skeleton=lean)
         longest = self._longest_sample()
         if longest is not None:  # before init_from is read: a long wait for an error otherwise
@@ -283,13 +282,15 @@ class KangarooStage(L.LightningModule):
         # Random states (torch, CUDA, numpy, Python) of this process, so that anything random
         # after a resume (dropout, drop path) draws what the uninterrupted run drew.
         checkpoint["rng_states"] = per_rank(rng_states())  # one entry per process
-        if self.adapters:  # only what trains: the frozen weights are rebuilt from their sources on a resume
+        if self.adapters and not is_sharded(self.model):
+            # only what trains: the frozen weights are rebuilt from their sources on a resume (a
+            # sharded checkpoint keeps them: torch's distributed load asks for every key the model has)
             kept = {f"model.{name}" for name, parameter in self.model.named_parameters() if parameter.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k in kept or not k.startswith("model.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.adapters and self.model is not None:  # strict_loading is off: check what strict would
+        if self.adapters and self.model is not None and "state_dict" in checkpoint:  # strict_loading is off: check what strict would
             saved = {k for k in checkpoint.get("state_dict", {}) if k.startswith("model.")}
             trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
             known = {f"model.{n}" for n in self.model.state_dict()}
@@ -319,10 +320,11 @@ class KangarooStage(L.LightningModule):
             return
         if self.export_weights:
             target = storage.join(root, WEIGHTS_NAME)
-            if self.adapters:  # never sharded (refused in configure_model)
-                path = save_state_dict(merged_state_dict(self.model), target)
+            if self.adapters:
+                state = state if sharded else self.model.state_dict()
+                path = save_state_dict(merged_state_dict(state, self.adapters), target)
                 # and the adapters alone, for `kangaroo export --keep-adapters`
-                write_adapters(root, self.adapters, adapter_state_dict(self.model))
+                write_adapters(root, self.adapters, {k: v for k, v in state.items() if ADAPTER_MARK in k})
             else:
                 path = save_state_dict(state, target) if sharded else save_weights(self.model, target)
             rank_zero_info(f"stage weights written to {path}")
