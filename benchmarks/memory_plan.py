@@ -1,10 +1,10 @@
 """Per-GPU memory plan of each 8B stage under FSDP2, from the model's real parameter counts.
 
 Builds every ``configs/kangaroo-8b`` stage's model on the meta device (exact parameter counts
-per part, nothing allocated), reads its trainable parts, sequence length, rows per step and
-frame counts, and adds up what one GPU holds at the peak of a training step on ``devices``
-GPUs with the config's strategy (FSDP2, fp32 master weights, bf16 compute, activation
-checkpointing per block):
+per part, nothing allocated; LoRA adapters included), reads its trainable parts, sequence
+length, rows per step and frame counts, and adds up what one GPU holds at the peak of a
+training step on ``devices`` GPUs with the config's strategy (FSDP2, fp32 master weights, bf16
+compute, activation checkpointing per block):
 
 - sharded state: fp32 parameters of every part, fp32 gradients and AdamW's two fp32 moments of
   the trainable ones, each divided over the GPUs;
@@ -16,7 +16,11 @@ checkpointing per block):
   ``llm_values_per_token`` and ``vit_values_per_token``), in bf16: with checkpointing, every
   block keeps its input and one block at a time is recomputed whole; a frozen tower keeps nothing
   and peaks at one block's forward;
-- the loss: one chunk of ``loss_chunk_size`` labelled rows of fp32 logits and their gradient.
+- the loss: one chunk of ``loss_chunk_size`` labelled rows of fp32 logits and their gradient;
+- LoRA adapters (``lora_bytes_per_token``): their parameters, gradients and moments count with the
+  trainable ones, a unit's unsharded gradients only for what trains in it, and each adapted
+  layer also saves its dropped-out input and the dropout mask, and the rank-``r`` output of its
+  down projection, for the backward.
 
 It is an estimate of tensor memory: the CUDA context, NCCL buffers and allocator fragmentation
 come on top (keep 10 GB of an 80 GB GPU free for them). The figures without checkpointing and
@@ -60,6 +64,21 @@ def vit_forward_peak_per_token(width: int, mlp: int) -> float:
     return 2 * width + 3 * mlp
 
 
+def lora_bytes_per_token(block: torch.nn.Module) -> float:
+    """Bytes an adapted block saves per token for its adapters' backward: per LoRA layer the
+    dropout's output (bf16) and its mask (1 byte) where dropout is on, and the rank-r output of
+    ``lora_A`` (bf16). Zero for a block without adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    total = 0.0
+    for module in block.modules():
+        if isinstance(module, LoraLayer):
+            for name, down in module.lora_A.items():
+                dropped = not isinstance(module.lora_dropout[name], torch.nn.Identity)
+                total += (down.in_features * (BF16 + 1) if dropped else 0) + down.out_features * BF16
+    return total
+
+
 @dataclass
 class Stage:
     name: str
@@ -90,6 +109,11 @@ class Stage:
     head_dim: int
     max_positions: int
     rope: str
+    root_trainable: int
+    layer_trainable: int
+    vit_block_trainable: int
+    llm_lora_bytes: float
+    vit_lora_bytes: float
 
 
 def load_stage(path: str) -> Stage:
@@ -136,7 +160,11 @@ def load_stage(path: str) -> Stage:
         loss_chunk=model.loss_chunk_size, ac_llm=bool(ac.get("language_model")), ac_vit=bool(ac.get("vision_tower")),
         image_size=model.vision_tower.image_size, attention=stage.architecture.language_model.attn_implementation,
         head_dim=cfg.hidden_size // cfg.num_attention_heads, max_positions=position_limit(cfg)[0],
-        rope=position_limit(cfg)[1])
+        rope=position_limit(cfg)[1],
+        root_trainable=sum(p.numel() for n, p in llm.named_parameters() if ".layers." not in n and p.requires_grad),
+        layer_trainable=sum(p.numel() for p in layer.parameters() if p.requires_grad),
+        vit_block_trainable=sum(p.numel() for p in block.parameters() if p.requires_grad),
+        llm_lora_bytes=lora_bytes_per_token(layer), vit_lora_bytes=lora_bytes_per_token(block))
 
 
 def attention_memory(s: Stage, dense: bool) -> float:
@@ -164,13 +192,12 @@ def plan(s: Stage, checkpointing: bool = True, sharded: bool = True, dense: bool
     }
     if sharded:
         gathered = BF16 * (s.root_params + 2 * s.layer_params + 2 * s.vit_block_params)
-        if llm_trained:  # unsharded bf16 gradient plus its fp32 copy for the reduce-scatter
-            gathered += (BF16 + FP32) * (s.root_params + 2 * s.layer_params)
-        if vit_trained:
-            gathered += (BF16 + FP32) * 2 * s.vit_block_params
+        # unsharded bf16 gradients plus their fp32 copy for the reduce-scatter, of what trains in a unit
+        gathered += (BF16 + FP32) * (s.root_trainable + 2 * s.layer_trainable + 2 * s.vit_block_trainable)
         rows["gathered units (bf16 weights, unsharded grads)"] = gathered
     llm_tokens = s.rows * s.tokens
-    per_layer = BF16 * llm_values_per_token(s.hidden, s.intermediate, s.heads, s.kv_heads) * llm_tokens
+    per_layer = (BF16 * llm_values_per_token(s.hidden, s.intermediate, s.heads, s.kv_heads) + s.llm_lora_bytes) \
+        * llm_tokens
     if checkpointing and s.ac_llm:
         llm_act = s.layers * BF16 * s.hidden * llm_tokens + per_layer
     else:
@@ -180,7 +207,7 @@ def plan(s: Stage, checkpointing: bool = True, sharded: bool = True, dense: bool
     if not vit_trained:
         vit_act = BF16 * vit_forward_peak_per_token(s.vit_width, s.vit_mlp) * vit_tokens
     else:
-        per_block = BF16 * vit_values_per_token(s.vit_width, s.vit_mlp) * vit_tokens
+        per_block = (BF16 * vit_values_per_token(s.vit_width, s.vit_mlp) + s.vit_lora_bytes) * vit_tokens
         vit_act = (s.vit_blocks * BF16 * s.vit_width * vit_tokens + per_block) if (checkpointing and s.ac_vit) \
             else s.vit_blocks * per_block
     rows["vision tower activations"] = vit_act
@@ -197,12 +224,13 @@ def plan(s: Stage, checkpointing: bool = True, sharded: bool = True, dense: bool
 
 def render(stages: list[Stage], gpu_gb: float) -> str:
     lines = [
-        "# Memory plan: the 8B curriculum on 8 x 80 GB GPUs",
+        "# Memory plan: the 8B curriculum on 8 x 80 GB GPUs, LoRA stages on one",
         "",
         "Written by `python benchmarks/memory_plan.py --output docs/memory.md` from the parameter counts of",
-        "the models the `configs/kangaroo-8b` stage files build (on the meta device), their trainable",
-        "parts, sequence lengths, rows per step and frame counts, under the configs' strategy: FSDP2 over",
-        "8 GPUs, fp32 master weights, bf16 compute, fp32 gradient reduction, activation checkpointing per",
+        "the models the `configs/kangaroo-8b` stage files build (on the meta device, LoRA adapters included),",
+        "their trainable parts, sequence lengths, rows per step and frame counts, under the configs'",
+        "strategy: FSDP2 over their GPUs (8 for the curriculum, 1 for the `-lora` stages), fp32 master",
+        "weights, bf16 compute, fp32 gradient reduction, activation checkpointing per",
         "block. The method and every per-token count are in the script's docstrings. Figures are tensor",
         "memory per GPU in GB (1e9 bytes) at the peak of a step; the CUDA context, NCCL buffers and",
         "allocator fragmentation come on top: keep about 10 GB of each 80 GB free for them.",
@@ -211,6 +239,7 @@ def render(stages: list[Stage], gpu_gb: float) -> str:
     header = "| per GPU, GB | " + " | ".join(s.name for s in stages) + " |"
     lines += [header, "|---|" + "---:|" * len(stages)]
     shapes = [
+        ("GPUs", lambda s: str(s.devices)),
         ("LLM tokens per step", lambda s: f"{s.rows} x {s.tokens}"),
         ("frames per row (ViT tokens per frame)", lambda s: f"{s.frames_per_row} ({s.vit_tokens_per_frame})"),
         ("trainable parameters", lambda s: f"{sum(s.trainable.values()) / 1e9:.2f} B of {sum(s.parts.values()) / 1e9:.2f} B"),
@@ -243,6 +272,10 @@ def render(stages: list[Stage], gpu_gb: float) -> str:
         "  materialises the 22,528 x 128,256 logits (`labelled_token_loss`: one chunk of 1,024 rows).",
         "- The frozen ViT of stage 5 saves nothing for a backward pass; its peak is one block's forward",
         "  over every frame of the row.",
+        "- The `-lora` stages fit one GPU because only the adapters (168 M parameters at r 64 on every",
+        "  linear layer of the LLM), patchify and projector have gradients and AdamW moments; the fp32",
+        "  master weights of the whole model (33 GB) are the largest item. Their activations are the full",
+        "  stages' plus what the adapters save (their dropped-out inputs and dropout masks).",
         "- `attn_implementation: auto` (the 8B language model) runs flash-attn's varlen kernel where it",
         "  is installed (`pip install 'kangaroo[gpu]'`): attention memory and work follow the samples of",
         "  a row. Without it the stage falls back to sdpa with the dense mask (the last line above).",
