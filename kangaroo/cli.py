@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import keyword
 import os
 import sys
 import types
@@ -102,8 +103,8 @@ def _components(words: list[str]) -> tuple[dict[str, Any], Callable[..., int] | 
 
 def _spelled_for_jsonargparse(words: list[str], function: Callable[..., int]) -> list[str]:
     """Earlier releases' spellings of the flags of ``function``, in jsonargparse's: dashes in a
-    flag's name become underscores, a bool flag alone means true, and each occurrence of a list
-    flag appends."""
+    flag's name become underscores, a bool flag alone means true, each occurrence of a list
+    flag appends, and a flag named as a Python keyword is its parameter's (``--with`` is ``with_``)."""
     hints = typing.get_type_hints(function)
     kinds = {}
     for name in inspect.signature(function).parameters:
@@ -126,6 +127,8 @@ def _spelled_for_jsonargparse(words: list[str], function: Callable[..., int]) ->
             continue
         name, equals, value = word[2:].partition("=")
         name = name.replace("-", "_")
+        if keyword.iskeyword(name) and f"{name}_" in kinds:  # `--with` is the parameter `with_`
+            name = f"{name}_"
         following = words[position] if position < len(words) else None
         kind = kinds.get(name)
         if kind == "bool" and not equals and (following is None or following.lower() not in BOOL_WORDS):

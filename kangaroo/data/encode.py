@@ -102,35 +102,47 @@ class SampleEncoder:
         chat = self.chat_encoder()
         size = self.layout.image_size
         if media is None:
-            encoded = chat.encode(sample.conversations, generation_prompt=generation_prompt)
-            if len(encoded.input_ids) > self.prepare.max_tokens:
-                raise ValueError(f"sample has {len(encoded.input_ids)} tokens, over the budget of "
-                                 f"{self.prepare.max_tokens}")
+            encoded = [chat.encode(c, generation_prompt=generation_prompt) for c in self._conversations(sample)]
+            tokens = sum(len(e.input_ids) for e in encoded)
+            if tokens > self.prepare.max_tokens:
+                raise ValueError(f"sample has {tokens} tokens, over the budget of {self.prepare.max_tokens}")
             pixels, timestamps = torch.zeros(0, 3, size, size, dtype=torch.uint8), np.zeros(0, np.float32)
         else:
             keep, encoded = self._fit_budget(sample, media, chat, generation_prompt)
             pixels = fit_frames(media.frames[keep], size, self.prepare.resize)
             timestamps = media.timestamps[keep]
+        # a preference pair's rejected conversation rides along (empty otherwise: every record of a
+        # dataset has the same fields); both count towards the budget, since they train in one row
+        rejected = encoded[1] if len(encoded) > 1 else None
+        encoded = encoded[0]
         return {
             "id": sample.id,
             "input_ids": np.asarray(encoded.input_ids, dtype=np.int32),
             "labels": np.asarray(encoded.labels, dtype=np.int32),
+            "rejected_input_ids": np.asarray(rejected.input_ids if rejected else [], dtype=np.int32),
+            "rejected_labels": np.asarray(rejected.labels if rejected else [], dtype=np.int32),
             **store_frames(pixels, self.prepare.frame_format, self.prepare.frame_quality),
             "timestamps": timestamps.astype(np.float32),
-            "num_tokens": len(encoded.input_ids),
+            "num_tokens": len(encoded.input_ids) + (len(rejected.input_ids) if rejected else 0),
             "task": str(sample.meta.get("task", "")),
             "category": str(sample.meta.get("category", "")),
         }
 
+    @staticmethod
+    def _conversations(sample: ManifestSample) -> list[list[dict[str, str]]]:
+        return [sample.conversations] + ([sample.rejected] if sample.rejected else [])
+
     def _fit_budget(self, sample: ManifestSample, media: Media, chat: ChatEncoder, generation_prompt: bool = False):
-        """Indices of the frames kept and the encoding; drops frames evenly while over budget."""
+        """Indices of the frames kept and the encodings (a pair's two); drops frames evenly while
+        over budget."""
         budget, n = self.prepare.max_tokens, len(media.frames)
         step = self.prepare.sampling.multiple_of if n > 1 else 1
         count = n
         while True:
             keep = np.linspace(0, n - 1, count).round().astype(int) if count < n else np.arange(n)
-            encoded = chat.encode(sample.conversations, self.layout.placeholder_ids(count), generation_prompt)
-            tokens = len(encoded.input_ids)
+            encoded = [chat.encode(c, self.layout.placeholder_ids(count), generation_prompt)
+                       for c in self._conversations(sample)]
+            tokens = sum(len(e.input_ids) for e in encoded)
             if tokens <= budget:
                 return keep, encoded
             if self.prepare.overflow == "skip":

@@ -14,6 +14,12 @@ template turns into one:
 
 ``<video>`` or ``<image>`` in a user turn marks where the media goes; without it the media
 precedes the first user turn's text. ``meta`` is free-form and kept.
+
+A preference pair (a preference stage's data) holds two replies to the same media and prompt,
+the prompt as ``prompt`` or as ``conversations`` that end with the user's turn:
+
+    {"id": "p1", "video": "clips/a.mp4", "prompt": "What colour is the shape?",
+     "chosen": "The shape is red.", "rejected": "The shape is blue."}
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ class ManifestSample:
     """Absolute local path or ``s3://`` URL."""
     conversations: list[dict[str, str]]
     meta: dict[str, Any] = field(default_factory=dict)
+    rejected: list[dict[str, str]] | None = None
+    """A preference pair's other conversation: the same prompt, the rejected reply (the chosen one
+    ends ``conversations``)."""
 
 
 def parse_shard(text: str | None, flag: str = "--shard") -> tuple[int, int] | None:
@@ -128,11 +137,36 @@ def _to_sample(record: dict[str, Any], sample_id: str, base: str, roots: list[st
     meta = dict(record.get("meta") or {})
     if record.get("task") and "task" not in meta:
         meta["task"] = record["task"]
+    if "chosen" in record or "rejected" in record:
+        conversations, rejected = preference_conversations(record)
+        meta.setdefault("task", "preference")
+        return ManifestSample(sample_id, media_type, media_path, conversations, meta, rejected)
     conversations = record.get("conversations")
     if conversations is None:
         conversations = apply_task_template(record, media_type, meta.get("language", "en"), sample_id)
     check_conversations(conversations)
     return ManifestSample(sample_id, media_type, media_path, conversations, meta)
+
+
+def preference_conversations(record: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The chosen and the rejected conversation of a preference pair: its prompt (``prompt``, or
+    ``conversations`` ending with the user's turn) followed by each reply."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if not all(isinstance(reply, str) and reply.strip() for reply in (chosen, rejected)):
+        raise ValueError("a preference pair needs non-empty 'chosen' and 'rejected' replies")
+    if chosen.strip() == rejected.strip():
+        raise ValueError("a preference pair's 'chosen' and 'rejected' replies are the same")
+    if isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        prompt = [{"role": "user", "content": record["prompt"]}]
+    else:
+        prompt = record.get("conversations")
+        if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict) \
+                or prompt[-1].get("role") != "user":
+            raise ValueError("a preference pair needs a 'prompt', or 'conversations' that end with the user's turn")
+    pair = [prompt + [{"role": "assistant", "content": reply}] for reply in (chosen, rejected)]
+    for conversation in pair:
+        check_conversations(conversation)
+    return pair[0], pair[1]
 
 
 def _normalise_root(root: str) -> str:

@@ -89,31 +89,39 @@ def collate_rows(rows: list[list[Record]], pad_id: int = 0, pad_to: int | None =
     ``input_ids``, ``labels``, ``position_ids``: ``(b, L)`` with ``L`` the longest row (or
     ``pad_to``); positions restart at 0 for every record and for the padding tail, whose labels
     are ``-100``. ``pixel_values``: ``(N, 3, s, s)`` uint8 (the model normalises them on its device); ``timestamps``:
-    ``(N,)``; ``frame_counts``: ``(M,)`` for the ``M`` records with media, in token order.
+    ``(N,)``; ``frame_counts``: ``(M,)`` for the ``M`` samples with media, in token order. A
+    preference pair is two samples, chosen then rejected, each with the pair's media;
+    ``pairs`` counts them. ``tasks`` and ``categories`` are per sample, ``sample_ids`` per record.
     """
     length = max(pad_to or 0, max(sum(r["num_tokens"] for r in row) for row in rows))
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     pixels, timestamps, frame_counts, ids, tasks, categories = [], [], [], [], [], []
+    pairs = 0
     for b, row in enumerate(rows):
         start = 0
         for record in row:
-            end = start + record["num_tokens"]
-            input_ids[b, start:end] = torch.as_tensor(record["input_ids"], dtype=torch.long)
-            labels[b, start:end] = torch.as_tensor(record["labels"], dtype=torch.long)
-            position_ids[b, start:end] = torch.arange(end - start)
             ids.append(record["id"])
-            tasks.append(record.get("task", ""))
-            categories.append(record.get("category", ""))
-            if record["pixels"].shape[0]:
-                pixels.append(record["pixels"])
-                timestamps.append(torch.as_tensor(record["timestamps"], dtype=torch.float32))
-                frame_counts.append(record["pixels"].shape[0])
-            start = end
+            pair = len(record.get("rejected_input_ids", ())) > 0
+            pairs += pair
+            # a preference pair: its chosen then its rejected conversation, each a sample of its
+            # own (positions from 0, the media again), side by side in the row
+            for prefix in ("", "rejected_") if pair else ("",):
+                end = start + len(record[f"{prefix}input_ids"])
+                input_ids[b, start:end] = torch.as_tensor(record[f"{prefix}input_ids"], dtype=torch.long)
+                labels[b, start:end] = torch.as_tensor(record[f"{prefix}labels"], dtype=torch.long)
+                position_ids[b, start:end] = torch.arange(end - start)
+                tasks.append(record.get("task", ""))
+                categories.append(record.get("category", ""))
+                if record["pixels"].shape[0]:
+                    pixels.append(record["pixels"])
+                    timestamps.append(torch.as_tensor(record["timestamps"], dtype=torch.float32))
+                    frame_counts.append(record["pixels"].shape[0])
+                start = end
         position_ids[b, start:] = torch.arange(length - start)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sample_ids": ids,
-             "tasks": tasks, "categories": categories,
+             "tasks": tasks, "categories": categories, "pairs": pairs,
              "num_tokens": int(sum(r["num_tokens"] for row in rows for r in row))}
     if pixels:
         batch.update(pixel_values=torch.cat(pixels), timestamps=torch.cat(timestamps),

@@ -57,6 +57,38 @@ def labelled_token_loss(
     return total, count
 
 
+def labelled_sample_logprobs(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module,
+    position_ids: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's summed log-probability of its labelled tokens, and their count: ``(m,)``
+    each, for the ``m`` samples with a labelled token in row-major order (a sample is a run of
+    ``position_ids`` from 0, the whole row without them). The head sees only labelled rows,
+    ``chunk_size`` at a time under activation checkpointing, as in ``labelled_token_loss``."""
+    targets = shift_labels(labels, position_ids)
+    if position_ids is None:
+        position_ids = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    selected = targets != IGNORE_INDEX
+    owners = (torch.cumsum((position_ids == 0).reshape(-1).long(), 0) - 1).view_as(labels)[selected]
+    rows, wanted = hidden[selected], targets[selected]
+    if rows.shape[0] == 0:  # connected through the head, as in labelled_token_loss
+        connected = head(hidden[:, :1]).float().sum() * 0.0
+        return hidden.new_zeros(0, dtype=torch.float32) + connected, owners.new_zeros(0)
+    pieces = [checkpoint(_chunk_logprobs, head, rows[start:start + chunk_size], wanted[start:start + chunk_size],
+                         use_reentrant=False) for start in range(0, rows.shape[0], chunk_size)]
+    _, sample = torch.unique_consecutive(owners, return_inverse=True)  # owners ascend: row-major order
+    count = int(sample[-1]) + 1
+    sums = torch.zeros(count, dtype=torch.float32, device=hidden.device).index_add(0, sample, torch.cat(pieces))
+    return sums, torch.bincount(sample, minlength=count)
+
+
+def _chunk_logprobs(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(rows).float(), targets, reduction="none")
+
+
 def _chunk_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(rows).float()
     return F.cross_entropy(logits, targets, reduction="sum")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kangaroo.modules.layout import VisualLayout, VisualTokens, normalize_pixels
-from kangaroo.modules.loss import first_answer_tokens, labelled_token_loss
+from kangaroo.modules.loss import first_answer_tokens, labelled_sample_logprobs, labelled_token_loss
 from kangaroo.modules.patchify import SpatialTemporalPatchify
 from kangaroo.modules.temporal_embedding import TemporalPositionEmbedding
 from kangaroo.modules.vision_tower import VisionTower
@@ -30,6 +30,11 @@ class KangarooOutput:
     answers: tuple[torch.Tensor, torch.Tensor] | None = None
     """``(predicted, target)`` first answer token of every labelled sample, when asked for
     (``first_answers=True``; see ``kangaroo.modules.loss.first_answer_tokens``)."""
+    sample_logprobs: torch.Tensor | None = None
+    """Each labelled sample's summed log-probability of its labels, when asked for
+    (``sample_logprobs=True``; see ``kangaroo.modules.loss.labelled_sample_logprobs``)."""
+    sample_label_counts: torch.Tensor | None = None
+    """How many labelled tokens each of those samples has."""
 
 
 class KangarooModel(nn.Module):
@@ -226,6 +231,7 @@ class KangarooModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         first_answers: bool = False,
+        sample_logprobs: bool = False,
     ) -> KangarooOutput:
         """Everything the output head computes happens here, inside ``forward``: a sharded
         (FSDP2) model gathers its parameters around this call."""
@@ -234,7 +240,13 @@ class KangarooModel(nn.Module):
         logits = head(hidden) if return_logits else None
         if labels is None:
             return KangarooOutput(loss=None, loss_sum=None, num_label_tokens=None, logits=logits)
-        loss_sum, count = labelled_token_loss(hidden, labels, head, position_ids, self.loss_chunk_size)
+        per_sample = counts = None
+        if sample_logprobs:  # the same cross-entropy, summed per sample as well
+            per_sample, counts = labelled_sample_logprobs(hidden, labels, head, position_ids, self.loss_chunk_size)
+            loss_sum, count = -per_sample.sum(), counts.sum()
+        else:
+            loss_sum, count = labelled_token_loss(hidden, labels, head, position_ids, self.loss_chunk_size)
         loss = loss_sum / count.clamp(min=1)
         answers = first_answer_tokens(hidden, labels, head, position_ids) if first_answers else None
-        return KangarooOutput(loss=loss, loss_sum=loss_sum, num_label_tokens=count, logits=logits, answers=answers)
+        return KangarooOutput(loss=loss, loss_sum=loss_sum, num_label_tokens=count, logits=logits, answers=answers,
+                              sample_logprobs=per_sample, sample_label_counts=counts)

@@ -19,7 +19,7 @@ def _workdir(recipe, workdir: str | None) -> str:
 def run(recipe: str, *, workdir: str | None = None, only: str | None = None, until: str | None = None,
         restart_from: str | None = None, prepare_workers: int = 1, rehearse: bool = False, devices: int | None = None,
         num_nodes: int | None = None, node_rank: int | None = None, coordinator_port: int | None = None,
-        node_timeout: float = 120.0) -> int:
+        node_timeout: float = 120.0, with_: list[str] | None = None) -> int:
     """Run the stages in order; re-running skips done stages and resumes.
 
     On several nodes, start the same command on every node: node 0 leads, the others follow it
@@ -41,6 +41,7 @@ def run(recipe: str, *, workdir: str | None = None, only: str | None = None, unt
         coordinator_port: where node 0's runner listens for the others (default: MASTER_PORT + 1)
         node_timeout: seconds without a sign of life after which a node counts as dead and the stage stops
             on every node
+        with_: optional stages to run too (--with preference): by name, or by name without its number
     """
     from kangaroo.recipe import NodeSetup, Preempted, load_recipe, run_recipe
     from kangaroo.training.checkpoints import PREEMPTED_EXIT_CODE
@@ -48,7 +49,7 @@ def run(recipe: str, *, workdir: str | None = None, only: str | None = None, unt
     if only and until:
         raise ValueError("give --only or --until, not both")
     path = recipe
-    spec = load_recipe(path)
+    spec = load_recipe(path).selected(with_)
     if rehearse:
         from kangaroo.recipe.rehearsal import rehearsal
 
@@ -75,15 +76,16 @@ def run(recipe: str, *, workdir: str | None = None, only: str | None = None, unt
     return 0 if summary else 1
 
 
-def show(recipe: str, *, workdir: str | None = None) -> int:
+def show(recipe: str, *, workdir: str | None = None, with_: list[str] | None = None) -> int:
     """Print every stage fully resolved (configs merged).
 
     Args:
         recipe: a recipe file (recipes/*.yaml)
         workdir: where the recipe's stages go (default: the recipe's workdir)
+        with_: optional stages to show too (--with preference)
     """
     from kangaroo.recipe import load_recipe, show_recipe
 
-    spec = load_recipe(recipe)
+    spec = load_recipe(recipe).selected(with_)
     print(show_recipe(spec, storage.absolute(_workdir(spec, workdir))))
     return 0

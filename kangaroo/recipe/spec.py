@@ -15,6 +15,13 @@ A recipe file (``recipes/*.yaml``)::
         init_from: 1-image-pretrain
         eval:                             # optional: benchmarks scored on the stage's model folder
           - {benchmark: videomme, data: ${world}/held-out.videomme.jsonl, videos: ${world}}
+      - name: 3-preference
+        config: ...
+        init_from: 2-video-pretrain
+        optional: true                    # runs only when named: --with preference (or 3-preference)
+
+An optional stage comes after every stage that is not, and runs only when ``--with`` names it
+(its name, or its name without the leading number).
 
 Paths in the recipe resolve against the recipe file; ``${world}`` and ``${workdir}`` expand in
 ``prepare`` and ``overrides``. Each stage runs in ``WORKDIR/<stage>/`` from a fully merged
@@ -79,6 +86,12 @@ class Stage:
     overrides: dict[str, Any] = field(default_factory=dict)
     prepare: dict[str, str] = field(default_factory=dict)
     eval: list[Evaluation] = field(default_factory=list)
+    optional: bool = False
+    """Run only when named by ``--with``."""
+
+    def named(self, name: str) -> bool:
+        """Whether ``name`` names this stage: its name, or its name without the leading number."""
+        return name == self.name or name == self.name.split("-", 1)[-1] and self.name.split("-", 1)[0].isdigit()
 
 
 @dataclass
@@ -101,6 +114,19 @@ class Recipe:
     def index(self, name: str) -> int:
         return self.stages.index(self.stage(name))
 
+    def selected(self, names: list[str] | None = None) -> "Recipe":
+        """The recipe with the optional stages ``names`` names, without the other optional ones."""
+        from dataclasses import replace
+
+        names = list(names or [])
+        optional = [stage for stage in self.stages if stage.optional]
+        unknown = [n for n in names if not any(stage.named(n) for stage in optional)]
+        if unknown:
+            raise RecipeError(f"{self.path}: --with {unknown} names no optional stage; optional stages are "
+                              f"{[s.name for s in optional] or 'none'}")
+        kept = [s for s in self.stages if not s.optional or any(s.named(n) for n in names)]
+        return replace(self, stages=kept)
+
 
 def load_recipe(path: str) -> Recipe:
     """Reads and checks a recipe: every config exists, every ``init_from`` names an earlier
@@ -122,13 +148,14 @@ def load_recipe(path: str) -> Recipe:
     for number, entry in enumerate(raw["stages"], 1):
         if not isinstance(entry, dict) or "name" not in entry or "config" not in entry:
             raise RecipeError(f"{path}: stage {number} needs a `name` and a `config`")
-        extra = sorted(set(entry) - {"name", "config", "init_from", "overrides", "prepare", "eval"})
+        extra = sorted(set(entry) - {"name", "config", "init_from", "overrides", "prepare", "eval", "optional"})
         if extra:
             raise RecipeError(f"{path}: stage {entry['name']!r} has unknown key(s) {extra}")
         stage = Stage(entry["name"], resolve(entry["config"]), entry.get("init_from"),
                       dict(entry.get("overrides") or {}),
                       {split: resolve(_expand(p, world=world)) for split, p in (entry.get("prepare") or {}).items()},
-                      _evaluations(entry.get("eval"), f"{path}: stage {entry['name']!r}", resolve, world))
+                      _evaluations(entry.get("eval"), f"{path}: stage {entry['name']!r}", resolve, world),
+                      bool(entry.get("optional", False)))
         if not os.path.isfile(stage.config):
             raise RecipeError(f"{path}: stage {stage.name!r} names config {stage.config}, which does not exist")
         bad_splits = sorted(set(stage.prepare) - {"train", "val"})
@@ -136,6 +163,9 @@ def load_recipe(path: str) -> Recipe:
             raise RecipeError(f"{path}: stage {stage.name!r} prepare keys must be train/val, got {bad_splits}")
         stages.append(stage)
     names = [s.name for s in stages]
+    flags = [s.optional for s in stages]
+    if True in flags and False in flags[flags.index(True):]:
+        raise RecipeError(f"{path}: optional stages come after every stage that is not (got {names})")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RecipeError(f"{path}: duplicate stage name(s) {duplicates}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -23,6 +24,8 @@ from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
 from kangaroo.training.optim import OptimizerConfig, parameter_groups, warmup_cosine
+from kangaroo.training.preference import METRICS as PREFERENCE_METRICS
+from kangaroo.training.preference import PreferenceConfig, adapters_off, pair_terms
 from kangaroo.training.weights import WEIGHTS_NAME, load_weights, save_state_dict, save_weights
 from kangaroo.training.fsdp import FSDP2Strategy, full_state_dict, is_sharded, materialize
 
@@ -59,6 +62,10 @@ class KangarooStage(L.LightningModule):
             frozen (its ``trainable`` entry must be false) and its adapters train; checkpoints
             then hold only what trains (the frozen weights come back from ``init_from`` or the
             pretrained sources on a resume).
+        preference: train on preference pairs with DPO instead of next-token prediction
+            (``{beta: 0.1}``; ``kangaroo.training.preference``). The reference is the model the
+            stage starts from: with adapters, the model with its adapters off (nothing else may
+            train then); without, a frozen copy (not under FSDP2).
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class KangarooStage(L.LightningModule):
         accuracy_groups: list[str] | None = None,
         export_weights: bool = True,
         adapters: dict[str, AdapterConfig] | None = None,
+        preference: PreferenceConfig | None = None,
     ) -> None:
         super().__init__()
         check_trainable_spec(trainable, trainable_patterns)
@@ -99,6 +107,14 @@ class KangarooStage(L.LightningModule):
                              "its own weights frozen; set its trainable entry to false")
         if self.adapters:
             self.strict_loading = False  # a checkpoint holds only what trains (on_save_checkpoint)
+        self.preference = preference
+        if preference is not None and self.adapters and (any(self.trainable.values())
+                                                         or any(self.trainable_patterns.values())):
+            raise ValueError("preference with adapters: the reference is the model with its adapters off, which is "
+                             "the stage's start only when nothing but the adapters trains; set every trainable "
+                             "entry (and pattern) to false")
+        object.__setattr__(self, "_reference", None)  # a frozen copy, for preference without adapters
+        self.preference_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in PREFERENCE_METRICS})
         self.model: KangarooModel | None = None
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
@@ -134,6 +150,13 @@ class KangarooStage(L.LightningModule):
         if self.init_from is not None and not on_meta and not lean:
             loaded = load_weights(model, self.init_from, self.new_parts)
             log.info("initialised from %s (new parts kept as built: %s)", self.init_from, loaded["new"] or "none")
+        if self.preference is not None and not self.adapters and not on_meta:
+            if sharded:
+                raise ValueError("preference without adapters keeps a frozen copy of the model as its reference, "
+                                 "which FSDP2 would not shard: train the pairs with adapters (the reference is then "
+                                 "the model with its adapters off), with DDP or on one process")
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+            object.__setattr__(self, "_reference", reference)  # not a submodule: not trained, not checkpointed
         if self.adapters:  # after init_from: adapters rename the layers they wrap
             add_adapters(model, self.adapters)
         self.trainable_rows = apply_trainable(model, self.trainable, self.trainable_patterns)
@@ -169,10 +192,38 @@ class KangarooStage(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
 
-    def _forward(self, batch: dict[str, Any], first_answers: bool = False):
+    def _forward(self, batch: dict[str, Any], first_answers: bool = False, sample_logprobs: bool = False,
+                 model: torch.nn.Module | None = None):
         # through the model's forward: a sharded model gathers its weights around that call
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        return self.model(**inputs, labels=batch["labels"], first_answers=first_answers)
+        return (model or self.model)(**inputs, labels=batch["labels"], first_answers=first_answers,
+                                     sample_logprobs=sample_logprobs)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The reference's summed log-probability of each sample (see ``preference``), in eval
+        mode (no dropout)."""
+        if self.adapters:
+            training = self.model.training
+            self.model.eval()
+            try:
+                with adapters_off(self.model):
+                    return self._forward(batch, sample_logprobs=True).sample_logprobs
+            finally:
+                self.model.train(training)
+        reference = self._reference
+        if next(reference.parameters()).device != self.device:
+            reference.to(self.device)
+        return self._forward(batch, sample_logprobs=True, model=reference).sample_logprobs
+
+    def _pairs(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-pair terms of the batch (``pair_terms``) and the policy's loss output."""
+        output = self._forward(batch, sample_logprobs=True)
+        terms = pair_terms(output.sample_logprobs, self._reference_logprobs(batch), output.sample_label_counts,
+                           self.preference)
+        if terms["loss"].shape[0] != batch.get("pairs", 0):
+            raise RuntimeError(f"{batch.get('pairs', 0)} pairs in the batch but {terms['loss'].shape[0]} scored")
+        return terms, output.loss_sum
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # the first step after a resume draws what it would have
@@ -181,6 +232,14 @@ class KangarooStage(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.preference is not None:
+            # the loss of an optimizer step: the mean over its pairs, weighed as tokens are below
+            terms, loss_sum = self._pairs(batch)
+            loss = terms["loss"].sum() + loss_sum * 0.0  # connected when the micro-batch holds no pair
+            sums = torch.stack([loss.detach().float(), torch.tensor(float(terms["loss"].shape[0]), device=loss.device),
+                                *[terms[name].sum().float() for name in PREFERENCE_METRICS[1:]]])
+            self._window = sums if self._window is None else self._window + sums
+            return loss
         output = self._forward(batch)
         # The loss of an optimizer step is the sum over every labelled token of every
         # micro-batch on every process, divided by the step's total count of them. That count
@@ -199,19 +258,25 @@ class KangarooStage(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Normalises the gradients of the accumulation window (see ``training_step``) and logs
         the step's loss; every process runs it once per optimizer step (one all-reduce)."""
-        totals = self._window if self._window is not None else torch.zeros(2, device=self.device)
+        size = 2 if self.preference is None else 1 + len(PREFERENCE_METRICS)
+        totals = self._window if self._window is not None else torch.zeros(size, device=self.device)
         self._window = None
         world = self.trainer.world_size
         if world > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        loss_sum, tokens = totals[0], totals[1].clamp(min=1)
+        loss_sum, tokens = totals[0], totals[1].clamp(min=1)  # tokens: pairs, for a preference stage
         scale = self.trainer.accumulate_grad_batches * world / float(tokens)
         for parameter in self.model.parameters():
             if parameter.grad is not None:  # sharded (DTensor) gradients under FSDP2
                 parameter.grad.mul_(scale)
         shown = (loss_sum / tokens).detach()
         self.log("train/loss", shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        self.log("train/label_tokens", totals[1], on_step=True, on_epoch=False, batch_size=1)
+        if self.preference is None:
+            self.log("train/label_tokens", totals[1], on_step=True, on_epoch=False, batch_size=1)
+        else:
+            self.log("train/pairs", totals[1], on_step=True, on_epoch=False, batch_size=1)
+            for name, total in zip(PREFERENCE_METRICS[1:], totals[2:]):
+                self.log(f"train/{name}", total / tokens, on_step=True, on_epoch=False, batch_size=1)
         self._shown_loss = shown.cpu()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
@@ -230,6 +295,12 @@ class KangarooStage(L.LightningModule):
     # -- evaluation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.preference is not None:
+            terms, _ = self._pairs(batch)
+            if terms["loss"].numel():
+                for name, metric in self.preference_metrics.items():
+                    metric.update(terms[name].detach())
+            return
         output = self._forward(batch, first_answers=True)
         loss_sum, count = output.loss_sum, output.num_label_tokens
         if count > 0:
@@ -254,6 +325,11 @@ class KangarooStage(L.LightningModule):
         # held-out set without questions shows up as nan instead of a made-up number.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*compute.*called before the ``update``")
+            if self.preference is not None:
+                for name, metric in self.preference_metrics.items():
+                    self.log(f"val/{name}", metric.compute(), prog_bar=name in ("loss", "preference_accuracy"))
+                    metric.reset()
+                return
             self.log("val/loss", self.val_loss.compute(), prog_bar=True)
             self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
             for name, metric in self.group_accuracy.items():

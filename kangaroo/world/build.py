@@ -10,6 +10,7 @@ Layout of ``DIR``::
 
     media/{train,val}/...           mp4 clips and png images
     <stage>-{train,val}.jsonl       one manifest per curriculum stage and split
+    6-preference-{train,val}.jsonl  preference pairs for the optional preference stage
     tokenizer/                      a byte-level BPE trained on the world's text
     llm/                            the tiny language model, pre-trained on the world's chats
     vision.safetensors              the tiny ViT, pre-trained on the world's frames
@@ -25,7 +26,8 @@ from dataclasses import asdict
 from typing import Any
 
 from kangaroo.world.pretrain import pretrain_llm, pretrain_vision
-from kangaroo.world.render import STAGES, World, WorldConfig, corpus_of, described_chats, manifest_path, stage_records
+from kangaroo.world.render import (PREFERENCE_STAGE, STAGES, World, WorldConfig, corpus_of, described_chats,
+                                   manifest_path, preference_pairs, stage_records)
 from kangaroo.world.tokenizer import write_tokenizer
 
 
@@ -56,6 +58,8 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
         if existing.get("config") == json.loads(json.dumps(asdict(config))):  # tuples read back as lists
             if not os.path.exists(os.path.join(output, BENCHMARK_NAME)):  # a world written before it existed
                 write_benchmark_layout(output)
+            if not os.path.exists(manifest_path(output, PREFERENCE_STAGE, "val")):  # likewise
+                write_preference_manifests(output)
             return existing
         if not overwrite:
             raise ValueError(f"{output} holds a world made with other settings; pass --overwrite to replace it")
@@ -73,6 +77,7 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
                 handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
             counts[f"{stage}/{split}"] = len(lines)
     write_benchmark_layout(output)
+    counts.update(write_preference_manifests(output))
     train_records = [r for splits in records.values() for r in splits["train"]]
     tokenizer = write_tokenizer(output, corpus_of(train_records))
     held_out = records[STAGES[-1]]["val"]
@@ -87,6 +92,30 @@ def synthesize(output: str, config: WorldConfig | None = None, overwrite: bool =
 
 
 BENCHMARK_NAME = "held-out.videomme.jsonl"
+PREFERENCE_TRAIN_PAIRS = 900
+"""Training pairs: every long clip's questions (count, when), then short ones (colour, shape,
+direction) up to this many."""
+
+
+def write_preference_manifests(output: str) -> dict[str, int]:
+    """Writes the preference stage's manifests from the curriculum's (``preference_pairs``):
+    training pairs from stages 4 and 5's training questions, held-out pairs from the held-out
+    questions (held-out clips)."""
+
+    def read(stage: str, split: str) -> list[dict]:
+        with open(manifest_path(output, stage, split), encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    long = [r for r in read(STAGES[4], "train") if r["id"].startswith("train-long-")]
+    short = [r for r in read(STAGES[3], "train") if r.get("task") == "mcq"]
+    splits = {"train": preference_pairs(long + short)[:PREFERENCE_TRAIN_PAIRS],
+              "val": preference_pairs(read(STAGES[-1], "val"))}
+    counts = {}
+    for split, lines in splits.items():
+        with open(manifest_path(output, PREFERENCE_STAGE, split), "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        counts[f"{PREFERENCE_STAGE}/{split}"] = len(lines)
+    return counts
 
 
 def write_benchmark_layout(output: str) -> str:

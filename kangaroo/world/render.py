@@ -30,6 +30,16 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 ZH = {"ring": "圆环", "square": "正方形", "triangle": "三角形", "bar": "横条", "red": "红色", "green": "绿色",
       "blue": "蓝色", "yellow": "黄色", "left": "左", "right": "右", "up": "上", "down": "下"}
 COUNTS = {"en": ("one", "two", "three", "four"), "zh": ("一个", "两个", "三个", "四个")}
+PREFERENCE_STAGE = "6-preference"
+"""The optional stage after the curriculum: preference pairs (``preference_pairs``)."""
+REPLIES = {
+    "colour": {"en": "The shape is {}.", "zh": "这个形状是{}的。"},
+    "shape": {"en": "It is a {}.", "zh": "是{}。"},
+    "direction": {"en": "It moves {}.", "zh": "它向{}移动。"},
+    "count": {"en": "Shapes that appear: {}.", "zh": "出现了{}形状。"},
+    "when": {"en": "It appears at {}.", "zh": "它在{}出现。"},
+}
+"""A preference pair's reply around the option it names, per kind of question (the id's last word)."""
 
 
 @dataclass
@@ -403,6 +413,26 @@ def corpus_of(records: list[dict]) -> list[str]:
     texts += list(MCQ_SUFFIX.values())
     texts += [turn["content"] for chat in chats_of(records) for turn in chat]
     return texts
+
+
+def preference_pairs(records: list[dict]) -> list[dict]:
+    """A preference pair per multiple-choice record: the question asked openly, the true answer
+    as a sentence (chosen) and the same sentence with one fact wrong (rejected): the colour,
+    the shape, the direction, the count or the time, whichever the question asks, the wrong
+    option drawn by the record's id. Built from the manifests alone, so an existing world gains
+    its pairs without rendering anything again."""
+    pairs = []
+    for record in records:
+        if record.get("task") != "mcq":
+            continue
+        kind, lang = record["id"].rsplit("-", 1)[-1], record["meta"]["language"]
+        options, right = record["options"], OPTION_LETTERS.index(record["answer"])
+        wrong = random.Random(f"{record['id']}:rejected").choice([i for i in range(len(options)) if i != right])
+        reply = REPLIES[kind][lang]
+        pairs.append({"id": f"{record['id']}-pair", "video": record["video"], "prompt": record["question"],
+                      "chosen": reply.format(options[right]), "rejected": reply.format(options[wrong]),
+                      "meta": {**record["meta"], "task": "preference", "wrong": kind}})
+    return pairs
 
 
 def manifest_path(output: str, stage: str, split: str) -> str:
