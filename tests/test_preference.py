@@ -160,3 +160,86 @@ def test_the_reference_is_the_starting_model_and_the_loss_starts_at_log_2(lora):
 def test_preference_with_adapters_refuses_other_trainable_parts():
     with pytest.raises(ValueError, match="the reference is the model with its adapters off.*set every trainable"):
         preference_stage(trainable={**FROZEN, "projector": True})
+
+
+@pytest.fixture(scope="module")
+def colour_pairs(trained_model, tmp_path_factory):
+    """Preference pairs on the shared trained model's clips (``tests/trained.py``): asked the
+    colour openly, the true colour in a sentence against another colour; training pairs on its
+    training clips, held-out pairs on its held-out clips, prepared with its stage's settings."""
+    import random
+
+    import yaml
+
+    from kangaroo.data.prepare import prepare_dataset
+    from kangaroo.modules.builder import visual_layout
+    from kangaroo.training.stage_file import load_stage_file
+    from trained import COLOURS, QUESTION, TRAIN, VAL
+
+    root = tmp_path_factory.mktemp("colour-pairs")
+    media = trained_model.val_manifest.parent / "media"
+    names, rng = list(COLOURS), random.Random(0)
+    for split, count in (("train", TRAIN), ("val", VAL)):
+        lines = []
+        for i in range(count):
+            colour = names[i % len(names)]
+            other = rng.choice([c for c in names if c != colour])
+            lines.append({"id": f"{split}-{i}-pair", "video": str(media / f"{split}-{i}.mp4"), "prompt": QUESTION,
+                          "chosen": f"The screen is {colour}.", "rejected": f"The screen is {other}."})
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    stage = yaml.safe_load(trained_model.stage_file.read_text())
+    stage["model"].update(init_from=str(trained_model.stage_dir / "model.safetensors"),
+                          preference={"beta": 0.1, "chosen_nll": 0.1},
+                          optimizer={"lr": 2.0e-3, "min_lr": 1.0e-4, "warmup_steps": 2, "weight_decay": 0.0,
+                                     "layer_decay": 1.0})
+    stage["data"].update(train_dir=str(root / "data" / "train"), val_dir=str(root / "data" / "val"))
+    stage["trainer"].update(max_steps=PREFERENCE_STEPS, val_check_interval=PREFERENCE_STEPS)
+    sections = None
+    for name, trainable, adapters in (("whole", {**FROZEN, "language_model": True}, None),
+                                      ("lora", FROZEN, {"language_model": {"r": 8, "alpha": 16, "target_modules": [
+                                          "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"]}})):
+        stage["model"].update(trainable=trainable, adapters=adapters)
+        stage["trainer"]["default_root_dir"] = stage["trainer"]["logger"]["init_args"]["save_dir"] = str(root / name)
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(stage))
+        sections = sections or load_stage_file(str(root / f"{name}.yaml"))
+    for split in ("train", "val"):
+        prepare_dataset(str(root / f"{split}.jsonl"), str(root / "data" / split), sections["data"].prepare,
+                        visual_layout(sections["model"].architecture), strict=True,
+                        allowed_roots=[str(media)])
+    return root
+
+
+PREFERENCE_STEPS = 30
+
+
+def logged(stdout: str, name: str) -> float:
+    import re
+
+    shown = re.search(rf"val/{name}\s*[│|]\s*([0-9.]+)", stdout)
+    assert shown, stdout[-2000:]
+    return float(shown.group(1))
+
+
+def test_a_preference_stage_learns_held_out_pairs_from_the_trained_model(colour_pairs):
+    """From the shared trained model, 30 DPO steps on training pairs, with the LLM training whole
+    and with LoRA adapters alone: the held-out preference accuracy (the chosen reply above the
+    rejected one) rises from the start's to at least 0.9, and the margin over the reference is
+    positive on held-out pairs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200"}
+    before = subprocess.run([sys.executable, "-m", "kangaroo.cli", "validate", "--config", str(colour_pairs / "whole.yaml")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert before.returncode == 0, before.stderr[-3000:]
+    start = logged(before.stdout, "preference_accuracy")
+    assert logged(before.stdout, "reward_margin") == 0.0, "the policy is the reference before any step"
+    for name in ("whole", "lora"):
+        fit = subprocess.run([sys.executable, "-m", "kangaroo.cli", "fit", "--config", str(colour_pairs / f"{name}.yaml")],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert fit.returncode == 0, fit.stderr[-3000:]
+        metrics = json.loads((colour_pairs / name / "stage-metrics.json").read_text())["eval"]
+        assert metrics["val/preference_accuracy"] >= max(0.9, start + 0.1), (name, start, metrics)
+        assert metrics["val/reward_margin"] > 0 and metrics["val/reward_accuracy"] >= 0.9, (name, metrics)
