@@ -194,7 +194,7 @@ def test_every_stage_config_parses_and_instantiates(path):
 
 
 PRINTED = Path(__file__).resolve().parent / "data" / "print_config"
-ADDED_SINCE = {("model", "adapters"): None}  # options the stage gained after the stored copies, with their defaults
+ADDED_SINCE = {("model", "adapters"): None, ("model", "preference"): None}  # options the stage gained after the stored copies, with their defaults
 
 
 @pytest.mark.parametrize("path", TINY + BIG, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -275,6 +275,7 @@ EXPECTED_TRAINABLE = {
     "5-long-video-tuning": {"patchify", "projector", "language_model"},
     "4-instruction-tuning-lora": {"vision_tower", "patchify", "projector", "language_model"},  # adapters on two
     "5-long-video-tuning-lora": {"patchify", "projector", "language_model"},  # adapters on the LLM
+    "6-preference-lora": {"language_model"},  # adapters alone: the reference is the model with them off
 }
 
 
