@@ -154,3 +154,36 @@ def test_synth_refuses_a_folder_holding_another_world(small_world):
     lines = (Path(small_world) / "5-long-video-tuning-val.jsonl").read_text().splitlines()
     assert len(lines) == SMALL_WORLD["val_short"] + SMALL_WORLD["val_long"]
     assert all(json.loads(line)["video"].startswith("media/val/") for line in lines)  # held-out renders
+
+
+def test_optional_stages_run_only_when_named_and_come_last(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", [stage(1), stage(2, init_from="1-image-pretrain", optional=True)])
+    recipe = load_recipe(path)
+    assert [s.name for s in recipe.selected().stages] == ["1-image-pretrain"]
+    for name in ("video-pretrain", "2-video-pretrain"):  # the name, or the name without its number
+        assert [s.name for s in recipe.selected([name]).stages] == ["1-image-pretrain", "2-video-pretrain"]
+    with pytest.raises(RecipeError, match=r"--with \['image-pretrain'\] names no optional stage; optional stages "
+                                          r"are \['2-video-pretrain'\]"):
+        recipe.selected(["image-pretrain"])
+    with pytest.raises(RecipeError, match="optional stages come after every stage that is not"):
+        load_recipe(write_recipe(tmp_path / "bad.yaml", [stage(1, optional=True), stage(2)]))
+    shown = subprocess.run([sys.executable, "-m", "kangaroo.cli", "recipe", "show", path, "--with", "video-pretrain",
+                            "--workdir", str(tmp_path / "w")], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert list(yaml.safe_load(shown.stdout)) == ["1-image-pretrain", "2-video-pretrain"]
+
+
+def test_the_world_writes_preference_pairs_with_one_fact_wrong(small_world):
+    from kangaroo.data.manifest import OPTION_LETTERS
+
+    pairs = {split: [json.loads(line) for line in (Path(small_world) / f"6-preference-{split}.jsonl").read_text()
+                     .splitlines()] for split in ("train", "val")}
+    held_out = [json.loads(line) for line in (Path(small_world) / "5-long-video-tuning-val.jsonl").read_text().splitlines()]
+    assert len(pairs["val"]) == len(held_out) and all(p["video"].startswith("media/val/") for p in pairs["val"])
+    assert {p["meta"]["wrong"] for p in pairs["train"]} == {"colour", "shape", "direction", "count", "when"}
+    by_id = {q["id"]: q for q in held_out}
+    for pair in pairs["val"]:
+        question = by_id[pair["id"].removesuffix("-pair")]
+        right = question["options"][OPTION_LETTERS.index(question["answer"])]
+        assert pair["prompt"] == question["question"] and pair["chosen"] != pair["rejected"]
+        assert right in pair["chosen"] and right not in pair["rejected"]
