@@ -224,12 +224,12 @@ def plan(s: Stage, checkpointing: bool = True, sharded: bool = True, dense: bool
 
 def render(stages: list[Stage], gpu_gb: float) -> str:
     lines = [
-        "# Memory plan: the 8B curriculum on 8 x 80 GB GPUs, LoRA stages on one",
+        "# Memory plan: the 8B curriculum on 8 x 80 GB GPUs, LoRA stages 4 and 5 on one",
         "",
         "Written by `python benchmarks/memory_plan.py --output docs/memory.md` from the parameter counts of",
         "the models the `configs/kangaroo-8b` stage files build (on the meta device, LoRA adapters included),",
         "their trainable parts, sequence lengths, rows per step and frame counts, under the configs'",
-        "strategy: FSDP2 over their GPUs (8 for the curriculum, 1 for the `-lora` stages), fp32 master",
+        "strategy: FSDP2 over their GPUs (8; 1 for the LoRA forms of stages 4 and 5), fp32 master",
         "weights, bf16 compute, fp32 gradient reduction, activation checkpointing per",
         "block. The method and every per-token count are in the script's docstrings. Figures are tensor",
         "memory per GPU in GB (1e9 bytes) at the peak of a step; the CUDA context, NCCL buffers and",

@@ -3,7 +3,9 @@
 LLM training whole and with LoRA adapters alone.
 
 For each seed: the world (``kangaroo data synth --seed``), the five stages and both optional
-preference stages (``--with preference preference-lora``), each in ``ROOT/seed-<seed>``. Before:
+preference stages (``--with preference --with preference-lora``): seed 0 in the recipe's own
+world and workdir (what ``kangaroo recipe run recipes/kangaroo-tiny.yaml`` made, its done stages
+kept), other seeds in ``ROOT/world-<seed>`` and ``ROOT/seed-<seed>``. Before:
 ``val/preference_accuracy`` of the stage-5 model on the held-out pairs (the preference stage's
 own validation with nothing trained: the policy is the reference). After: the stage's own
 ``val/preference_accuracy``. Multiple choice: the recipe's ``kangaroo eval`` of the held-out
@@ -56,10 +58,14 @@ def run_seed(root: str, seed: int) -> dict[str, float]:
     from kangaroo.world.build import synthesize
     from kangaroo.world.render import WorldConfig
 
-    world = os.path.abspath(os.path.join(root, f"world-{seed}"))
+    recipe = load_recipe(RECIPE).selected(["preference", "preference-lora"])
+    if seed == 0:  # the recipe's own world (seed 0) and workdir
+        world, workdir = recipe.world, recipe.workdir
+    else:
+        world = os.path.abspath(os.path.join(root, f"world-{seed}"))
+        workdir = os.path.abspath(os.path.join(root, f"seed-{seed}"))
+        recipe = with_world(recipe, world)
     synthesize(world, WorldConfig(seed=seed))
-    workdir = os.path.abspath(os.path.join(root, f"seed-{seed}"))
-    recipe = with_world(load_recipe(RECIPE).selected(["preference", "preference-lora"]), world)
     started = time.time()
     run_recipe(recipe, workdir)
     state = json.load(open(os.path.join(workdir, "recipe-state.json"), encoding="utf-8"))["stages"]

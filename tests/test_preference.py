@@ -157,9 +157,15 @@ def test_the_reference_is_the_starting_model_and_the_loss_starts_at_log_2(lora):
     torch.testing.assert_close(moved["loss"], -F.logsigmoid(margin))
 
 
-def test_preference_with_adapters_refuses_other_trainable_parts():
+def test_preference_with_adapters_refuses_other_trainable_parts_and_pairs_need_a_preference_stage():
+    from kangaroo.modules.sizes import kangaroo_tiny_config
+    from kangaroo.training.stage import KangarooStage
+
     with pytest.raises(ValueError, match="the reference is the model with its adapters off.*set every trainable"):
         preference_stage(trainable={**FROZEN, "projector": True})
+    plain = KangarooStage(kangaroo_tiny_config(), {**FROZEN, "language_model": True})
+    with pytest.raises(ValueError, match="holds 2 preference pairs.*no model.preference: it would learn the rejected"):
+        plain.training_step({"pairs": 2}, 0)
 
 
 @pytest.fixture(scope="module")

@@ -165,6 +165,11 @@ def test_optional_stages_run_only_when_named_and_come_last(tmp_path):
     with pytest.raises(RecipeError, match=r"--with \['image-pretrain'\] names no optional stage; optional stages "
                                           r"are \['2-video-pretrain'\]"):
         recipe.selected(["image-pretrain"])
+    chained = load_recipe(write_recipe(tmp_path / "chained.yaml", [
+        stage(1), stage(2, init_from="1-image-pretrain", optional=True),
+        stage(3, init_from="2-video-pretrain", optional=True)]))
+    with pytest.raises(RecipeError, match="starts from '2-video-pretrain', an optional stage not named"):
+        chained.selected(["pretrain-refinement"])
     with pytest.raises(RecipeError, match="optional stages come after every stage that is not"):
         load_recipe(write_recipe(tmp_path / "bad.yaml", [stage(1, optional=True), stage(2)]))
     shown = subprocess.run([sys.executable, "-m", "kangaroo.cli", "recipe", "show", path, "--with", "video-pretrain",

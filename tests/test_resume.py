@@ -406,6 +406,11 @@ def test_a_lora_stage_exports_merged_or_with_its_adapters_apart_and_both_give_th
     for name in ("folder", "checkpoint"):  # float32 sums in another order: a few ulps of logits of order 1
         torch.testing.assert_close(logits[name, True], logits[name, False], rtol=1e-5, atol=1e-5)
 
+    # the recipe exports a stage from its weights file: merged as it is, no model built
+    export_model(str(run / "model.safetensors"), str(tmp_path / "from-file"), stage)
+    assert load_file(tmp_path / "from-file" / "model.safetensors").keys() == load_file(run / "model.safetensors").keys()
+
     model = load_pretrained(str(folders["folder", False])).model
-    with pytest.raises(ValueError, match="keeps its adapters apart"):
-        load_weights(model, str(folders["folder", True]))
+    for path in (folders["folder", True], folders["folder", True] / "model.safetensors"):  # the folder or its file
+        with pytest.raises(ValueError, match="keeps its adapters apart"):
+            load_weights(model, str(path))

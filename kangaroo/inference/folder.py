@@ -162,23 +162,29 @@ def export_model(source: str, output: str, config: str | None = None, overwrite:
 
 def _adapted_weights(stage, source: str, weights: str, keep: bool):
     """The weights of a stage that trained adapters, merged (``keep`` false) or as base weights
-    and adapters apart. From a stage folder: its merged weights and the adapters beside them (the
-    base is the merged weights less the adapters' update, exact to float rounding). From a
+    and adapters apart. From a stage folder (or its ``model.safetensors``): its merged weights as
+    they are, or with the adapters beside them taken out (the base is the merged weights less the
+    adapters' update, exact to float rounding). From a
     checkpoint, which holds only what trained: the model rebuilt as the stage built it (from its
     ``init_from`` or pretrained sources) and the checkpoint's tensors loaded into it."""
     from kangaroo.modules.adapters import (adapter_state_dict, base_state_dict, load_adapters, merged_state_dict,
                                            read_adapters, unmerge)
 
-    if os.path.isdir(source) and weights.endswith(WEIGHTS_NAME):  # a stage folder
-        kept = read_adapters(source)
-        if kept is None:
-            raise ValueError(f"{source}: the stage trained adapters but the folder has no adapters.json beside its "
-                             "weights (written by this version at the end of a fit); export a checkpoint instead")
-        model = build_kangaroo(stage.architecture, load_weights=False)
-        load_weights(model, weights)
-        load_adapters(model, *kept, where=source)
+    if weights.endswith(WEIGHTS_NAME):  # a stage's weights (its folder or the file): merged already
         if not keep:
             return read_state_dict(weights), None
+        if storage.is_remote(weights):
+            raise ValueError(f"--keep-adapters reads a local stage folder; download {weights} and the adapters "
+                             "beside it first")
+        folder = os.path.dirname(weights)
+        kept = read_adapters(folder)
+        if kept is None:
+            raise ValueError(f"{folder}: the stage trained adapters but the folder has no adapters.json beside its "
+                             "weights (written at the end of a fit since adapters can be kept apart); export it "
+                             "merged, or export one of its checkpoints with --keep-adapters")
+        model = build_kangaroo(stage.architecture, load_weights=False)
+        load_weights(model, weights)
+        load_adapters(model, *kept, where=folder)
         unmerge(model)
     else:
         architecture = stage.architecture
@@ -324,7 +330,7 @@ def load_pretrained(folder: str, device: str | torch.device = "cpu", dtype: torc
     # the kernel this load can run: `auto` (and a stored flash_attention_2) against its device and dtype
     llm.attn_implementation = resolve_attention(llm.attn_implementation, device, dtype or torch.float32)  # loads into fp32
     model = build_kangaroo(architecture, load_weights=False)
-    load_weights(model, paths[WEIGHTS_NAME])  # strict; safetensors only
+    load_weights(model, paths[WEIGHTS_NAME], base_only=True)  # strict; safetensors only
     kept = read_adapters(folder)
     if kept is not None:  # exported with --keep-adapters: the base weights, then the adapters on them
         load_adapters(model, *kept, where=folder)

@@ -141,11 +141,19 @@ class _Source:
     def __init__(self, path: str) -> None:
         from safetensors import safe_open
 
-        from kangaroo.training.weights import read_state_dict
+        from kangaroo.modules.adapters import ADAPTERS_NAME
+        from kangaroo.training.weights import WEIGHTS_NAME, read_state_dict, refuse_kept_apart
 
         self.path, self._files, self._state = path, {}, None
-        # a folder of safetensors files (shards, or a stage folder's model.safetensors) or one file
-        files = [path] if path.endswith(".safetensors") else sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        refuse_kept_apart(path)
+        # one file; a stage or model folder's model.safetensors (not the adapters beside it); or a
+        # folder of safetensors shards
+        if path.endswith(".safetensors"):
+            files = [path]
+        elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+            files = [os.path.join(path, WEIGHTS_NAME)]
+        else:
+            files = sorted(f for f in glob.glob(os.path.join(path, "*.safetensors")) if os.path.basename(f) != ADAPTERS_NAME)
         if files:
             for file in files:
                 with safe_open(file, "pt") as handle:

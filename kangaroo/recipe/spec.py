@@ -125,6 +125,11 @@ class Recipe:
             raise RecipeError(f"{self.path}: --with {unknown} names no optional stage; optional stages are "
                               f"{[s.name for s in optional] or 'none'}")
         kept = [s for s in self.stages if not s.optional or any(s.named(n) for n in names)]
+        left = {s.name for s in self.stages} - {s.name for s in kept}
+        for stage in kept:
+            if stage.init_from in left:
+                raise RecipeError(f"{self.path}: stage {stage.name!r} starts from {stage.init_from!r}, an optional "
+                                  f"stage not named: add --with {stage.init_from}")
         return replace(self, stages=kept)
 
 

@@ -23,6 +23,7 @@ from kangaroo.modules.adapters import (ADAPTER_MARK, AdapterConfig, add_adapters
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
+from kangaroo.modules.precision import cast_model
 from kangaroo.training.optim import OptimizerConfig, parameter_groups, warmup_cosine
 from kangaroo.training.preference import METRICS as PREFERENCE_METRICS
 from kangaroo.training.preference import PreferenceConfig, adapters_off, pair_terms
@@ -212,8 +213,11 @@ class KangarooStage(L.LightningModule):
             finally:
                 self.model.train(training)
         reference = self._reference
-        if next(reference.parameters()).device != self.device:
-            reference.to(self.device)
+        parameter = next(self.model.parameters())
+        if next(reference.parameters()).device != parameter.device:
+            reference.to(parameter.device)
+        if next(reference.parameters()).dtype != parameter.dtype:  # not a submodule: precision plugins skip it
+            cast_model(reference, parameter.dtype)
         return self._forward(batch, sample_logprobs=True, model=reference).sample_logprobs
 
     def _pairs(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -231,7 +235,14 @@ class KangarooStage(L.LightningModule):
             self._rng_to_restore = None
         self._step_started = time.perf_counter()
 
+    def _refuse_pairs(self, batch: dict[str, Any]) -> None:
+        if self.preference is None and batch.get("pairs"):
+            raise ValueError(f"the batch holds {batch['pairs']} preference pairs (records with a rejected reply), "
+                             "but the stage has no model.preference: it would learn the rejected replies too; "
+                             "set model.preference, or prepare data without pairs")
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._refuse_pairs(batch)
         if self.preference is not None:
             # the loss of an optimizer step: the mean over its pairs, weighed as tokens are below
             terms, loss_sum = self._pairs(batch)
@@ -295,6 +306,7 @@ class KangarooStage(L.LightningModule):
     # -- evaluation --------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._refuse_pairs(batch)
         if self.preference is not None:
             terms, _ = self._pairs(batch)
             if terms["loss"].numel():

@@ -81,15 +81,23 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _weights_in(folder: str) -> str:
-    """The weights file of a stage or model folder. A model folder that keeps adapters apart from
-    its base weights (``kangaroo export --keep-adapters``) is refused: its ``model.safetensors``
-    alone is not the model it holds."""
+    """The weights file of a stage or model folder (``refuse_kept_apart`` checked)."""
+    refuse_kept_apart(folder)
+    return storage.join(folder, WEIGHTS_NAME)
+
+
+def refuse_kept_apart(path: str) -> None:
+    """Refuses a model folder that keeps adapters apart from its base weights (``kangaroo export
+    --keep-adapters``), or its ``model.safetensors``: that file alone is not the model the folder
+    holds (``load_pretrained`` reads both)."""
     from kangaroo.modules.adapters import ADAPTERS_CONFIG_NAME
 
-    if storage.exists(storage.join(folder, "config.json")) and storage.exists(storage.join(folder, ADAPTERS_CONFIG_NAME)):
-        raise ValueError(f"{folder} keeps its adapters apart from its base weights; a stage starts from merged "
-                         f"weights: write them with `kangaroo export {folder} --output DIR` (merges by default)")
-    return storage.join(folder, WEIGHTS_NAME)
+    if storage.is_remote(path):
+        return
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, ADAPTERS_CONFIG_NAME)):
+        raise ValueError(f"{path}: the folder keeps its adapters apart from its base weights; a stage starts from "
+                         f"merged weights: write them with `kangaroo export` without --keep-adapters")
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -146,7 +154,8 @@ class _Weights:
         return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
 
-def load_weights(model: nn.Module, path: str, new_parts: list[str] | tuple[str, ...] = ()) -> dict[str, list[str]]:
+def load_weights(model: nn.Module, path: str, new_parts: list[str] | tuple[str, ...] = (),
+                 base_only: bool = False) -> dict[str, list[str]]:
     """Loads ``path`` into ``model`` strictly, one tensor at a time.
 
     Keys missing from the file are allowed only under ``new_parts`` (a part introduced in this
@@ -154,9 +163,13 @@ def load_weights(model: nn.Module, path: str, new_parts: list[str] | tuple[str, 
     position table is resampled when the resolution changed (stage 2 at 224 -> stage 3 at 448).
     Any other missing, unexpected or mis-shaped key is an error that lists them. The model may
     be sharded (FSDP2): each process then copies only its own shard of every tensor, and holds
-    at most one whole tensor of the file at a time besides its shards. Returns
+    at most one whole tensor of the file at a time besides its shards. ``base_only``: the base
+    weights of a folder whose adapters are kept apart are wanted alone (``load_pretrained``).
+    Returns
     ``{"new": [...], "resized": [...]}``.
     """
+    if not base_only:
+        refuse_kept_apart(path)
     source = _Weights(path)
     keys = set(source.keys())
     own = model.state_dict(keep_vars=True)  # the parameters and buffers themselves, filled in place
