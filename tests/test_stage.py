@@ -21,6 +21,7 @@ from kangaroo.training.weights import load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = sorted((ROOT / "configs" / "kangaroo-tiny").glob("[1-9]-*.yaml"))  # stage files, not the shared model parts
+CURRICULUM = [path for path in TINY if path.stem[0] in "12345"]  # the five stages, not the optional ones after
 BIG = sorted((ROOT / "configs" / "kangaroo-8b").glob("[1-9]-*.yaml"))
 ALL_TRAINABLE = {"vision_tower": True, "patchify": True, "projector": True, "language_model": True}
 
@@ -341,7 +342,7 @@ def prepared(tmp_path_factory, tiny_tokenizer_dir):
     for name, kinds in (("images", "i"), ("videos", "vq")):
         (root / f"{name}.jsonl").write_text("\n".join(json.dumps(x) for x in lines if x["id"][0] in kinds) + "\n")
     dirs = {}
-    for path in TINY:
+    for path in CURRICULUM:
         data = load_stage_file(str(path), ("model", "data"))
         data["data"].prepare.tokenizer = tiny_tokenizer_dir
         dirs[path.stem] = str(root / path.stem)
@@ -375,7 +376,7 @@ def test_every_tiny_stage_fits_from_the_previous_one_and_its_loss_falls(prepared
 
     dirs, llm, vision, tokenizer = prepared
     previous = None
-    for path in TINY:
+    for path in CURRICULUM:
         run = tmp_path / path.stem
         args = ["--config", str(path), "--trainer.max_steps=12", "--trainer.val_check_interval=12",
                 "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={run}",

@@ -229,7 +229,7 @@ def write_model_folder(output: str, architecture: KangarooConfig, state: dict[st
         tokenizer.save_pretrained(local)
         save_state_dict({k: state[k] for k in model_keys}, os.path.join(local, WEIGHTS_NAME))
         if adapters is not None:
-            from kangaroo.modules.adapters import write_adapters
+            from kangaroo.training.weights import write_adapters
 
             write_adapters(local, *adapters)
         _write_json(os.path.join(local, CONFIG_NAME),

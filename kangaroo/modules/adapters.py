@@ -11,7 +11,7 @@ next stage's ``init_from`` and ``kangaroo export`` need not know adapters were u
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -153,18 +153,8 @@ def unmerge(model: nn.Module) -> None:
                 weight -= module.get_delta_weight(adapter).to(weight.dtype)
 
 
-def write_adapters(folder: str, adapters: dict[str, AdapterConfig], state: dict[str, torch.Tensor]) -> None:
-    """Writes ``adapters.safetensors`` and ``adapters.json`` into ``folder`` (local or object store)."""
-    from kangaroo import storage
-    from kangaroo.training.weights import save_state_dict
-
-    save_state_dict(state, storage.join(folder, ADAPTERS_NAME))
-    storage.write_text(storage.join(folder, ADAPTERS_CONFIG_NAME),
-                       json.dumps({part: asdict(config) for part, config in adapters.items()}, indent=1))
-
-
 def read_adapters(folder: str) -> tuple[dict[str, AdapterConfig], dict[str, torch.Tensor]] | None:
-    """The adapters kept in ``folder`` (``write_adapters``), or None when it has none."""
+    """The adapters kept in ``folder`` (``kangaroo.training.weights.write_adapters``), or None when it has none."""
     import os
 
     from safetensors.torch import load_file

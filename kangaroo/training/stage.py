@@ -18,8 +18,7 @@ from torchmetrics import MeanMetric
 from kangaroo import storage
 from kangaroo.distributed import per_rank, rank_and_size
 from kangaroo.modules.builder import SKELETON_PARTS, KangarooConfig, build_kangaroo
-from kangaroo.modules.adapters import (ADAPTER_MARK, AdapterConfig, add_adapters, check_device, merged_state_dict,
-                                       write_adapters)
+from kangaroo.modules.adapters import ADAPTER_MARK, AdapterConfig, add_adapters, check_device, merged_state_dict
 from kangaroo.modules.language_model import position_limit
 from kangaroo.training.freezing import apply_trainable, check_trainable_spec, format_table
 from kangaroo.modules.model import PART_NAMES, KangarooModel
@@ -27,7 +26,7 @@ from kangaroo.modules.precision import cast_model
 from kangaroo.training.optim import OptimizerConfig, parameter_groups, warmup_cosine
 from kangaroo.training.preference import METRICS as PREFERENCE_METRICS
 from kangaroo.training.preference import PreferenceConfig, adapters_off, pair_terms
-from kangaroo.training.weights import WEIGHTS_NAME, load_weights, save_state_dict, save_weights
+from kangaroo.training.weights import WEIGHTS_NAME, load_weights, save_state_dict, save_weights, write_adapters
 from kangaroo.training.fsdp import FSDP2Strategy, full_state_dict, is_sharded, materialize
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +49,17 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str) -> str:
     with storage.local_output(path) as local:
         save_file(tensors, local)
     return path
+
+
+def write_adapters(folder: str, adapters: dict, state: dict[str, torch.Tensor]) -> None:
+    """Writes a stage's or model folder's LoRA adapters into ``folder`` (local or object store):
+    their tensors (``adapters.safetensors``) and part -> ``AdapterConfig`` (``adapters.json``),
+    which ``kangaroo.modules.adapters.read_adapters`` reads back."""
+    from kangaroo.modules.adapters import ADAPTERS_CONFIG_NAME, ADAPTERS_NAME
+
+    save_state_dict(state, storage.join(folder, ADAPTERS_NAME))
+    storage.write_text(storage.join(folder, ADAPTERS_CONFIG_NAME),
+                       json.dumps({part: dataclasses.asdict(config) for part, config in adapters.items()}, indent=1))
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
