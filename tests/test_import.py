@@ -133,6 +133,15 @@ def test_a_renamed_key_is_listed_by_name_and_a_shape_mismatch_names_the_key_and_
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_or_malformed_layout_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown layout 'kangaroo-relased'.*shipped \['kangaroo', 'kangaroo-released'\]"):
+        read_layout("kangaroo-relased")
+    broken = tmp_path / "mine.yaml"
+    broken.write_text("name: mine\nrules: [{from: 'model\\.(.*'}]\n")  # no `to`, and an unclosed group
+    with pytest.raises(ValueError, match="mine.yaml: not a valid layout"):
+        read_layout(str(broken))
+
+
 def test_visual_tokens_must_be_special_tokens_of_the_tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 

@@ -25,6 +25,14 @@ def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor | None = None)
     return targets
 
 
+def sample_index(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The sample each position of ``(b, s)`` rows belongs to, flattened row-major: a sample is a
+    run of ``position_ids`` from 0 (the whole row without them), numbered across rows."""
+    if position_ids is None:
+        position_ids = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    return torch.cumsum((position_ids == 0).reshape(-1).long(), 0) - 1
+
+
 def labelled_token_loss(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -69,10 +77,8 @@ def labelled_sample_logprobs(
     ``position_ids`` from 0, the whole row without them). The head sees only labelled rows,
     ``chunk_size`` at a time under activation checkpointing, as in ``labelled_token_loss``."""
     targets = shift_labels(labels, position_ids)
-    if position_ids is None:
-        position_ids = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     selected = targets != IGNORE_INDEX
-    owners = (torch.cumsum((position_ids == 0).reshape(-1).long(), 0) - 1).view_as(labels)[selected]
+    owners = sample_index(labels, position_ids).view_as(labels)[selected]
     rows, wanted = hidden[selected], targets[selected]
     if rows.shape[0] == 0:  # connected through the head, as in labelled_token_loss
         connected = head(hidden[:, :1]).float().sum() * 0.0
@@ -106,10 +112,8 @@ def first_answer_tokens(
     padding runs (no labels) are left out. Returns ``(predicted, target)``, each ``(n,)``.
     """
     targets = shift_labels(labels, position_ids)
-    if position_ids is None:
-        position_ids = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     flat_targets = targets.reshape(-1)
-    sample = torch.cumsum((position_ids == 0).reshape(-1).long(), 0) - 1
+    sample = sample_index(labels, position_ids)
     labelled = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     if labelled.numel() == 0:
         empty = labels.new_zeros(0)
